@@ -1,0 +1,125 @@
+"""Input validation shared by the functional API and the layers.
+
+Every check raises before anything is computed or any running statistic is touched, and every
+message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_floating(x: torch.Tensor, op: str, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{op}: {name} has dtype {x.dtype}, but normalization needs a floating-point tensor "
+            f"(mean and variance are not defined for integer or bool data). Convert it first, "
+            f"e.g. {name}.float(), or .to(torch.float16 / torch.bfloat16) for half precision."
+        )
+
+
+def check_eps(eps: float, op: str) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(
+            f"{op}: eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite for a channel "
+            f"with zero variance), got {eps!r}. The usual value is 1e-5."
+        )
+
+
+def check_momentum(momentum: float | None, op: str, allow_none: bool = False) -> None:
+    if momentum is None and allow_none:
+        return
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not math.isfinite(momentum)
+        or not 0.0 <= momentum <= 1.0
+    ):
+        allowed = "a number in [0, 1] or None (cumulative average)" if allow_none else "a number in [0, 1]"
+        raise ValueError(
+            f"{op}: momentum must be {allowed}, got {momentum!r}. It is the weight of the new batch in "
+            f"running = (1 - momentum) * running + momentum * batch_statistic; 0.1 is the usual value."
+        )
+
+
+def check_ndim(x: torch.Tensor, op: str, allowed: tuple[int, ...], layout: str) -> None:
+    if x.dim() not in allowed:
+        want = " or ".join(f"{d}D" for d in allowed)
+        raise ValueError(
+            f"{op}: expected a {want} input {layout}, got a {x.dim()}D input of shape "
+            f"{tuple(x.shape)}. Reshape the input or pick the layer made for this rank."
+        )
+
+
+def check_min_ndim(x: torch.Tensor, op: str, min_dim: int, layout: str) -> None:
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{op}: expected an input with at least {min_dim} dimensions {layout}, got shape "
+            f"{tuple(x.shape)}."
+        )
+
+
+def check_channels(x: torch.Tensor, expected: int, op: str, what: str = "num_features") -> None:
+    got = x.shape[1]
+    if got != expected:
+        raise ValueError(
+            f"{op}: the input has {got} channels (dim 1 of shape {tuple(x.shape)}) but the layer was "
+            f"built with {what}={expected}. Build the layer with {what}={got}, or check that the "
+            f"preceding layer outputs {expected} channels (channels must be dim 1, even for "
+            f"channels_last tensors)."
+        )
+
+
+def check_param(p: torch.Tensor | None, shape: tuple[int, ...], op: str, name: str) -> None:
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor or None, got {type(p).__name__}.")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(p.shape)}, but this input needs shape {tuple(shape)} "
+            f"(one value per normalized feature)."
+        )
+    if not p.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} has dtype {p.dtype}; it must be floating point.")
+
+
+def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels: int, op: str) -> None:
+    if (mean is None) != (var is None):
+        raise ValueError(
+            f"{op}: running_mean and running_var must be given together (both tensors or both None)."
+        )
+    check_param(mean, (channels,), op, "running_mean")
+    check_param(var, (channels,), op, "running_var")
+
+
+def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str) -> None:
+    """Statistics over a single value are meaningless: the mean is the value, the variance is 0."""
+    if count == 1:
+        raise ValueError(
+            f"{op}: training needs more than 1 value per statistic, got input of shape {shape}, which "
+            f"gives exactly one value per channel. With a single value the batch mean equals the "
+            f"value, the variance is 0, every output would be beta, and the running variance "
+            f"(unbiased, divides by m - 1 = 0) would become inf. {suggestion}"
+        )
+
+
+BN_SUGGESTION = (
+    "Use eval mode (model.eval()) to normalize with the running statistics, train with a larger "
+    "batch, or use GroupNorm/LayerNorm, whose statistics do not depend on the batch."
+)
+
+
+def check_groups(num_groups: int, channels: int, op: str) -> None:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"{op}: num_groups must be a positive integer, got {num_groups!r}.")
+    if channels % num_groups != 0:
+        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+        raise ValueError(
+            f"{op}: num_groups={num_groups} does not divide the {channels} channels; every group must "
+            f"hold the same number of channels. Valid choices for {channels} channels: {divisors}."
+        )

@@ -1,0 +1,191 @@
+"""The normalization engine: statistics, normalization, the closed-form backward, running statistics.
+
+Every layer of normlab runs through :class:`Normalize`, a ``torch.autograd.Function`` driven by a
+:class:`~normlab.core.plan.Plan`. The formulas live here and nowhere else in the torch code:
+
+Forward, over the ``m`` values of one statistic (``plan.reduce``)::
+
+    μ = (1/m) Σ x_i                    σ² = (1/m) Σ (x_i − μ)²      (biased)
+    x̂_i = (x_i − μ) · rstd,            rstd = 1 / sqrt(σ² + eps)
+    y_i = γ x̂_i + β
+
+Backward. With g_i = ∂L/∂x̂_i = γ ∂L/∂y_i, the five steps of the derivation (dγ, dβ, ∂L/∂x̂, ∂L/∂σ²,
+∂L/∂μ, then ∂L/∂x) collapse, after substituting ∂L/∂σ² and ∂L/∂μ into step 5 and using Σ(x_i − μ) = 0,
+into the closed form::
+
+    ∂L/∂x_i = rstd · ( g_i − mean(g) − x̂_i · mean(g ⊙ x̂) )
+    ∂L/∂γ   = Σ ∂L/∂y ⊙ x̂,       ∂L/∂β = Σ ∂L/∂y          (summed over every axis γ does not vary along)
+
+When the statistics are fixed (inference with running statistics) they are constants and
+∂L/∂x_i = rstd · g_i.
+
+Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
+stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
+large mean and a tiny spread keeps its variance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.core.plan import Plan
+
+__all__ = [
+    "accumulation_dtype",
+    "moments",
+    "normalize",
+    "normalize_backward",
+    "update_running_stats",
+    "Normalize",
+]
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (float32, float16, bfloat16) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_view(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    return x.to(accumulation_dtype(x.dtype)).reshape(plan.view_shape)
+
+
+def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape an engine result back to ``x``'s shape, dtype and memory format."""
+    t = t.reshape(x.shape).to(x.dtype)
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        t = t.contiguous(memory_format=fmt)
+    return t
+
+
+def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and *biased* variance over ``plan.reduce``, kept as size-1 axes (shape ``plan.stat_shape``)."""
+    var, mean = torch.var_mean(xv, dim=plan.reduce, correction=0, keepdim=True)
+    return mean, var
+
+
+def _param(p: torch.Tensor | None, plan: Plan, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if p is None else p.to(dtype).reshape(plan.param_view)
+
+
+def normalize(
+    xv: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y = γ · (x − μ) · rstd + β, with γ and β already shaped to broadcast (``plan.param_view``)."""
+    scale = rstd if weight is None else rstd * weight
+    y = (xv - mean) * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def normalize_backward(
+    dy: torch.Tensor,
+    xv: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    plan: Plan,
+    batch_stats: bool,
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form gradients (dx, dγ, dβ) in the view's shape; see the module docstring."""
+    need_x, need_w, need_b = need
+    xhat = (xv - mean) * rstd
+    dx = dw = db = None
+    if need_w:
+        dw = (dy * xhat).sum(dim=plan.param_sum_axes)
+    if need_b:
+        db = dy.sum(dim=plan.param_sum_axes)
+    if need_x:
+        g = dy if weight is None else dy * weight
+        if batch_stats:
+            g_mean = g.mean(dim=plan.reduce, keepdim=True)
+            gx_mean = (g * xhat).mean(dim=plan.reduce, keepdim=True)
+            dx = (g - g_mean - xhat * gx_mean) * rstd
+        else:
+            dx = g * rstd
+    return dx, dw, db
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """running ← (1 − momentum) · running + momentum · batch statistic, in place.
+
+    The variance stored is the *unbiased* one, ``m/(m − 1) · σ²``, so that the running variance estimates
+    the population variance. Where each sample has its own statistics (InstanceNorm) the batch statistic
+    is their average over the batch.
+    """
+    c = running_mean.shape[0]
+    batch_mean = mean.reshape(-1, c).mean(dim=0)
+    batch_var = var.reshape(-1, c).mean(dim=0) * (count / (count - 1))
+    running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
+
+
+class Normalize(torch.autograd.Function):
+    """``y, μ, σ² = Normalize.apply(x, γ, β, fixed_mean, fixed_var, plan, eps)``.
+
+    With ``fixed_mean``/``fixed_var`` set to ``None`` the statistics come from ``x`` (training); otherwise
+    those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. The statistics are
+    returned (non-differentiable) so that callers can update running averages.
+
+    The backward is the closed form above. When a graph is requested for it (``create_graph=True``,
+    e.g. for gradient penalties) the statistics are recomputed from ``x`` with differentiable operations,
+    so double backward sees their dependence on ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
+        acc = accumulation_dtype(x.dtype)
+        xv = _as_view(x, plan)
+        batch_stats = fixed_mean is None
+        if batch_stats:
+            mean, var = moments(xv, plan)
+        else:
+            mean = fixed_mean.to(acc).reshape(plan.param_view)
+            var = fixed_var.to(acc).reshape(plan.param_view)
+        rstd = torch.rsqrt(var + eps)
+        y = normalize(xv, mean, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.plan, ctx.eps, ctx.batch_stats = plan, eps, batch_stats
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return _like_input(y, x), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, rstd = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        need = tuple(ctx.needs_input_grad[:3])
+        if not any(need):
+            return None, None, None, None, None, None, None
+        acc = accumulation_dtype(x.dtype)
+        xv = _as_view(x, plan)
+        if ctx.batch_stats and torch.is_grad_enabled():
+            mean, var = moments(xv, plan)
+            rstd = torch.rsqrt(var + ctx.eps)
+        dyv = _as_view(dy, plan)
+        dx, dw, db = normalize_backward(
+            dyv, xv, mean, rstd, _param(weight, plan, acc), plan, ctx.batch_stats, need
+        )
+        if dx is not None:
+            dx = _like_input(dx, x)
+        if dw is not None:
+            dw = dw.reshape(weight.shape).to(weight.dtype)
+        if db is not None:
+            db = db.reshape(plan.param_shape).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None

@@ -1,0 +1,80 @@
+"""Instance normalization layers, drop-in for ``torch.nn.InstanceNorm1d/2d/3d``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from normlab import functional as F
+from normlab.core import checks
+from normlab.nn.batchnorm import _RunningStatsMixin
+
+__all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+
+
+class _InstanceNorm(_RunningStatsMixin):
+    _spatial = 1
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        self._check_config()
+        checks.check_floating(input, name)
+        batched = self._spatial + 2
+        shape = "(N, C, " + ", ".join("DHW"[3 - self._spatial:]) + ")" if self._spatial > 1 else "(N, C, L)"
+        checks.check_ndim(input, name, (batched - 1, batched), f"of shape {shape} or the same without N")
+        unbatched = input.dim() == batched - 1
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != self.num_features:
+            if self.affine or self.track_running_stats:
+                checks.check_channels(x, self.num_features, name)
+            warnings.warn(
+                f"{name}: input has {x.shape[1]} channels but num_features={self.num_features}; "
+                f"without affine parameters or running statistics num_features is not used.",
+                stacklevel=2,
+            )
+        # As in torch.nn: momentum=None leaves InstanceNorm's running statistics unchanged.
+        y = F.instance_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            0.0 if self.momentum is None else self.momentum, self.eps,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+_DOC = r"""Instance normalization over a {rank}D input {shape}: statistics per sample and channel over the
+    spatial axes.
+
+    .. math::
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma + \beta
+
+    Args:
+        num_features: C. eps: > 0, default 1e-5. momentum: default 0.1 (None leaves the running estimates unchanged, as in torch.nn).
+        affine: learn per-channel γ, β (default False, as in torch.nn).
+        track_running_stats: keep running estimates (the batch average of the per-instance statistics)
+            and use them in eval mode (default False).
+
+    Shape: {shape}, or the same without N; output the same shape.
+
+    Example::
+
+        >>> import normlab.nn as nn
+        >>> norm = nn.{name}(3, affine=True)
+        >>> y = norm(torch.randn({example}))
+"""
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    __doc__ = _DOC.format(rank=3, shape="(N, C, L)", name="InstanceNorm1d", example="4, 3, 10")
+    _spatial = 1
+
+
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    __doc__ = _DOC.format(rank=4, shape="(N, C, H, W)", name="InstanceNorm2d", example="4, 3, 8, 8")
+    _spatial = 2
+
+
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    __doc__ = _DOC.format(rank=5, shape="(N, C, D, H, W)", name="InstanceNorm3d", example="2, 3, 4, 8, 8")
+    _spatial = 3

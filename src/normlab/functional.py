@@ -35,8 +35,13 @@ def _run(
     running_var: torch.Tensor | None = None,
     use_batch_stats: bool = True,
     momentum: float = 0.1,
-    suggestion: str = "",
+    suggestion: str | None = None,
 ) -> torch.Tensor:
+    """Check, normalize through the engine, then update running statistics (if any).
+
+    ``suggestion`` is the advice given when a statistic would be computed from a single value; ``None``
+    allows that case (LayerNorm and GroupNorm, like torch.nn, then return β).
+    """
     checks.check_eps(eps, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
     checks.check_param(bias, plan.param_shape, op, "bias")
@@ -45,7 +50,7 @@ def _run(
     if use_batch_stats:
         if running_mean is not None:
             checks.check_momentum(momentum, op)
-        if x.numel() > 0:
+        if suggestion is not None and x.numel() > 0:
             checks.check_enough_values(plan.count, op, tuple(x.shape), suggestion)
         fixed_mean = fixed_var = None
     else:
@@ -129,10 +134,7 @@ def group_norm(
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C, *spatial)")
     checks.check_groups(num_groups, input.shape[1], op)
-    return _run(
-        op, input, group_plan(input.shape, num_groups), weight, bias, eps,
-        suggestion="Each group holds a single value: use fewer groups or a larger input.",
-    )
+    return _run(op, input, group_plan(input.shape, num_groups), weight, bias, eps)
 
 
 def layer_norm(
@@ -153,7 +155,4 @@ def layer_norm(
             f"input, got input of shape {tuple(input.shape)}. Build LayerNorm with the last "
             f"dimension(s) of your input, e.g. LayerNorm({list(input.shape[-1:])})."
         )
-    return _run(
-        op, input, layer_plan(input.shape, shape), weight, bias, eps,
-        suggestion="LayerNorm over a single value is always beta: normalize over more dimensions.",
-    )
+    return _run(op, input, layer_plan(input.shape, shape), weight, bias, eps)

@@ -21,7 +21,7 @@ When the statistics are fixed (inference with running statistics) they are const
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
 stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
-large mean and a tiny spread keeps its variance.
+large mean and a tiny spread keeps its variance (see :func:`moments`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from normlab.core.plan import Plan
 __all__ = [
     "accumulation_dtype",
     "moments",
+    "centre",
     "normalize",
     "normalize_backward",
     "update_running_stats",
@@ -60,10 +61,30 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and *biased* variance over ``plan.reduce``, kept as size-1 axes (shape ``plan.stat_shape``)."""
-    var, mean = torch.var_mean(xv, dim=plan.reduce, correction=0, keepdim=True)
-    return mean, var
+def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics over ``plan.reduce`` as ``(shift, mean_shifted, var)``, each of shape ``plan.stat_shape``.
+
+    The mean is μ = shift + mean_shifted, where ``shift`` is one sample of the data itself (the first
+    value of each statistic) and ``mean_shifted = mean(x − shift)``; ``var`` is the *biased* variance.
+    Subtracting a nearby sample first is exact for data whose values are within a factor of two of each
+    other, so a large mean with a tiny spread (1e4 + N(0, 1e-2) in float32, where μ itself is only
+    representable to ±5e-4) keeps every digit of x − μ and of the variance.
+    """
+    if xv.numel() == 0:  # an empty batch: statistics of nothing, never written to running averages
+        zeros = xv.new_zeros(plan.stat_shape)
+        return zeros, zeros, zeros + 1
+    index = [slice(None)] * xv.dim()
+    for d in plan.reduce:
+        index[d] = slice(0, 1)
+    shift = xv[tuple(index)].detach()
+    var, mean_shifted = torch.var_mean(xv - shift, dim=plan.reduce, correction=0, keepdim=True)
+    return shift, mean_shifted, var
+
+
+def centre(xv: torch.Tensor, shift: torch.Tensor, mean_shifted: torch.Tensor | None) -> torch.Tensor:
+    """x − μ, computed as (x − shift) − mean_shifted so that no digit is lost (see :func:`moments`)."""
+    xc = xv - shift
+    return xc if mean_shifted is None else xc - mean_shifted
 
 
 def _param(p: torch.Tensor | None, plan: Plan, dtype: torch.dtype) -> torch.Tensor | None:
@@ -71,15 +92,14 @@ def _param(p: torch.Tensor | None, plan: Plan, dtype: torch.dtype) -> torch.Tens
 
 
 def normalize(
-    xv: torch.Tensor,
-    mean: torch.Tensor,
+    xc: torch.Tensor,
     rstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y = γ · (x − μ) · rstd + β, with γ and β already shaped to broadcast (``plan.param_view``)."""
+    """y = γ · (x − μ) · rstd + β from the centred ``xc = x − μ``; γ, β shaped as ``plan.param_view``."""
     scale = rstd if weight is None else rstd * weight
-    y = (xv - mean) * scale
+    y = xc * scale
     if bias is not None:
         y = y + bias
     return y
@@ -87,17 +107,17 @@ def normalize(
 
 def normalize_backward(
     dy: torch.Tensor,
-    xv: torch.Tensor,
-    mean: torch.Tensor,
+    xc: torch.Tensor,
     rstd: torch.Tensor,
     weight: torch.Tensor | None,
     plan: Plan,
     batch_stats: bool,
     need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Closed-form gradients (dx, dγ, dβ) in the view's shape; see the module docstring."""
+    """Closed-form gradients (dx, dγ, dβ) in the view's shape from the centred ``xc = x − μ``; see the
+    module docstring."""
     need_x, need_w, need_b = need
-    xhat = (xv - mean) * rstd
+    xhat = xc * rstd
     dx = dw = db = None
     if need_w:
         dw = (dy * xhat).sum(dim=plan.param_sum_axes)
@@ -154,13 +174,15 @@ class Normalize(torch.autograd.Function):
         xv = _as_view(x, plan)
         batch_stats = fixed_mean is None
         if batch_stats:
-            mean, var = moments(xv, plan)
+            shift, mean_shifted, var = moments(xv, plan)
+            mean = shift + mean_shifted
         else:
-            mean = fixed_mean.to(acc).reshape(plan.param_view)
+            shift = mean = fixed_mean.to(acc).reshape(plan.param_view)
+            mean_shifted = None
             var = fixed_var.to(acc).reshape(plan.param_view)
         rstd = torch.rsqrt(var + eps)
-        y = normalize(xv, mean, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y = normalize(centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+        ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
         ctx.plan, ctx.eps, ctx.batch_stats = plan, eps, batch_stats
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -168,7 +190,7 @@ class Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
         plan: Plan = ctx.plan
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
@@ -176,11 +198,11 @@ class Normalize(torch.autograd.Function):
         acc = accumulation_dtype(x.dtype)
         xv = _as_view(x, plan)
         if ctx.batch_stats and torch.is_grad_enabled():
-            mean, var = moments(xv, plan)
+            shift, mean_shifted, var = moments(xv, plan)
             rstd = torch.rsqrt(var + ctx.eps)
-        dyv = _as_view(dy, plan)
         dx, dw, db = normalize_backward(
-            dyv, xv, mean, rstd, _param(weight, plan, acc), plan, ctx.batch_stats, need
+            _as_view(dy, plan), centre(xv, shift, mean_shifted), rstd,
+            _param(weight, plan, acc), plan, ctx.batch_stats, need,
         )
         if dx is not None:
             dx = _like_input(dx, x)

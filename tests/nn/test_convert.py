@@ -1,0 +1,47 @@
+import copy
+
+import pytest
+import torch
+
+import normlab.nn as nl
+
+
+def _model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4, momentum=None),
+        torch.nn.Sequential(torch.nn.GroupNorm(2, 4, eps=1e-3), torch.nn.InstanceNorm2d(4, affine=True)),
+        torch.nn.Flatten(),
+        torch.nn.LayerNorm(4 * 4 * 4, bias=False),
+        torch.nn.BatchNorm1d(64, affine=False, track_running_stats=False),
+    ).double()
+
+
+def test_convert_swaps_every_norm_layer_and_keeps_state():
+    model = _model()
+    model[1].running_mean.fill_(2.0)
+    model.eval()
+    reference = copy.deepcopy(model)
+    weight = model[1].weight
+    converted = nl.convert(model)
+    kinds = [type(m) for m in converted.modules()]
+    for cls in (nl.BatchNorm2d, nl.GroupNorm, nl.InstanceNorm2d, nl.LayerNorm, nl.BatchNorm1d):
+        assert cls in kinds
+    assert converted[1].weight is weight  # shared, so an existing optimizer keeps working
+    assert converted[1].momentum is None and converted[2][0].eps == 1e-3
+    assert converted[4].bias is None and converted[5].running_mean is None
+    assert not converted.training and not converted[1].training
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), reference(x))
+    assert converted.state_dict().keys() == reference.state_dict().keys()
+
+    back = nl.convert(converted, to="torch")
+    assert all(type(m).__module__.startswith("torch.") for m in back.modules())
+    torch.testing.assert_close(back(x), reference(x))
+
+
+def test_convert_a_bare_layer_and_reject_unknown_target():
+    layer = nl.convert(torch.nn.BatchNorm3d(2))
+    assert type(layer) is nl.BatchNorm3d
+    with pytest.raises(ValueError, match="'normlab' or 'torch'"):
+        nl.convert(layer, to="jax")

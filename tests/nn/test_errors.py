@@ -1,0 +1,131 @@
+"""Every bad input gets a clear error, and a call that raises changes no running statistic."""
+
+import pytest
+import torch
+
+import normlab.functional as F
+import normlab.nn as nl
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m, before):
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
+
+
+@pytest.mark.parametrize(
+    "layer,x,match",
+    [
+        (nl.BatchNorm2d(3), torch.randn(4, 3, 5), r"expected a 4D input .* got a 3D input"),
+        (nl.BatchNorm1d(3), torch.randn(4, 3, 5, 5), r"expected a 2D or 3D input"),
+        (nl.BatchNorm3d(3), torch.randn(4, 3, 5, 5), r"expected a 5D input"),
+        (nl.BatchNorm2d(3), torch.randn(4, 5, 6, 6), r"5 channels .* num_features=3"),
+        (nl.BatchNorm1d(3), torch.randn(1, 3), r"more than 1 value .* eval mode"),
+        (nl.BatchNorm2d(3), torch.randn(1, 3, 1, 1), r"GroupNorm"),
+        (nl.InstanceNorm1d(3, affine=True), torch.randn(2, 4, 5), r"4 channels .* num_features=3"),
+        (nl.InstanceNorm2d(3, track_running_stats=True), torch.randn(2, 3, 1, 1), r"more than 1 value"),
+        (nl.InstanceNorm2d(3), torch.randn(3, 5), r"3D or 4D input"),
+        (nl.GroupNorm(2, 4), torch.randn(2, 6, 3), r"num_channels=4"),
+        (nl.GroupNorm(2, 4), torch.randn(4), r"at least 2 dimensions"),
+        (nl.LayerNorm(8), torch.randn(2, 7), r"normalized_shape=\[8\] must match"),
+    ],
+)
+def test_bad_shapes(layer, x, match):
+    before = _state(layer)
+    with pytest.raises(ValueError, match=match):
+        layer(x)
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("layer", [nl.BatchNorm2d(2), nl.GroupNorm(1, 2), nl.LayerNorm(3),
+                                   nl.InstanceNorm2d(2)])
+def test_integer_and_bool_inputs(layer, dtype):
+    x = torch.ones(2, 2, 3, 3).to(dtype)
+    before = _state(layer)
+    with pytest.raises(TypeError, match=r"floating-point .*\.float\(\)"):
+        layer(x)
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
+def test_bad_eps(eps):
+    for make in (lambda: nl.BatchNorm2d(3, eps=eps), lambda: nl.LayerNorm(3, eps=eps),
+                 lambda: nl.GroupNorm(1, 3, eps=eps), lambda: nl.InstanceNorm1d(3, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            make()
+    with pytest.raises(ValueError, match="eps"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_bad_momentum(momentum):
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None"):
+        nl.BatchNorm1d(3, momentum=momentum)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="momentum"):
+        F.batch_norm(torch.randn(4, 3), rm, rv, training=True, momentum=momentum)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_momentum_changed_after_construction_is_checked_before_any_update():
+    bn = nl.BatchNorm1d(3)
+    bn(torch.randn(4, 3))
+    before = _state(bn)
+    bn.momentum = 2.0
+    with pytest.raises(ValueError, match="momentum"):
+        bn(torch.randn(4, 3))
+    _assert_unchanged(bn, before)
+
+
+def test_groups_must_divide_channels():
+    with pytest.raises(ValueError, match=r"num_groups=3 does not divide the 4 channels.*\[1, 2, 4\]"):
+        nl.GroupNorm(3, 4)
+    with pytest.raises(ValueError, match="does not divide"):
+        F.group_norm(torch.randn(2, 4, 3), 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        F.group_norm(torch.randn(2, 4, 3), 0)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(4), training=True),
+         r"weight has shape \(4,\), but this input needs shape \(3,\)"),
+        (lambda: F.batch_norm(torch.randn(4, 3), None, None, None, torch.ones(2, 3), training=True),
+         r"bias has shape \(2, 3\)"),
+        (lambda: F.layer_norm(torch.randn(2, 3, 4), (3, 4), torch.ones(4)), r"weight has shape \(4,\)"),
+        (lambda: F.group_norm(torch.randn(2, 4, 3), 2, torch.ones(2)), r"weight has shape \(2,\)"),
+        (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True),
+         "given together"),
+        (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(2), torch.ones(2), training=True),
+         r"running_mean has shape \(2,\)"),
+        (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=False) * 0
+         + F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False),
+         "running_mean and running_var are needed"),
+    ],
+)
+def test_bad_parameters(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_wrong_weight_shape_on_a_layer_changes_no_running_statistic():
+    bn = nl.BatchNorm2d(3)
+    bn.weight = torch.nn.Parameter(torch.ones(4))
+    before = _state(bn)
+    with pytest.raises(ValueError, match="weight has shape"):
+        bn(torch.randn(4, 3, 2, 2))
+    _assert_unchanged(bn, before)
+
+
+def test_single_value_error_explains_why_and_what_to_do():
+    with pytest.raises(ValueError) as info:
+        nl.BatchNorm1d(5)(torch.randn(1, 5))
+    message = str(info.value)
+    for phrase in ("variance is 0", "model.eval()", "larger batch", "GroupNorm"):
+        assert phrase in message
+    nl.BatchNorm1d(5).eval()(torch.randn(1, 5))  # eval mode is fine with one sample

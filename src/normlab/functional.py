@@ -1,8 +1,8 @@
 """Functional normalization with the signatures and semantics of ``torch.nn.functional``.
 
 Each function validates its arguments, builds a :class:`~normlab.core.plan.Plan` (which axes are reduced,
-which carry γ and β) and runs the shared engine :class:`~normlab.core.engine.Normalize`, whose backward is
-the closed-form gradient. Running statistics, where given, are updated in place only after the
+which carry γ and β) and runs the shared engine :class:`~normlab.core.engine.Normalize` (through
+:func:`~normlab.core.engine.run`), whose backward is the closed-form gradient. Running statistics, where given, are updated in place only after the
 computation has succeeded.
 
 >>> import torch, normlab.functional as F
@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import torch
 
 from normlab.core import checks
-from normlab.core.engine import Normalize, update_running_stats
+from normlab.core.engine import run as normalize, update_running_stats
+from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_relu", "instance_norm", "group_norm", "layer_norm"]
 
 
 def _run(
@@ -36,11 +37,14 @@ def _run(
     use_batch_stats: bool = True,
     momentum: float = 0.1,
     suggestion: str | None = None,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Check, normalize through the engine, then update running statistics (if any).
 
     ``suggestion`` is the advice given when a statistic would be computed from a single value; ``None``
-    allows that case (LayerNorm and GroupNorm, like torch.nn, then return β).
+    allows that case (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns
+    ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``.
     """
     checks.check_eps(eps, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
@@ -60,7 +64,10 @@ def _run(
                 f"(evaluation mode). Pass them, or normalize with batch statistics (training=True)."
             )
         fixed_mean, fixed_var = running_mean, running_var
-    y, mean, var = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, float(eps))
+    if relu:
+        y, mean, var = normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps))
+    else:
+        y, mean, var = normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps))
     if use_batch_stats and running_mean is not None and x.numel() > 0:
         update_running_stats(running_mean, running_var, mean, var, plan.count, float(momentum))
     return y
@@ -83,13 +90,34 @@ def batch_norm(
     variance is stored). Otherwise the running statistics are used. Same semantics as
     :func:`torch.nn.functional.batch_norm`.
     """
-    op = "batch_norm"
+    return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_relu(
+    input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``relu(batch_norm(input, ...) + residual)`` (``residual`` optional), the tail of a ResNet block.
+
+    Arguments and running statistics as in :func:`batch_norm`. Where the backend fuses it (the numba
+    CPU kernels, for a residual of the input's shape and dtype) the add and the ReLU are applied as the
+    values are normalized, and the backward is one closed-form pass with the ReLU's mask; elsewhere the
+    three operations are composed. Either way the result and gradients are those of the composition.
+    """
+    if residual is not None:
+        checks.check_floating(residual, "batch_norm_relu", "residual")
+    return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias, training, momentum,
+                       eps, relu=True, residual=residual)
+
+
+def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     use_batch_stats = training or (running_mean is None and running_var is None)
     return _run(
         op, input, batch_plan(input.shape), weight, bias, eps, running_mean, running_var,
-        use_batch_stats, momentum, checks.BN_SUGGESTION,
+        use_batch_stats, momentum, checks.BN_SUGGESTION, **epilogue,
     )
 
 

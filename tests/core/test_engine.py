@@ -7,6 +7,9 @@ import torch
 import normlab.functional as F
 from normlab import reference as ref
 
+# Every test here runs once per backend (tests/conftest.py), forced with NORMLAB_BACKEND.
+pytestmark = pytest.mark.usefixtures("backend")
+
 torch.manual_seed(0)
 
 

@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 
 import normlab.nn as nl
 
+# Every test here runs once per backend (tests/conftest.py), forced with NORMLAB_BACKEND.
+pytestmark = pytest.mark.usefixtures("backend")
+
 DTYPES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -56,6 +59,25 @@ def _pair(cls, args, kwargs, dtype, seed):
     return ours, theirs
 
 
+def _exact_grads(theirs, x, dy):
+    """torch.nn's gradients in float64 (input first, then the parameters): the exact answer to float32's."""
+    exact = copy.deepcopy(theirs).double()
+    x64 = x.double().requires_grad_(True)
+    exact(x64).backward(dy.double())
+    return [x64.grad] + [p.grad for p in exact.parameters()]
+
+
+def _grad_tol(tol, got, exact):
+    """``tol``, widened to twice torch.nn's own distance from the exact gradient.
+
+    Where a statistic's variance is near eps or below (two close values, one value per group), the
+    gradients are ill-conditioned: rounding is amplified by up to 1/sqrt(eps), and torch.nn's float32
+    gradients can be 1e-4 away from the exact ones while normlab's are 1e-6 away."""
+    if got.dtype == torch.float64:
+        return tol
+    return dict(tol, atol=max(tol["atol"], 2 * (got.double() - exact).abs().max().item()))
+
+
 def _compare_step(ours, theirs, shape, dtype, channels_last, gen, tol, train):
     x = torch.randn(shape, dtype=dtype, generator=gen) * 2.0 + 0.5
     if channels_last:
@@ -64,13 +86,15 @@ def _compare_step(ours, theirs, shape, dtype, channels_last, gen, tol, train):
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ours.train(train)
     theirs.train(train)
+    before = copy.deepcopy(theirs)
     ya, yb = ours(xa), theirs(xb)
     torch.testing.assert_close(ya, yb, **tol)
     ya.backward(dy)
     yb.backward(dy)
-    torch.testing.assert_close(xa.grad, xb.grad, **tol)
-    for (name, pa), (_, pb) in zip(ours.named_parameters(), theirs.named_parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, **tol, msg=lambda m: f"{name}.grad: {m}")
+    exact = _exact_grads(before, x, dy)
+    torch.testing.assert_close(xa.grad, xb.grad, **_grad_tol(tol, xb.grad, exact[0]))
+    for ((name, pa), (_, pb)), e in zip(zip(ours.named_parameters(), theirs.named_parameters()), exact[1:]):
+        torch.testing.assert_close(pa.grad, pb.grad, **_grad_tol(tol, pb.grad, e), msg=lambda m: f"{name}.grad: {m}")
         pa.grad = pb.grad = None
     for (name, ba), (_, bb) in zip(ours.named_buffers(), theirs.named_buffers()):
         torch.testing.assert_close(ba, bb, **tol, msg=lambda m: f"buffer {name}: {m}")

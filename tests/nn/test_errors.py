@@ -6,6 +6,9 @@ import torch
 import normlab.functional as F
 import normlab.nn as nl
 
+# Every test here runs once per backend (tests/conftest.py), forced with NORMLAB_BACKEND.
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}

@@ -1,7 +1,8 @@
 """The normalization engine: statistics, normalization, the closed-form backward, running statistics.
 
 Every layer of normlab runs through :class:`Normalize`, a ``torch.autograd.Function`` driven by a
-:class:`~normlab.core.plan.Plan`. The formulas live here and nowhere else in the torch code:
+:class:`~normlab.core.plan.Plan` (called as :func:`run`, which skips building the autograd node where
+nothing would be recorded). The formulas live here and nowhere else in the torch code:
 
 Forward, over the ``m`` values of one statistic (``plan.reduce``)::
 
@@ -19,6 +20,11 @@ into the closed form::
 When the statistics are fixed (inference with running statistics) they are constants and
 ∂L/∂x_i = rstd · g_i.
 
+Backends: :class:`Normalize` asks :func:`normlab.kernels.select` which backend computes a call. The
+torch operations of this module are the reference and the fallback; the CPU kernels of
+:mod:`normlab.kernels` compute the same quantities, with the same precision guarantees, in fewer passes
+over memory.
+
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
 stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
 large mean and a tiny spread keeps its variance (see :func:`moments`).
@@ -29,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from normlab.core.plan import Plan
+from normlab.kernels.dispatch import select as select_backend
 
 __all__ = [
     "accumulation_dtype",
@@ -37,6 +44,10 @@ __all__ = [
     "normalize",
     "normalize_backward",
     "update_running_stats",
+    "forward_torch",
+    "backward_torch",
+    "records_grad",
+    "run",
     "Normalize",
 ]
 
@@ -150,10 +161,74 @@ def update_running_stats(
     is their average over the batch.
     """
     c = running_mean.shape[0]
-    batch_mean = mean.reshape(-1, c).mean(dim=0)
-    batch_var = var.reshape(-1, c).mean(dim=0) * (count / (count - 1))
+    batch_mean, batch_var = mean.reshape(-1, c), var.reshape(-1, c)
+    if batch_mean.shape[0] > 1:
+        batch_mean, batch_var = batch_mean.mean(dim=0), batch_var.mean(dim=0)
+    batch_var = batch_var.reshape(c) * (count / (count - 1))
+    batch_mean = batch_mean.reshape(c)
     running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
+
+
+def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
+    """The forward in torch operations: ``(y, shift, mean_shifted, var, rstd)``.
+
+    ``y`` is in the accumulation dtype and the view's shape; the statistics are in ``plan.stat_shape``
+    (``plan.param_view`` for fixed statistics, where ``shift`` is the fixed mean and ``mean_shifted``
+    is ``None``). Every backend's ``forward`` returns the same five values.
+    """
+    acc = accumulation_dtype(x.dtype)
+    xv = _as_view(x, plan)
+    if fixed_mean is None:
+        shift, mean_shifted, var = moments(xv, plan)
+    else:
+        shift = fixed_mean.to(acc).reshape(plan.param_view)
+        mean_shifted = None
+        var = fixed_var.to(acc).reshape(plan.param_view)
+    rstd = torch.rsqrt(var + eps)
+    y = normalize(centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+    return y, shift, mean_shifted, var, rstd
+
+
+def backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool, need, eps: float):
+    """The closed-form backward in torch operations: ``(dx, dγ, dβ)`` in the view's shape.
+
+    When autograd records (``create_graph=True``) and the statistics came from the batch, they are
+    recomputed from ``x`` with differentiable operations, so that double backward sees their dependence
+    on ``x``; otherwise the saved ``shift``, ``mean_shifted`` and ``rstd`` are used, whichever backend
+    computed them.
+    """
+    acc = accumulation_dtype(x.dtype)
+    xv = _as_view(x, plan)
+    if batch_stats and torch.is_grad_enabled():
+        shift, mean_shifted, var = moments(xv, plan)
+        rstd = torch.rsqrt(var + eps)
+    return normalize_backward(
+        _as_view(dy, plan), centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), plan, batch_stats, need,
+    )
+
+
+def _forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
+    """``(y, μ, σ², (shift, mean_shifted, rstd), backend)`` from the backend chosen for ``x``."""
+    backend = select_backend(x, plan, fixed_mean is None)
+    compute = forward_torch if backend is None else backend.forward
+    y, shift, mean_shifted, var, rstd = compute(x, weight, bias, fixed_mean, fixed_var, plan, eps)
+    mean = shift if mean_shifted is None else shift + mean_shifted
+    return _like_input(y, x), mean, var, (shift, mean_shifted, rstd), backend
+
+
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an operation on ``tensors`` (grad mode on, one of them requiring grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
+    """``Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps)``; where autograd records
+    nothing (inference, ``torch.no_grad()``) the same forward without an autograd node, which would cost
+    more than the normalization of a small tensor."""
+    if records_grad(x, weight, bias):
+        return Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps)
+    return _forward(x, weight, bias, fixed_mean, fixed_var, plan, eps)[:3]
 
 
 class Normalize(torch.autograd.Function):
@@ -163,30 +238,23 @@ class Normalize(torch.autograd.Function):
     those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. The statistics are
     returned (non-differentiable) so that callers can update running averages.
 
+    The work is done by the backend :func:`normlab.kernels.select` picks for the call (``None``: the
+    torch operations of :func:`forward_torch` and :func:`backward_torch`); every backend returns the
+    same statistics, so the backward may run on a different one than the forward.
+
     The backward is the closed form above. When a graph is requested for it (``create_graph=True``,
-    e.g. for gradient penalties) the statistics are recomputed from ``x`` with differentiable operations,
-    so double backward sees their dependence on ``x``.
+    e.g. for gradient penalties) it always runs :func:`backward_torch`, which recomputes the statistics
+    from ``x`` with differentiable operations, so double backward sees their dependence on ``x``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
-        acc = accumulation_dtype(x.dtype)
-        xv = _as_view(x, plan)
-        batch_stats = fixed_mean is None
-        if batch_stats:
-            shift, mean_shifted, var = moments(xv, plan)
-            mean = shift + mean_shifted
-        else:
-            shift = mean = fixed_mean.to(acc).reshape(plan.param_view)
-            mean_shifted = None
-            var = fixed_var.to(acc).reshape(plan.param_view)
-        rstd = torch.rsqrt(var + eps)
-        y = normalize(centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+        y, mean, var, (shift, mean_shifted, rstd), backend = _forward(x, weight, bias, fixed_mean, fixed_var, plan, eps)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
-        ctx.plan, ctx.eps, ctx.batch_stats = plan, eps, batch_stats
+        ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return _like_input(y, x), mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -195,15 +263,10 @@ class Normalize(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
             return None, None, None, None, None, None, None
-        acc = accumulation_dtype(x.dtype)
-        xv = _as_view(x, plan)
-        if ctx.batch_stats and torch.is_grad_enabled():
-            shift, mean_shifted, var = moments(xv, plan)
-            rstd = torch.rsqrt(var + ctx.eps)
-        dx, dw, db = normalize_backward(
-            _as_view(dy, plan), centre(xv, shift, mean_shifted), rstd,
-            _param(weight, plan, acc), plan, ctx.batch_stats, need,
-        )
+        if ctx.backend is not None and not torch.is_grad_enabled():
+            dx, dw, db = ctx.backend.backward(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need)
+        else:
+            dx, dw, db = backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need, ctx.eps)
         if dx is not None:
             dx = _like_input(dx, x)
         if dw is not None:

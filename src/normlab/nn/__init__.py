@@ -7,6 +7,7 @@
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.convert import convert
+from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -14,6 +15,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAddReLU2d",
+    "BatchNormReLU2d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

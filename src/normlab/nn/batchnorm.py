@@ -43,6 +43,11 @@ class _BatchNorm(_RunningStatsMixin):
             self.num_batches_tracked.add_(1)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input, F.batch_norm)
+
+    def _normalize(self, input: torch.Tensor, fn, **extra) -> torch.Tensor:
+        """Check ``input``, run ``fn`` (:func:`~normlab.functional.batch_norm` or a function with its
+        signature) with this layer's state and mode, and count the batch."""
         name = type(self).__name__
         self._check_config()
         checks.check_floating(input, name)
@@ -52,7 +57,7 @@ class _BatchNorm(_RunningStatsMixin):
         factor = self._update_factor() if updating else 0.0
         use_batch_stats = self.training or self.running_mean is None
         keep_stats = not self.training or self.track_running_stats
-        y = F.batch_norm(
+        y = fn(
             input,
             self.running_mean if keep_stats else None,
             self.running_var if keep_stats else None,
@@ -61,6 +66,7 @@ class _BatchNorm(_RunningStatsMixin):
             use_batch_stats,
             factor,
             self.eps,
+            **extra,
         )
         if updating:
             self._count_batch(input)

@@ -1,0 +1,525 @@
+"""``normlab bench``: normlab's layers against their peers, timed side by side in the same run.
+
+A benchmark is a table of :class:`Case` (which layer, input shape, memory layout and mode) crossed with
+a list of :class:`Implementation` (normlab, torch.nn, ...). For every case the inputs and the layer
+state are built once from a fixed seed and shared by all implementations; the implementations are then
+run interleaved — one call each per repeat, the order reversed on every other repeat — and the median
+of the timed repeats is reported per implementation.
+
+Before any timing, the outputs (and, for forward+backward, the input and parameter gradients) of every
+implementation are compared with the reference implementation (torch.nn). A case whose answers differ
+is reported as ``MISMATCH`` and is not timed: a benchmark must not report speed for wrong answers.
+
+The first implementation is the subject (normlab). For each peer the ratio ``peer_ms / normlab_ms`` is
+reported, so a ratio above 1 means normlab is faster. Adding a peer is adding an
+:class:`Implementation` to :data:`IMPLEMENTATIONS`; adding a table column is adding a :class:`Column`.
+
+From Python::
+
+    >>> from normlab import bench
+    >>> records = bench.run_cases(bench.quick_cases(), repeats=1)   # doctest: +SKIP
+    >>> print(bench.format_table(records))                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import normlab.nn
+
+__all__ = [
+    "Case",
+    "Column",
+    "Implementation",
+    "IMPLEMENTATIONS",
+    "MODES",
+    "Mode",
+    "columns",
+    "configure",
+    "default_cases",
+    "format_table",
+    "header",
+    "quick_cases",
+    "ratio_key",
+    "run",
+    "run_cases",
+    "select",
+]
+
+RTOL = 1e-3
+"""Agreement tolerance, relative to the largest magnitude of the reference tensor (float32)."""
+
+ATOL = 1e-5
+"""Absolute floor of the agreement tolerance, for tensors whose reference is (close to) zero."""
+
+DEFAULT_REPEATS = 5
+DEFAULT_WARMUP = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How a case is run: the module's train/eval state, whether autograd records, whether to backprop."""
+
+    name: str
+    label: str
+    train: bool
+    grad: bool
+    backward: bool
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("train_fwd", "train fwd", train=True, grad=True, backward=False),
+        Mode("train_fwd_bwd", "train fwd+bwd", train=True, grad=True, backward=True),
+        Mode("eval", "eval fwd", train=False, grad=False, backward=False),
+    )
+}
+"""The modes a case can be run in, by name. ``eval`` runs under ``torch.no_grad()``."""
+
+_MEMORY_FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark row: ``layer(*args)`` applied to a float32 input of ``shape`` in ``layout``.
+
+    ``layer`` names a class present in both ``torch.nn`` and ``normlab.nn`` (e.g. ``"BatchNorm2d"``);
+    ``layout`` is ``"contiguous"`` or ``"channels_last"`` (4D inputs only); ``mode`` a key of
+    :data:`MODES`.
+    """
+
+    layer: str
+    args: tuple[Any, ...]
+    shape: tuple[int, ...]
+    layout: str = "contiguous"
+    mode: str = "train_fwd"
+
+    def __post_init__(self) -> None:
+        if self.layout not in _MEMORY_FORMATS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {sorted(_MEMORY_FORMATS)}")
+        if self.layout == "channels_last" and len(self.shape) != 4:
+            raise ValueError(f"channels_last applies to 4D inputs only, got shape {self.shape}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {sorted(MODES)}")
+
+    @property
+    def module(self) -> str:
+        """The constructor call, e.g. ``"GroupNorm(32, 256)"``."""
+        return f"{self.layer}({', '.join(map(str, self.args))})"
+
+    @property
+    def shape_text(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    @property
+    def key(self) -> str:
+        """The text ``--filter`` matches against: module, shape, layout and mode."""
+        return f"{self.module} {self.shape_text} {self.layout} {self.mode}"
+
+    def make(self, layers: ModuleType) -> nn.Module:
+        """Build this case's layer from a namespace of layer classes (``torch.nn`` or ``normlab.nn``)."""
+        return getattr(layers, self.layer)(*self.args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A contender: layers from ``layers`` (a namespace such as ``torch.nn``), optionally wrapped.
+
+    ``wrap`` turns the built module (already holding the case's state and train/eval mode) into the
+    callable that is timed, e.g. ``torch.compile``.
+    """
+
+    name: str
+    layers: Any
+    wrap: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default=lambda m: m)
+
+
+IMPLEMENTATIONS: tuple[Implementation, ...] = (
+    Implementation("normlab", normlab.nn),
+    Implementation("torch", torch.nn),
+)
+"""The subject first, then the reference that answers are checked against, then further peers."""
+
+
+def _suite(
+    bn_shapes: Sequence[tuple[int, ...]],
+    gn: tuple[int, tuple[int, ...]],
+    ln_shapes: Sequence[tuple[int, ...]],
+) -> list[Case]:
+    """BatchNorm in every mode and layout, GroupNorm in both layouts and LayerNorm, train fwd+bwd."""
+    cases: list[Case] = []
+    for shape in bn_shapes:
+        four_d = len(shape) == 4
+        layer = "BatchNorm2d" if four_d else "BatchNorm1d"
+        layouts = ("contiguous", "channels_last") if four_d else ("contiguous",)
+        cases += [Case(layer, (shape[1],), shape, layout, mode) for layout in layouts for mode in MODES]
+    groups, gn_shape = gn
+    cases += [
+        Case("GroupNorm", (groups, gn_shape[1]), gn_shape, layout, "train_fwd_bwd")
+        for layout in ("contiguous", "channels_last")
+    ]
+    cases += [Case("LayerNorm", (shape[-1],), shape, "contiguous", "train_fwd_bwd") for shape in ln_shapes]
+    return cases
+
+
+def default_cases() -> list[Case]:
+    """The full suite: BatchNorm on (64,64,56,56), (256,256,14,14), (32,512,7,7), (4096,1024); GroupNorm(32)
+    on (32,256,28,28); LayerNorm on (64,196,768) and (4096,1024)."""
+    return _suite(
+        bn_shapes=[(64, 64, 56, 56), (256, 256, 14, 14), (32, 512, 7, 7), (4096, 1024)],
+        gn=(32, (32, 256, 28, 28)),
+        ln_shapes=[(64, 196, 768), (4096, 1024)],
+    )
+
+
+def quick_cases() -> list[Case]:
+    """The same suite on small shapes, for tests and smoke runs (a second or two)."""
+    return _suite(
+        bn_shapes=[(8, 16, 12, 12), (64, 32)],
+        gn=(4, (4, 16, 8, 8)),
+        ln_shapes=[(8, 16, 32)],
+    )
+
+
+def select(cases: Sequence[Case], filters: Sequence[str] | None) -> list[Case]:
+    """The cases whose :attr:`Case.key` contains every filter substring (case-insensitive)."""
+    wanted = [f.lower() for f in filters or ()]
+    return [c for c in cases if all(f in c.key.lower() for f in wanted)]
+
+
+_STATE_INIT: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "weight": lambda t, g: 1.0 + 0.5 * torch.randn(t.shape, generator=g),
+    "bias": lambda t, g: 0.5 * torch.randn(t.shape, generator=g),
+    "running_mean": lambda t, g: 0.5 * torch.randn(t.shape, generator=g),
+    "running_var": lambda t, g: 0.5 + torch.rand(t.shape, generator=g),
+}
+
+
+def _random_state(module: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict for ``module`` with non-trivial γ, β and running statistics."""
+    state = module.state_dict()
+    for name, tensor in state.items():
+        init = _STATE_INIT.get(name.rsplit(".", 1)[-1])
+        if init is not None:
+            state[name] = init(tensor, gen).to(tensor.dtype)
+    return state
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Trial:
+    """One implementation set up for one case: its module, its own copy of the input, and the step."""
+
+    def __init__(self, impl: Implementation, case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor):
+        self.name = impl.name
+        self.mode = MODES[case.mode]
+        self.module = case.make(impl.layers).to(x.device)
+        self.module.load_state_dict(state)
+        self.module.train(self.mode.train)
+        self.fn = impl.wrap(self.module)
+        self.x = x.detach().clone().requires_grad_(self.mode.backward)
+        self.grad_out = grad_out
+
+    def reset(self) -> None:
+        """Drop the gradients of the previous call so that every timed call does the same work."""
+        self.x.grad = None
+        self.module.zero_grad(set_to_none=True)
+
+    def step(self) -> torch.Tensor:
+        """The timed operation: forward, and for forward+backward, ``y.backward(grad_out)``."""
+        with torch.set_grad_enabled(self.mode.grad):
+            y = self.fn(self.x)
+            if self.mode.backward:
+                y.backward(self.grad_out)
+        return y
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """The answers to check after one :meth:`step`: the output, and the gradients if any."""
+        y = self.step()
+        out = {"output": y.detach()}
+        if self.mode.backward:
+            out["grad_input"] = self.x.grad
+            out.update({f"grad_{n}": p.grad for n, p in self.module.named_parameters() if p.grad is not None})
+        return out
+
+
+def _max_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The worst disagreement as a multiple of the tolerance (≤ 1 agrees), and the tensor it is in."""
+    worst, where = 0.0, ""
+    for name, r in ref.items():
+        g = got.get(name)
+        if g is None or g.shape != r.shape:
+            return float("inf"), name
+        r64, g64 = r.double(), g.double()
+        tol = ATOL + RTOL * r64.abs().max().item()
+        err = (g64 - r64).abs().max().item() / tol if r.numel() else 0.0
+        if math.isnan(err):
+            return float("inf"), name
+        if err > worst:
+            worst, where = err, name
+    return worst, where
+
+
+def _time_case(trials: list[_Trial], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds per trial, interleaved, the order reversed on every other repeat."""
+    samples: dict[str, list[float]] = {t.name: [] for t in trials}
+    for r in range(warmup + repeats):
+        for trial in trials if r % 2 == 0 else trials[::-1]:
+            trial.reset()
+            _synchronize(device)
+            start = time.perf_counter()
+            trial.step()
+            _synchronize(device)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                samples[trial.name].append(elapsed * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def ratio_key(name: str, implementations: Sequence[Implementation]) -> str:
+    """The record key of a peer's ratio: ``"ratio"`` for the reference, ``"ratio_<name>"`` for others."""
+    return "ratio" if name == implementations[1].name else f"ratio_{name}"
+
+
+def _run_case(
+    case: Case,
+    implementations: Sequence[Implementation],
+    repeats: int,
+    warmup: int,
+    seed: int,
+    device: torch.device,
+    threads: int,
+) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    fmt = _MEMORY_FORMATS[case.layout]
+    x = (2.0 * torch.randn(case.shape, generator=gen) + 0.5).to(device).contiguous(memory_format=fmt)
+    grad_out = torch.randn(case.shape, generator=gen).to(device).contiguous(memory_format=fmt)
+    state = _random_state(case.make(torch.nn), gen)
+    trials = [_Trial(impl, case, state, x, grad_out) for impl in implementations]
+    record: dict[str, Any] = {
+        "op": case.layer,
+        "module": case.module,
+        "shape": list(case.shape),
+        "layout": case.layout,
+        "mode": case.mode,
+        "device": device.type,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+
+    answers = [t.outputs() for t in trials]
+    errors = [_max_error(a, answers[1]) for a in answers]
+    del answers
+    err, where = max(errors)
+    bad = [t.name for t, (e, _) in zip(trials, errors) if not e <= 1.0]
+    record.update(status="MISMATCH" if bad else "ok", max_err=err, mismatch=bad, mismatch_in=where if bad else None)
+
+    torch.set_num_threads(threads)
+    medians = {} if bad else _time_case(trials, warmup, repeats, device)
+    record["threads"] = torch.get_num_threads()
+    subject = medians.get(trials[0].name)
+    for t in trials:
+        record[f"{t.name}_ms"] = medians.get(t.name)
+    for t in trials[1:]:
+        record[ratio_key(t.name, implementations)] = None if bad else medians[t.name] / subject
+    return record
+
+
+def run_cases(
+    cases: Sequence[Case],
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    implementations: Sequence[Implementation] = IMPLEMENTATIONS,
+    threads: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every case with every implementation and return one record per case.
+
+    ``implementations[0]`` is the subject, ``implementations[1]`` the reference its answers are checked
+    against; at least two are needed. Each case is first run once per implementation to check the
+    answers (this call is not timed), then ``warmup`` untimed and ``repeats`` timed interleaved repeats.
+    ``threads`` (default: torch's current setting) is applied with ``torch.set_num_threads`` before each
+    case is timed, since a library's first call may change it, and restored afterwards; the record's
+    ``threads`` is the count in effect after timing. ``progress`` draws a tqdm bar on stderr.
+
+    A record holds ``op``, ``module``, ``shape``, ``layout``, ``mode``, ``device``, ``repeats``,
+    ``warmup``, ``threads``, ``<name>_ms`` (median milliseconds) per implementation, ``ratio`` (reference ms /
+    subject ms; > 1 means the subject is faster) and ``ratio_<name>`` for further peers, ``status``
+    (``"ok"`` or ``"MISMATCH"``), ``max_err`` (worst disagreement in units of the tolerance) and, on a
+    mismatch, ``mismatch`` (the implementations that disagree) and ``mismatch_in`` (which tensor).
+    Timings and ratios of a mismatching case are ``None``.
+    """
+    if len(implementations) < 2:
+        raise ValueError("run_cases needs a subject and at least one peer to compare it with")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
+    records = []
+    try:
+        bar = tqdm(cases, desc="normlab bench", unit="case", file=sys.stderr, disable=not progress, leave=False)
+        for i, case in enumerate(bar):
+            bar.set_postfix_str(case.key, refresh=True)
+            records.append(
+                _run_case(case, implementations, repeats, warmup, seed + i, torch.device(device), threads)
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A table column: its header, how to render a record, and whether it is right-aligned."""
+
+    header: str
+    render: Callable[[dict[str, Any]], str]
+    right: bool = True
+
+
+def _ms(name: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: "-" if r.get(f"{name}_ms") is None else f"{r[f'{name}_ms']:.3f}"
+
+
+def _ratio(key: str) -> Callable[[dict[str, Any]], str]:
+    def render(r: dict[str, Any]) -> str:
+        if r["status"] != "ok":
+            return f"!! MISMATCH ({', '.join(r['mismatch'])}: {r['mismatch_in']}, err {r['max_err']:.3g}x tol)"
+        return f"{r[key]:.2f}x"
+
+    return render
+
+
+def columns(implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> list[Column]:
+    """The table's columns: the case, each implementation's median ms, then each peer's ratio."""
+    subject = implementations[0].name
+    return [
+        Column("module", lambda r: r["module"], right=False),
+        Column("shape", lambda r: "x".join(map(str, r["shape"])), right=False),
+        Column("layout", lambda r: r["layout"], right=False),
+        Column("mode", lambda r: MODES[r["mode"]].label, right=False),
+        *(Column(f"{impl.name} ms", _ms(impl.name)) for impl in implementations),
+        *(
+            Column(f"{impl.name}/{subject}", _ratio(ratio_key(impl.name, implementations)), right=False)
+            for impl in implementations[1:]
+        ),
+    ]
+
+
+def header(records: Sequence[dict[str, Any]], implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> str:
+    """The lines above the table: what ran, where, and how to read the ratio."""
+    subject, ref = implementations[0].name, implementations[1].name
+    first = records[0] if records else {"threads": torch.get_num_threads(), "device": "cpu",
+                                        "repeats": 0, "warmup": 0}
+    return "\n".join([
+        f"normlab bench: {subject} vs {', '.join(i.name for i in implementations[1:])}, float32, "
+        f"{first['device']}, torch {torch.__version__}, {first['threads']} threads",
+        f"Each case: median of {first['repeats']} timed repeats after {first['warmup']} warmup(s), "
+        f"implementations interleaved, order alternating.",
+        f"{ref}/{subject} = {ref} ms / {subject} ms (\"ratio\" in --json): > 1 means {subject} is faster, "
+        f"< 1 means {ref} is faster.",
+        f"Answers are checked against {ref} first; a case that disagrees reads MISMATCH and is not timed.",
+    ])
+
+
+def format_table(
+    records: Sequence[dict[str, Any]], implementations: Sequence[Implementation] = IMPLEMENTATIONS
+) -> str:
+    """The header and an aligned table of ``records`` (as returned by :func:`run_cases`)."""
+    cols = columns(implementations)
+    cells = [[c.header for c in cols]] + [[c.render(r) for c in cols] for r in records]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            (s.rjust(w) if c.right else s.ljust(w)) for s, w, c in zip(row, widths, cols)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([header(records, implementations), "", line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` and make :func:`run` its handler."""
+    parser.description = (
+        "Time normlab's layers against torch.nn side by side (same run, interleaved, median of repeats) "
+        "after checking that they give the same answers."
+    )
+    parser.add_argument("--threads", type=_at_least(1), default=None, metavar="N",
+                        help="torch.set_num_threads(N) for the run (default: torch's current setting)")
+    parser.add_argument("--repeats", type=_at_least(1), default=None, metavar="N",
+                        help=f"timed repeats per case; the median is reported "
+                             f"(default {DEFAULT_REPEATS}; 1 with --quick)")
+    parser.add_argument("--warmup", type=_at_least(0), default=None, metavar="N",
+                        help=f"untimed repeats before timing, after the checked call "
+                             f"(default {DEFAULT_WARMUP}; 0 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes and a single repeat: a smoke run of a second or two")
+    parser.add_argument("--filter", action="append", metavar="SUBSTR",
+                        help="only the cases whose 'module shape layout mode' contains SUBSTR "
+                             "(case-insensitive; repeat to require several), e.g. --filter BatchNorm2d "
+                             "--filter channels_last")
+    parser.add_argument("--json", action="store_true",
+                        help="print the raw records as a JSON list instead of the table")
+    parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``normlab bench``; returns 1 if any case gave a MISMATCH (or none was selected), else 0."""
+    cases = select(quick_cases() if args.quick else default_cases(), args.filter)
+    if not cases:
+        print(f"normlab bench: no case matches {args.filter}", file=sys.stderr)
+        return 1
+    if args.list:
+        print("\n".join(c.key for c in cases))
+        return 0
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    start = time.perf_counter()
+    records = run_cases(cases, repeats=repeats, warmup=warmup, threads=args.threads, progress=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(format_table(records))
+        print(f"\n{len(records)} cases in {time.perf_counter() - start:.1f} s")
+    mismatches = sum(r["status"] != "ok" for r in records)
+    if mismatches:
+        print(f"normlab bench: {mismatches} case(s) MISMATCH: their answers differ from "
+              f"{IMPLEMENTATIONS[1].name}", file=sys.stderr)
+    return 1 if mismatches else 0

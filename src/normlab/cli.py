@@ -1,0 +1,36 @@
+"""The ``normlab`` command line: ``normlab bench``, ``normlab demo`` and ``normlab lab``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normlab",
+        description="Batch normalization and its family for PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from normlab import bench, demo
+    from normlab.lab import cli as lab_cli
+
+    bench.configure(sub.add_parser("bench", help="normlab vs torch.nn, side by side"))
+    demo.configure(sub.add_parser("demo", help="train a small CNN with normlab layers on real data"))
+    lab_cli.configure(sub.add_parser("lab", help="reproduce the batch-norm papers' experiments"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

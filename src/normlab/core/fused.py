@@ -1,0 +1,89 @@
+"""Batch normalization followed by ReLU, optionally after adding a residual (the tail of a ResNet block),
+in one pass where the backend can fuse it.
+
+``relu(normalize(x) + residual)`` written as three operations moves the data three times forward and
+again backward (ReLU's mask, then the add, then the normalization's backward). A backend that fuses it
+(the numba kernels do for BatchNorm) applies the add and the ReLU to each value as it is normalized, and
+its backward masks ``dy`` by ``y > 0`` inside the closed-form passes, also writing the residual's
+gradient. Everywhere else — the torch engine, plans a backend does not fuse, a residual that would
+broadcast or change the dtype — :func:`normalize_relu` composes :class:`~normlab.core.engine.Normalize`
+with :func:`torch.relu`, which is the definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.core.engine import backward_torch, records_grad, run
+from normlab.core.plan import Plan
+from normlab.kernels.dispatch import select as select_backend
+
+__all__ = ["NormalizeReLU", "normalize_relu"]
+
+
+class NormalizeReLU(torch.autograd.Function):
+    """``y, μ, σ² = NormalizeReLU.apply(x, residual, γ, β, fixed_mean, fixed_var, plan, eps, backend)``
+    with ``y = relu(normalize(x) + residual)`` (``residual`` may be ``None``), computed by ``backend``.
+
+    The backward masks ``dy`` by ``y > 0``; the residual's gradient is that masked ``dy``. With a graph
+    requested (``create_graph=True``) it runs :func:`~normlab.core.engine.backward_torch` on the masked
+    ``dy`` (the mask is constant almost everywhere), so double backward works as for
+    :class:`~normlab.core.engine.Normalize`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, backend):
+        y, shift, mean_shifted, var, rstd = backend.forward(
+            x, weight, bias, fixed_mean, fixed_var, plan, eps, residual=residual, relu=True
+        )
+        mean = shift if mean_shifted is None else shift + mean_shifted
+        ctx.save_for_backward(x, weight, shift, mean_shifted, rstd, y)
+        ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, shift, mean_shifted, rstd, y = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        if torch.is_grad_enabled():
+            dres = dy * (y > 0)
+            dx, dw, db = backward_torch(dres, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need,
+                                        ctx.eps)
+            dx = None if dx is None else dx.reshape(x.shape).to(x.dtype)
+        else:
+            dx, dw, db, dres = ctx.backend.backward(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats,
+                                                    need, y=y, residual=ctx.has_residual)
+            if dres is not None:
+                dres = dres.to(x.dtype)
+        if dw is not None:
+            dw = dw.reshape(weight.shape).to(weight.dtype)
+        if db is not None:
+            db = db.reshape(plan.param_shape).to(ctx.bias_dtype)
+        dres = dres if ctx.has_residual and ctx.needs_input_grad[1] else None
+        return dx, dres, dw, db, None, None, None, None, None
+
+
+def _fusable(backend, x: torch.Tensor, residual: torch.Tensor | None, plan: Plan) -> bool:
+    if backend is None or not backend.fuses(plan):
+        return False
+    return residual is None or (
+        residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device
+    )
+
+
+def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
+    """``(relu(y + residual), μ, σ²)`` where ``Normalize.apply`` would give ``(y, μ, σ²)``; fused when the
+    backend chosen for ``x`` can (see the module docstring)."""
+    backend = select_backend(x, plan, fixed_mean is None)
+    if not _fusable(backend, x, residual, plan):
+        y, mean, var = run(x, weight, bias, fixed_mean, fixed_var, plan, eps)
+        return torch.relu(y if residual is None else y + residual), mean, var
+    if records_grad(x, residual, weight, bias):
+        return NormalizeReLU.apply(x, residual, weight, bias, fixed_mean, fixed_var, plan, eps, backend)
+    y, shift, mean_shifted, var, _ = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
+                                                     residual=residual, relu=True)
+    return y, shift if mean_shifted is None else shift + mean_shifted, var

@@ -1,0 +1,672 @@
+"""numba kernels for the CPU backend: the statistics, normalization and closed-form backward of
+:mod:`normlab.core.engine`, each in as few passes over memory as the layout allows.
+
+Importing this module imports numba but compiles nothing; each kernel is compiled on its first call
+for the dtype it is called with (float32 or float64) and cached on disk (``cache=True``: in
+``__pycache__`` next to this file, or, where that folder is not writable, in numba's per-user cache
+directory; ``NUMBA_CACHE_DIR`` overrides both).
+
+Conventions shared by every kernel
+----------------------------------
+* ``x`` and every output are C-contiguous arrays of one dtype (float32 or float64); ``weight`` and
+  ``bias`` are arrays of that dtype (ones and zeros stand in for missing parameters).
+* Statistics are *shifted*: ``shift`` is the first value of each statistic's data, the sums
+  Σ(x − shift) and Σ(x − shift)² are accumulated in float64, ``mean_shifted = mean(x − shift)`` and
+  ``var = E[(x − shift)²] − mean_shifted²``. ``x − shift`` is exact for data within a factor of two of
+  the shift, so a large mean with a tiny spread keeps its variance; μ = shift + mean_shifted is never
+  formed in the input dtype.
+* Normalizing computes ``y = (x − shift) · a + b`` with ``a = γ · rstd`` and ``b = β − mean_shifted · a``
+  (the per-row kernels keep ``((x − shift) − mean_shifted) · a + β``), the per-statistic constants
+  computed in float64 and rounded to the input dtype once. ``x − shift`` and ``mean_shifted`` are of
+  the size of the data's spread, never of its mean, so neither form loses the shifted precision. With
+  fixed statistics (evaluation) ``shift`` is the running mean and ``mean_shifted`` is 0.
+* The backward is the engine's closed form with the per-statistic constants hoisted: with
+  ``S = Σ g`` and ``D = Σ g · x̂`` over the statistic's ``m`` values (g = γ · dy', ``dy'`` being ``dy``
+  masked by ``y > 0`` after a fused ReLU), ``dx = (g − S/m) · rstd + ((x − shift) − mean_shifted) · k2``
+  with ``k2 = −rstd² · D / m``; with fixed statistics ``S/m`` and ``k2`` are 0. Where γ is constant
+  over a statistic (BatchNorm) it is factored out of the sums.
+* ``epilogue`` selects what follows the affine map: 0 nothing, 1 ReLU, 2 add ``residual`` then ReLU.
+* Where a kernel does not use an array argument (the residual without ``epilogue`` 2, the mask ``y``
+  without ReLU, ``mean_shifted`` with fixed statistics) the caller passes any array of the right shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# The GIL stays held: numba's fallback threading layer (workqueue, where OpenMP and TBB are missing)
+# aborts the process when two threads launch parallel kernels at once.
+_FLAGS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+_PARALLEL = dict(parallel=True, **_FLAGS)
+# Only the sums may be reassociated (which lets LLVM vectorize them): the elementwise passes must keep
+# their order, or ((x − shift) − mean_shifted) · a could become x · a − (shift + mean_shifted) · a and
+# lose the shifted precision. Fast-math flags stay on the instructions they were compiled with, so the
+# summing helpers are separate functions with their own flags rather than inlined into the kernels.
+# NaN and inf keep their IEEE behaviour everywhere.
+_SUM_FLAGS = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+NONE, RELU, ADD_RELU = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks on one contiguous run of values.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_FLAGS)
+def _constants(s1, s2, m, eps):
+    """(mean_shifted, var, rstd) in float64 from the shifted sums Σt and Σt² over ``m`` values."""
+    d = s1 / m
+    v = max(s2 / m - d * d, 0.0)
+    return d, v, 1.0 / np.sqrt(v + eps)
+
+
+@njit(inline="always", **_FLAGS)
+def _statistic(k, first, s1, s2, m, eps, train, shift, mean_shifted, var, rstd):
+    """Statistic ``k``: in training from the sums ``s1``, ``s2`` shifted by ``first``, written to
+    ``shift``, ``mean_shifted`` and ``var``; otherwise from the fixed variance ``var[k]``. Writes
+    ``rstd[k]`` and returns (mean_shifted, rstd) in float64."""
+    if train:
+        d, v, r = _constants(s1, s2, m, eps)
+        shift[k] = first
+        mean_shifted[k] = d
+        var[k] = v
+    else:
+        d = 0.0
+        r = 1.0 / np.sqrt(np.float64(var[k]) + eps)
+    rstd[k] = r
+    return d, r
+
+
+@njit(inline="always", **_FLAGS)
+def _closed_form(gam, r, d, s1, s2, m, train):
+    """dγ and the constants (c, k1, k2) of dx = (dy' − c) · k1 + ((x − shift) − d) · k2, in float64.
+
+    ``s1 = Σ dy'`` and ``s2 = Σ dy' · (x − shift)`` over the ``m`` values of one statistic, so that
+    Σ dy' · x̂ = r · (s2 − d · s1) is dγ. Where γ varies within a statistic (GroupNorm, LayerNorm) the
+    caller passes ``gam = 1`` and sums of g = γ · dy in place of dy, and uses γ · dy in place of dy'.
+    """
+    dgamma = r * (s2 - d * s1)
+    if not train:
+        return dgamma, 0.0, gam * r, 0.0
+    return dgamma, s1 / m, gam * r, -gam * r * r * dgamma / m
+
+
+@njit(inline="always", **_FLAGS)
+def _block(k, rows, blocks):
+    """Rows [lo, hi) of block ``k`` when ``rows`` rows are cut into ``blocks`` near-equal blocks."""
+    return k * rows // blocks, (k + 1) * rows // blocks
+
+
+@njit(**_SUM_FLAGS)
+def _sums(xr, sh):
+    """Σ(x − sh) and Σ(x − sh)² over the run ``xr``, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.shape[0]):
+        t = np.float64(xr[j]) - sh
+        s1 += t
+        s2 += t * t
+    return s1, s2
+
+
+@njit(**_SUM_FLAGS)
+def _grad_sums(xr, dyr, sh):
+    """Σ dy and Σ dy · (x − sh) over one run, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.shape[0]):
+        g = np.float64(dyr[j])
+        s1 += g
+        s2 += g * (np.float64(xr[j]) - sh)
+    return s1, s2
+
+
+@njit(**_SUM_FLAGS)
+def _weighted_grad_sums(xr, dyr, wr, sh):
+    """Σ w · dy and Σ w · dy · (x − sh) over one run, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.shape[0]):
+        g = np.float64(wr[j]) * np.float64(dyr[j])
+        s1 += g
+        s2 += g * (np.float64(xr[j]) - sh)
+    return s1, s2
+
+
+@njit(inline="always", **_FLAGS)
+def _affine(xr, yr, sh, d, a, b):
+    """y = ((x − sh) − d) · a + b over one run, in the input dtype."""
+    for j in range(xr.shape[0]):
+        yr[j] = ((xr[j] - sh) - d) * a + b
+
+
+@njit(inline="always", **_FLAGS)
+def _epilogue(yr, rr, epilogue):
+    """ReLU (``epilogue`` 1) or residual add then ReLU (2), in place on one run of the output."""
+    if epilogue == RELU:
+        for j in range(yr.shape[0]):
+            v = yr[j]
+            yr[j] = 0.0 if v < 0.0 else v
+    elif epilogue == ADD_RELU:
+        for j in range(yr.shape[0]):
+            v = yr[j] + rr[j]
+            yr[j] = 0.0 if v < 0.0 else v
+
+
+@njit(inline="always", **_FLAGS)
+def _grad_affine(xr, dyr, dxr, sh, d, w, c, k1, k2):
+    """dx = (w · dy − c) · k1 + ((x − sh) − d) · k2 over one run."""
+    for j in range(xr.shape[0]):
+        dxr[j] = (dyr[j] * w - c) * k1 + ((xr[j] - sh) - d) * k2
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNorm on (N, C, S) contiguous data: one statistic per channel, from N runs of S values.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(**_SUM_FLAGS)
+def _channel_sums(x, ch, sh):
+    """Σ(x − sh) and Σ(x − sh)² over channel ``ch`` of (N, C, S) ``x``, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[0]):
+        for j in range(x.shape[2]):
+            t = np.float64(x[i, ch, j]) - sh
+            s1 += t
+            s2 += t * t
+    return s1, s2
+
+
+@njit(**_SUM_FLAGS)
+def _channel_grad_sums(x, dy, y, ch, sh, epilogue):
+    """Σ dy' and Σ dy' · (x − sh) over channel ``ch`` of (N, C, S) arrays, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[0]):
+        for j in range(x.shape[2]):
+            g = np.float64(dy[i, ch, j]) if epilogue == NONE or y[i, ch, j] > 0.0 else 0.0
+            s1 += g
+            s2 += g * (np.float64(x[i, ch, j]) - sh)
+    return s1, s2
+
+
+@njit(**_FLAGS)
+def _channel_affine(x, y, residual, ch, sh, a, b, epilogue):
+    """y = (x − sh) · a + b over channel ``ch`` of (N, C, S) arrays, then the epilogue.
+
+    ``b`` is β − mean_shifted · a: both terms are of the size of the data's spread, so folding the mean
+    into it loses nothing, and saves a subtraction per value.
+    """
+    for i in range(x.shape[0]):
+        if epilogue == NONE:
+            for j in range(x.shape[2]):
+                y[i, ch, j] = (x[i, ch, j] - sh) * a + b
+        elif epilogue == RELU:
+            for j in range(x.shape[2]):
+                v = (x[i, ch, j] - sh) * a + b
+                y[i, ch, j] = 0.0 if v < 0.0 else v
+        else:
+            for j in range(x.shape[2]):
+                v = (x[i, ch, j] - sh) * a + b + residual[i, ch, j]
+                y[i, ch, j] = 0.0 if v < 0.0 else v
+
+
+@njit(**_FLAGS)
+def _channel_grad_affine(x, dy, y, dx, dres, ch, sh, d, c, k1, k2, epilogue):
+    """dx = (dy' − c) · k1 + ((x − sh) − d) · k2 over channel ``ch``; after a fused add also dres = dy'."""
+    zero = k1 * 0
+    for i in range(x.shape[0]):
+        if epilogue == NONE:
+            for j in range(x.shape[2]):
+                dx[i, ch, j] = (dy[i, ch, j] - c) * k1 + ((x[i, ch, j] - sh) - d) * k2
+            continue
+        for j in range(x.shape[2]):
+            g = dy[i, ch, j] if y[i, ch, j] > 0.0 else zero
+            dx[i, ch, j] = (g - c) * k1 + ((x[i, ch, j] - sh) - d) * k2
+        if epilogue == ADD_RELU:
+            for j in range(x.shape[2]):
+                dres[i, ch, j] = dy[i, ch, j] if y[i, ch, j] > 0.0 else zero
+
+
+@njit(**_PARALLEL)
+def bn_planar_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd, y, residual, epilogue):
+    """BatchNorm forward on ``x`` of shape (N, C, S), parallel over channels.
+
+    Memory passes per channel (its N·S values): training reads them once for the float64 sums, then
+    again while they are still in cache (a channel of up to about 1 MiB stays in L2) to write ``y``;
+    evaluation reads once and writes once. So every byte of ``x`` and ``y`` crosses main memory once.
+
+    In training ``shift``, ``mean_shifted``, ``var`` and ``rstd`` (all (C,)) are written; with fixed
+    statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
+    ``rstd`` is written.
+    """
+    n, c, s = x.shape
+    cast = x.dtype.type
+    for ch in prange(c):
+        s1, s2 = _channel_sums(x, ch, np.float64(x[0, ch, 0])) if train else (0.0, 0.0)
+        d, r = _statistic(ch, x[0, ch, 0], s1, s2, n * s, eps, train, shift, mean_shifted, var, rstd)
+        a = np.float64(weight[ch]) * r
+        _channel_affine(x, y, residual, ch, shift[ch], cast(a), cast(np.float64(bias[ch]) - d * a), epilogue)
+
+
+@njit(**_PARALLEL)
+def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db):
+    """BatchNorm backward on (N, C, S), parallel over channels.
+
+    Per channel: one pass reads ``x`` and ``dy`` (and ``y``, the mask of a fused ReLU) for the sums
+    Σ dy' and Σ dy' · (x − shift), which give dβ and dγ; a second pass over the same values, now in
+    cache, writes ``dx`` (and ``dres = dy'``, the residual's gradient, after a fused add).
+    """
+    n, c, s = x.shape
+    cast = x.dtype.type
+    for ch in prange(c):
+        s1, s2 = _channel_grad_sums(x, dy, y, ch, np.float64(shift[ch]), epilogue)
+        d = np.float64(mean_shifted[ch]) if train else 0.0
+        dgamma, cm, k1, k2 = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), d, s1, s2, n * s, train)
+        db[ch] = s1
+        dw[ch] = dgamma
+        if need_x:
+            _channel_grad_affine(x, dy, y, dx, dres, ch, shift[ch], cast(d), cast(cm), cast(k1), cast(k2), epilogue)
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNorm on (M, C) rows, C contiguous: 2D input, or channels_last with M = N·spatial.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_FLAGS)
+def _combine(parts, ch):
+    """Σ over blocks of the two partial sums of column ``ch`` of ``parts`` ((B, 2, C) float64)."""
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(parts.shape[0]):
+        s1 += parts[k, 0, ch]
+        s2 += parts[k, 1, ch]
+    return s1, s2
+
+
+@njit(inline="always", **_FLAGS)
+def _block_parts(parts, k, rows):
+    """Block ``k`` of ``rows`` rows cut into ``parts.shape[0]`` near-equal blocks: its two zeroed float64
+    accumulators ``parts[k, 0]`` and ``parts[k, 1]``, and its rows [lo, hi)."""
+    p1 = parts[k, 0]
+    p2 = parts[k, 1]
+    p1[:] = 0.0
+    p2[:] = 0.0
+    lo, hi = _block(k, rows, parts.shape[0])
+    return p1, p2, lo, hi
+
+
+_ROWS = 8  # rows summed in the input dtype before a column's float64 accumulators are updated
+
+
+@njit(**_FLAGS)
+def _column_sums(x, lo, hi, sh, p1, p2):
+    """Add x − sh and (x − sh)² of rows [lo, hi) of ``x`` into the per-column float64 accumulators.
+
+    Eight rows at a time: their values are summed in the input dtype (x − sh is exact for values within a
+    factor of two of the shift, and eight terms lose at most a few units in the last place), and only
+    then added to the accumulators, so that loading and storing the float64 accumulators, not memory,
+    does not bound the speed.
+    """
+    zero = x.dtype.type(0.0)
+    i = lo
+    while i + _ROWS <= hi:
+        for ch in range(x.shape[1]):
+            s = sh[ch]
+            a = zero
+            q = zero
+            for k in range(_ROWS):
+                t = x[i + k, ch] - s
+                a += t
+                q += t * t
+            p1[ch] += np.float64(a)
+            p2[ch] += np.float64(q)
+        i += _ROWS
+    for j in range(i, hi):
+        for ch in range(x.shape[1]):
+            t = np.float64(x[j, ch]) - np.float64(sh[ch])
+            p1[ch] += t
+            p2[ch] += t * t
+
+
+@njit(**_FLAGS)
+def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
+    """Add dy' and dy' · (x − sh) of rows [lo, hi) into the per-column float64 accumulators; without a
+    fused ReLU eight rows at a time as in :func:`_column_sums`."""
+    zero = x.dtype.type(0.0)
+    i = lo
+    while epilogue == NONE and i + _ROWS <= hi:
+        for ch in range(x.shape[1]):
+            s = sh[ch]
+            a = zero
+            q = zero
+            for k in range(_ROWS):
+                g = dy[i + k, ch]
+                a += g
+                q += g * (x[i + k, ch] - s)
+            p1[ch] += np.float64(a)
+            p2[ch] += np.float64(q)
+        i += _ROWS
+    for j in range(i, hi):
+        for ch in range(x.shape[1]):
+            g = np.float64(dy[j, ch]) if epilogue == NONE or y[j, ch] > 0.0 else 0.0
+            p1[ch] += g
+            p2[ch] += g * (np.float64(x[j, ch]) - np.float64(sh[ch]))
+
+
+@njit(**_FLAGS)
+def _column_affine(x, y, residual, lo, hi, sh, a, b, epilogue):
+    """y = (x − sh) · a + b on rows [lo, hi), every factor per column, then the epilogue per row.
+
+    ``b`` is β − mean_shifted · a: both terms are of the size of the data's spread, so folding the mean
+    into it loses nothing, and saves a load and a subtraction per value.
+    """
+    for i in range(lo, hi):
+        xr = x[i]
+        yr = y[i]
+        for ch in range(x.shape[1]):
+            yr[ch] = (xr[ch] - sh[ch]) * a[ch] + b[ch]
+        _epilogue(yr, residual[i], epilogue)
+
+
+@njit(**_FLAGS)
+def _column_grad_affine(x, dy, y, dx, dres, lo, hi, sh, d, w, cm, k1, k2, epilogue):
+    """dx = (w · dy' − c) · k1 + ((x − sh) − d) · k2 on rows [lo, hi), every factor per column; after a
+    fused add also dres = dy'. An empty ``w`` stands for w = 1 (BatchNorm, whose γ is in ``k1``)."""
+    zero = k1[0] * 0
+    for i in range(lo, hi):
+        xr, dyr, yr, dxr = x[i], dy[i], y[i], dx[i]
+        if epilogue == NONE and w.shape[0] == 0:
+            for ch in range(x.shape[1]):
+                dxr[ch] = (dyr[ch] - cm[ch]) * k1[ch] + ((xr[ch] - sh[ch]) - d[ch]) * k2[ch]
+        elif epilogue == NONE:
+            for ch in range(x.shape[1]):
+                dxr[ch] = (dyr[ch] * w[ch] - cm[ch]) * k1[ch] + ((xr[ch] - sh[ch]) - d[ch]) * k2[ch]
+        else:
+            for ch in range(x.shape[1]):
+                g = dyr[ch] if yr[ch] > 0.0 else zero
+                dxr[ch] = (g - cm[ch]) * k1[ch] + ((xr[ch] - sh[ch]) - d[ch]) * k2[ch]
+        if epilogue == ADD_RELU:
+            dr = dres[i]
+            for ch in range(x.shape[1]):
+                dr[ch] = dyr[ch] if yr[ch] > 0.0 else zero
+
+
+@njit(**_PARALLEL)
+def bn_rows_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd, y, residual, epilogue, parts):
+    """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
+
+    Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
+    one block of rows per thread, each row adding into C contiguous accumulators), combines them per
+    channel, then reads ``x`` again and writes ``y``; evaluation reads once and writes once. The second
+    read comes from cache only when the tensor fits in it: no value can be normalized before the
+    statistics, which need every row, are complete.
+    """
+    m, c = x.shape
+    nb = parts.shape[0]
+    if train:
+        shift[:] = x[0]
+        for k in prange(nb):
+            p1, p2, lo, hi = _block_parts(parts, k, m)
+            _column_sums(x, lo, hi, shift, p1, p2)
+    a = np.empty(c, x.dtype)
+    b = np.empty(c, x.dtype)
+    for ch in range(c):
+        s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
+        d, r = _statistic(ch, shift[ch], s1, s2, m, eps, train, shift, mean_shifted, var, rstd)
+        a[ch] = np.float64(weight[ch]) * r
+        b[ch] = np.float64(bias[ch]) - d * np.float64(weight[ch]) * r
+    for k in prange(nb):
+        lo, hi = _block(k, m, nb)
+        _column_affine(x, y, residual, lo, hi, shift, a, b, epilogue)
+
+
+@njit(**_PARALLEL)
+def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
+                     parts):
+    """BatchNorm backward on (M, C) rows.
+
+    Memory passes: one read of ``x`` and ``dy`` (and ``y`` after a fused ReLU) into per-block partial
+    sums Σ dy' and Σ dy' · (x − shift) per channel, combined into dβ and dγ; then a second read of the
+    same and one write of ``dx`` (and ``dres``).
+    """
+    m, c = x.shape
+    nb = parts.shape[0]
+    for k in prange(nb):
+        p1, p2, lo, hi = _block_parts(parts, k, m)
+        _column_grad_sums(x, dy, y, lo, hi, shift, p1, p2, epilogue)
+    cm = np.empty(c, x.dtype)
+    k1 = np.empty(c, x.dtype)
+    k2 = np.empty(c, x.dtype)
+    d = np.empty(c, x.dtype)
+    for ch in range(c):
+        s1, s2 = _combine(parts, ch)
+        d[ch] = mean_shifted[ch] if train else 0.0
+        dw[ch], cm[ch], k1[ch], k2[ch] = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]),
+                                                      np.float64(d[ch]), s1, s2, m, train)
+        db[ch] = s1
+    if not need_x:
+        return
+    unit = np.empty(0, x.dtype)
+    for k in prange(nb):
+        lo, hi = _block(k, m, nb)
+        _column_grad_affine(x, dy, y, dx, dres, lo, hi, shift, d, unit, cm, k1, k2, epilogue)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-row statistics on (R, K) contiguous rows: GroupNorm, InstanceNorm and LayerNorm.
+# Row r belongs to group g = r mod G; its K values are cg runs of hw values, run k scaled by parameter
+# g·cg + k. GroupNorm: (G, C/G, H·W); InstanceNorm: (C, 1, H·W); LayerNorm: (1, K, 1), one parameter
+# per value.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(**_PARALLEL)
+def row_forward(x, weight, bias, eps, train, groups, hw, shift, mean_shifted, var, rstd, y):
+    """Forward with one statistic per row of ``x`` ((R, K)), parallel over rows.
+
+    Memory passes: each row is read once for its float64 sums and once more from cache (a row is at
+    most a few hundred KiB for the usual shapes) to write ``y``: x and y cross main memory once.
+    """
+    rows, kk = x.shape
+    cg = kk // hw
+    cast = x.dtype.type
+    for r in prange(rows):
+        xr = x[r]
+        yr = y[r]
+        s1, s2 = _sums(xr, np.float64(xr[0])) if train else (0.0, 0.0)
+        d, rs = _statistic(r, xr[0], s1, s2, kk, eps, train, shift, mean_shifted, var, rstd)
+        p0 = (r % groups) * cg
+        sh_x, d_x, r_x = shift[r], cast(d), cast(rs)
+        if hw == 1:
+            wr = weight[p0:p0 + kk]
+            br = bias[p0:p0 + kk]
+            for j in range(kk):
+                yr[j] = ((xr[j] - sh_x) - d_x) * (r_x * wr[j]) + br[j]
+        else:
+            for k in range(cg):
+                lo = k * hw
+                _affine(xr[lo:lo + hw], yr[lo:lo + hw], sh_x, d_x, cast(np.float64(weight[p0 + k]) * rs),
+                        bias[p0 + k])
+
+
+@njit(inline="always", **_FLAGS)
+def _row_centre(shift, mean_shifted, rstd, r, train):
+    """(μ, rstd) of row ``r`` in float64, μ = shift + mean_shifted (0 for fixed statistics)."""
+    return np.float64(shift[r]) + (np.float64(mean_shifted[r]) if train else 0.0), np.float64(rstd[r])
+
+
+@njit(**_FLAGS)
+def _row_param_sums(x, dy, lo, hi, shift, mean_shifted, rstd, train, groups, pb, pw):
+    """Add dy and dy · x̂ of rows [lo, hi) into the float64 accumulators of dβ and dγ where each value
+    has its own parameter (row r's value j: parameter (r mod groups) · K + j); with one group four
+    rows at a time, as in :func:`_column_sums`."""
+    kk = x.shape[1]
+    i = lo
+    while groups == 1 and i + 4 <= hi:
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+        m0, r0 = _row_centre(shift, mean_shifted, rstd, i, train)
+        m1, r1 = _row_centre(shift, mean_shifted, rstd, i + 1, train)
+        m2, r2 = _row_centre(shift, mean_shifted, rstd, i + 2, train)
+        m3, r3 = _row_centre(shift, mean_shifted, rstd, i + 3, train)
+        for j in range(kk):
+            a0 = np.float64(g0[j])
+            a1 = np.float64(g1[j])
+            a2 = np.float64(g2[j])
+            a3 = np.float64(g3[j])
+            pb[j] += (a0 + a1) + (a2 + a3)
+            pw[j] += (a0 * ((np.float64(x0[j]) - m0) * r0) + a1 * ((np.float64(x1[j]) - m1) * r1)) + (
+                a2 * ((np.float64(x2[j]) - m2) * r2) + a3 * ((np.float64(x3[j]) - m3) * r3))
+        i += 4
+    for r in range(i, hi):
+        xr, gr = x[r], dy[r]
+        mu, rs = _row_centre(shift, mean_shifted, rstd, r, train)
+        p0 = (r % groups) * kk
+        for j in range(kk):
+            a = np.float64(gr[j])
+            pb[p0 + j] += a
+            pw[p0 + j] += a * ((np.float64(xr[j]) - mu) * rs)
+
+
+@njit(**_PARALLEL)
+def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, hw, dx, parts):
+    """Backward with one statistic per row, parallel over blocks of rows.
+
+    Memory passes: each row of ``x`` and ``dy`` is read once for the sums Σ g and Σ g · x̂ of the closed
+    form (g = γ · dy) and for the block's partial dγ and dβ (``parts``, (B, 2, P) float64, summed by
+    the caller), then once more from cache to write ``dx``.
+    """
+    rows, kk = x.shape
+    cg = kk // hw
+    nb = parts.shape[0]
+    cast = x.dtype.type
+    for blk in prange(nb):
+        pb, pw, lo, hi = _block_parts(parts, blk, rows)
+        for r in range(lo, hi):
+            xr = x[r]
+            dyr = dy[r]
+            dxr = dx[r]
+            sh = np.float64(shift[r])
+            d = np.float64(mean_shifted[r]) if train else 0.0
+            rs = np.float64(rstd[r])
+            p0 = (r % groups) * cg
+            if hw == 1:
+                wr = weight[p0:p0 + kk]
+                if (r - lo) % 4 == 0:  # dγ, dβ of this row and the next three, while they are in cache
+                    _row_param_sums(x, dy, r, min(r + 4, hi), shift, mean_shifted, rstd, train, groups, pb, pw)
+                sg, sgx = _weighted_grad_sums(xr, dyr, wr, sh)
+            else:
+                sg = 0.0
+                sgx = 0.0
+                for k in range(cg):
+                    s = k * hw
+                    s1, s2 = _grad_sums(xr[s:s + hw], dyr[s:s + hw], sh)
+                    w = np.float64(weight[p0 + k])
+                    pb[p0 + k] += s1
+                    pw[p0 + k] += rs * (s2 - d * s1)
+                    sg += w * s1
+                    sgx += w * s2
+            if not need_x:
+                continue
+            # Per row, g = γ · dy: its mean is sg / K, and Σ g · x̂ = rs · (sgx − d · sg).
+            _, cm, _, k2 = _closed_form(1.0, rs, d, sg, sgx, kk, train)
+            sh_x, d_x, c_x, r_x, k2_x = shift[r], cast(d), cast(cm), cast(rs), cast(k2)
+            if hw == 1:
+                for j in range(kk):
+                    dxr[j] = (dyr[j] * wr[j] - c_x) * r_x + ((xr[j] - sh_x) - d_x) * k2_x
+            else:
+                for k in range(cg):
+                    s = k * hw
+                    _grad_affine(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], sh_x, d_x, weight[p0 + k], c_x, r_x, k2_x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GroupNorm / InstanceNorm on channels_last data, (N, S, C) with C contiguous: per sample, G groups of
+# cg = C/G adjacent channels.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_FLAGS)
+def _group_shifts(xs, shift, i, groups, from_data):
+    """Per channel of sample ``i`` ((S, C) ``xs``), its group's shift: the group's first value
+    (``from_data``) or the one in ``shift`` (indexed by sample · groups + group)."""
+    c = xs.shape[1]
+    cg = c // groups
+    sh = np.empty(c, xs.dtype)
+    for ch in range(c):
+        sh[ch] = xs[0, (ch // cg) * cg] if from_data else shift[i * groups + ch // cg]
+    return sh
+
+
+@njit(**_PARALLEL)
+def group_cl_forward(x, weight, bias, eps, train, groups, shift, mean_shifted, var, rstd, y):
+    """Forward on (N, S, C), parallel over samples; statistics per (sample, group), written at n·G + g.
+
+    Memory passes per sample (its S·C values): one read into per-channel float64 sums (C contiguous
+    accumulators per spatial row), combined per group; then a second read, from cache for samples up to
+    about 1 MiB, to write ``y``.
+    """
+    n, s, c = x.shape
+    cg = c // groups
+    for i in prange(n):
+        xs = x[i]
+        sh = _group_shifts(xs, shift, i, groups, train)
+        coef = np.empty((2, c), x.dtype)
+        a, b = coef[0], coef[1]
+        p1 = np.zeros(c)
+        p2 = np.zeros(c)
+        if train:
+            _column_sums(xs, 0, s, sh, p1, p2)
+        for g in range(groups):
+            s1, s2 = p1[g * cg:(g + 1) * cg].sum(), p2[g * cg:(g + 1) * cg].sum()
+            dg, rs = _statistic(i * groups + g, sh[g * cg], s1, s2, s * cg, eps, train, shift, mean_shifted, var,
+                                rstd)
+            for ch in range(g * cg, (g + 1) * cg):
+                a[ch] = np.float64(weight[ch]) * rs
+                b[ch] = np.float64(bias[ch]) - dg * np.float64(weight[ch]) * rs
+        _column_affine(xs, y[i], xs, 0, s, sh, a, b, NONE)
+
+
+@njit(**_PARALLEL)
+def group_cl_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, dx, parts):
+    """Backward on (N, S, C), parallel over samples.
+
+    Memory passes per sample: one read of ``x`` and ``dy`` into per-channel sums Σ dy and Σ dy·(x − shift)
+    (the sample's share of dβ and dγ goes to ``parts[n]``, (N, 2, C) float64, summed by the caller), then
+    a second read, from cache, to write ``dx``.
+    """
+    n, s, c = x.shape
+    cg = c // groups
+    for i in prange(n):
+        xs = x[i]
+        dys = dy[i]
+        sh = _group_shifts(xs, shift, i, groups, False)
+        coef = np.empty((4, c), x.dtype)
+        d, cm, k1, k2 = coef[0], coef[1], coef[2], coef[3]
+        p1, p2, _, _ = _block_parts(parts, i, n)
+        _column_grad_sums(xs, dys, xs, 0, s, sh, p1, p2, NONE)
+        for g in range(groups):
+            q = i * groups + g
+            dg = np.float64(mean_shifted[q]) if train else 0.0
+            rs = np.float64(rstd[q])
+            sg = 0.0
+            sgx = 0.0
+            for ch in range(g * cg, (g + 1) * cg):
+                w = np.float64(weight[ch])
+                sg += w * p1[ch]
+                sgx += w * p2[ch]
+                p2[ch] = rs * (p2[ch] - dg * p1[ch])
+            # g = γ · dy within the group: its mean is sg / m and Σ g · x̂ = rs · (sgx − dg · sg).
+            _, cg_mean, _, kb = _closed_form(1.0, rs, dg, sg, sgx, s * cg, train)
+            for ch in range(g * cg, (g + 1) * cg):
+                d[ch] = dg
+                cm[ch] = cg_mean
+                k1[ch] = rs
+                k2[ch] = kb
+        if need_x:
+            _column_grad_affine(xs, dys, xs, dx[i], dx[i], 0, s, sh, d, weight, cm, k1, k2, NONE)

@@ -1,0 +1,123 @@
+"""Which backend runs a normalization: chosen per call by device, dtype, layout and plan.
+
+``NORMLAB_BACKEND`` (read at every call, so tests and users can change it at run time):
+
+* ``auto`` (default) — per case, the backend measured fastest among those that keep the engine's
+  precision (below), else the torch engine;
+* ``torch`` — always the engine's own torch operations (:mod:`normlab.core.engine`);
+* ``numba`` — always the numba CPU kernels (:mod:`normlab.kernels.numba_backend`); a case they cannot
+  run raises :class:`BackendError` instead of falling back.
+
+A backend is an object with ``unsupported(x, plan) -> str | None`` (why it cannot run a case),
+``forward`` and ``backward`` with the signatures of :class:`~normlab.kernels.numba_backend.NumbaBackend`.
+:func:`select` returns ``None`` for the torch engine.
+
+What ``auto`` picks, and why (measured with ``normlab bench`` and per-kernel timings on the 2-core
+development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md for the table):
+
+* CPU tensors in float32/float64 (float16/bfloat16 converted to float32 and back, as the torch engine
+  converts them), every plan the kernels handle: **numba**, except small eval inputs (below). Against
+  the torch engine the kernels win by more the larger the input: its separate operations move the
+  data five to eight times, and allocate as many large temporaries (BatchNorm2d (64, 64, 8, 8), train
+  forward: 188 µs against 2363 µs).
+* Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
+  are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
+  pages matters as much as the single pass — BatchNorm2d train forward 4.4–5.4x, forward+backward
+  3.4–3.6x, eval 3.6–4.1x, channels_last 2–5x, LayerNorm (64, 196, 768) 3–5x. ATen is faster on small
+  and mid-sized tensors that stay in cache, where normlab's Python per call (50–100 µs against ATen's
+  5–20 µs) and ATen's tight C++ loops tell: 7x7 maps in eval (0.6x) and channels_last (0.6–0.8x),
+  BatchNorm1d (4096, 1024) (0.75x eval, about 1x training), LayerNorm (4096, 1024) (0.8–0.9x).
+  These cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
+  with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32 normalizes with errors of 0.04 for
+  BatchNorm, 0.10 for LayerNorm, 0.16 for GroupNorm and 4.6e4 — E[x²] − E[x]² — for channels_last
+  GroupNorm, where normlab's engine guarantees 1e-3), and in eval, folding the mean into a float32
+  offset (x · a + b), ATen's error is twice normlab's (0.038 against 0.018 when the running mean itself
+  is rounded to float32). Routing by shape would make that guarantee depend on the shape.
+* Fixed statistics (eval) on at most :data:`EVAL_TORCH_UP_TO` values: **torch** — three elementwise
+  operations, cheaper than the kernels' per-call setup. With statistics of the batch the kernels win
+  from the smallest inputs on (BatchNorm2d (8, 16, 4, 4): 96 µs against 107 µs; (16, 32, 8, 8): 105
+  against 225).
+* Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
+* CUDA tensors: the torch engine. A GPU backend would be registered in :data:`BACKENDS` under
+  ``"triton"`` (with the same ``unsupported``/``forward``/``backward``) and picked here for
+  ``x.is_cuda``; none exists yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # normlab.core imports this module: no import back at run time
+    from normlab.core.plan import Plan
+
+__all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "available"]
+
+ENV = "NORMLAB_BACKEND"
+CHOICES = ("auto", "torch", "numba")
+
+
+class BackendError(RuntimeError):
+    """A forced backend (``NORMLAB_BACKEND``) cannot run the case it was given."""
+
+
+@functools.cache
+def _numba_backend():
+    from normlab.kernels.numba_backend import NumbaBackend
+
+    return NumbaBackend()
+
+
+BACKENDS = {
+    "numba": _numba_backend,
+    # "triton": a GPU backend for CUDA tensors, with the same forward/backward, would be added here.
+}
+"""Backend constructors by name (each builds its backend once, on first use)."""
+
+
+@functools.cache
+def available(name: str) -> bool:
+    """Whether backend ``name`` can be used in this installation (numba importable, ...)."""
+    if name == "torch":
+        return True
+    if name == "numba":
+        return importlib.util.find_spec("numba") is not None
+    return False
+
+
+def requested_backend() -> str:
+    """The value of ``NORMLAB_BACKEND`` (``auto`` when unset), checked."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise BackendError(f"{ENV}={value!r} is not a backend; choose one of {', '.join(CHOICES)}.")
+    return value
+
+
+EVAL_TORCH_UP_TO = 1 << 17
+"""With fixed statistics (eval), inputs of at most this many values go to the torch engine under ``auto``:
+its three elementwise operations cost less than the kernels' per-call setup there (BatchNorm2d eval,
+(32, 64, 8, 8): 73 µs against 91 µs; at (64, 64, 8, 8), 2^18 values, 1100 µs against 117 µs)."""
+
+
+def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
+    """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones), or
+    ``None`` for the torch engine."""
+    choice = requested_backend()
+    if choice == "torch":
+        return None
+    if choice == "auto":
+        if x.is_cuda or not available("numba") or (not batch_stats and x.numel() <= EVAL_TORCH_UP_TO):
+            return None
+        backend = _numba_backend()
+        return None if backend.unsupported(x, plan) else backend
+    if not available(choice):
+        raise BackendError(f"{ENV}={choice}, but {choice} is not installed (pip install {choice}).")
+    backend = BACKENDS[choice]()
+    reason = backend.unsupported(x, plan)
+    if reason is not None:
+        raise BackendError(f"{ENV}={choice}: {reason}. Set {ENV}=auto to let normlab choose, or torch.")
+    return backend

@@ -1,0 +1,172 @@
+"""The one report writer: plots (matplotlib, Agg) and a self-contained HTML page plus Markdown,
+rendered from the results JSON of every experiment."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from normlab.lab.engine import experiment_path, read_json, run_path, write_text_atomic  # noqa: E402
+from normlab.lab.spec import Experiment, Figure, Panel, Runs  # noqa: E402
+
+VERDICT_COLORS = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "inconclusive": "#9a6700"}
+STATUS_MARKS = {"pass": "✔ pass", "fail": "✘ fail", "unclear": "~ unclear"}
+
+
+def _clean(values: list[Any]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs) -> None:
+    for make in panel.traces:
+        for trace in make(runs):
+            if trace.kind == "hist":
+                ax.stairs(trace.y, trace.x, label=trace.label, fill=False, linewidth=1.5)
+                continue
+            x, y = _clean(trace.x), _clean(trace.y)
+            (line,) = ax.plot(x, y, label=trace.label, linewidth=1.4, marker="o" if len(x) <= 12 else None,
+                              markersize=3)
+            if trace.lo is not None and trace.hi is not None:
+                ax.fill_between(x, _clean(trace.lo), _clean(trace.hi), alpha=0.25, color=line.get_color())
+    if panel.hline is not None:
+        ax.axhline(panel.hline, color="grey", linestyle=":", linewidth=1)
+    if panel.xlog:
+        ax.set_xscale("log")
+    if panel.ylog:
+        ax.set_yscale("log")
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def render_figure(figure: Figure, runs: Runs, path: Path) -> Path:
+    """Draw ``figure`` into a PNG at ``path``."""
+    n = len(figure.panels)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, figure.panels):
+        draw_panel(ax, panel, runs)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(figure.title, fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def load_runs(out: Path, summary: dict[str, Any]) -> Runs:
+    return {key: read_json(run_path(out, digest)) for key, digest in summary["runs"].items()}
+
+
+def _table_md(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _table_html(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def verdict_reason(summary: dict[str, Any]) -> str:
+    """One plain sentence naming the checks that decided the verdict."""
+    failed = [c["text"] for c in summary["checks"] if c["status"] == "fail"]
+    unclear = [c["text"] for c in summary["checks"] if c["status"] == "unclear"]
+    if failed:
+        return "Not reproduced: " + "; ".join(failed) + " — failed."
+    if unclear:
+        return "Inconclusive: within the noise margin for " + "; ".join(unclear) + "."
+    return "Reproduced: every check passed."
+
+
+def _sections(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    checks = [[c["text"], c["value"], STATUS_MARKS.get(c["status"], c["status"])] for c in summary["checks"]]
+    rows = [[r["quantity"], r["ours"], r["paper"]] for r in summary["rows"]]
+    return ["quantity", "ours", "paper"], rows, ["check", "measured", "status"], checks
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1f2328;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:.92em}
+th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f6f8fa}
+.verdict{display:inline-block;padding:.15em .6em;border-radius:1em;color:#fff;font-weight:600}
+img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0}
+section{border-top:2px solid #d0d7de;margin-top:2em;padding-top:.5em}
+.meta{color:#57606a;font-size:.9em}
+"""
+
+
+def write_report(out: Path, experiments: list[Experiment], seconds: float | None = None) -> tuple[Path, Path]:
+    """Render every experiment that has a results JSON under ``out`` into ``out/report.html`` (self-contained)
+    and ``out/report.md`` (with the PNGs beside it)."""
+    out = Path(out)
+    entries = []
+    for exp in experiments:
+        path = experiment_path(out, exp.name)
+        if not path.is_file():
+            continue
+        summary = read_json(path)
+        runs = load_runs(out, summary)
+        pngs = [render_figure(fig, runs, out / f"{fig.name}.png") for fig in exp.figures]
+        entries.append((summary, pngs))
+    if not entries:
+        raise FileNotFoundError(f"no experiment results under {out / 'results'}; run `normlab lab run --out {out}` first")
+    total = seconds if seconds is not None else sum(s["seconds"] for s, _ in entries)
+    first = entries[0][0]
+    meta = (f"suite {first['suite']}, images {first['images']}, seed {first['seed']}, device {first['device']}; "
+            f"{len(entries)} experiment(s); {total:.0f} s of compute")
+
+    md = ["# normlab lab report", "", meta, "", "| experiment | verdict |", "| --- | --- |"]
+    md += [f"| [{s['name']}](#{s['name']}) | **{s['verdict']}** |" for s, _ in entries]
+    body = [f"<h1>normlab lab report</h1><p class='meta'>{html.escape(meta)}</p>",
+            _table_html(["experiment", "verdict"], [[s["name"], s["verdict"]] for s, _ in entries])]
+    for summary, pngs in entries:
+        num_head, num_rows, chk_head, chk_rows = _sections(summary)
+        color = VERDICT_COLORS.get(summary["verdict"], "#57606a")
+        md += ["", f"## {summary['name']}", "", f"**{summary['title']}** — {summary['paper']}", "",
+               f"**Verdict: {summary['verdict']}.** {verdict_reason(summary)}", "", f"**Claim.** {summary['claim']}", "",
+               f"**Our protocol.** {summary['protocol']}", "", f"**Criterion.** {summary['criterion']}", "",
+               _table_md(chk_head, chk_rows), "", _table_md(num_head, num_rows), ""]
+        md += [f"![{p.stem}]({p.name})" for p in pngs]
+        images = "".join(
+            f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+            for p in pngs)
+        body.append(
+            f"<section id='{html.escape(summary['name'])}'><h2>{html.escape(summary['name'])}: "
+            f"{html.escape(summary['title'])}</h2><p class='meta'>{html.escape(summary['paper'])}</p>"
+            f"<p><span class='verdict' style='background:{color}'>{html.escape(summary['verdict'])}</span> "
+            f"{html.escape(verdict_reason(summary))}</p>"
+            f"<p><b>Claim.</b> {html.escape(summary['claim'])}</p>"
+            f"<p><b>Our protocol.</b> {html.escape(summary['protocol'])}</p>"
+            f"<p><b>Criterion.</b> {html.escape(summary['criterion'])}</p>"
+            f"<h3>Checks</h3>{_table_html(chk_head, chk_rows)}"
+            f"<h3>Our numbers beside the paper's</h3>{_table_html(num_head, num_rows)}{images}</section>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>normlab lab report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    html_path, md_path = out / "report.html", out / "report.md"
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, "\n".join(md) + "\n")
+    return html_path, md_path
+

@@ -1,0 +1,109 @@
+"""The numba kernels against the torch engine on the shapes and layouts the small equivalence tests miss:
+several blocks of rows per thread, long channels, channels_last GroupNorm, partial gradients, odd strides,
+half precision and the large-mean precision test in every layout."""
+
+import pytest
+import torch
+
+import normlab.functional as F
+from normlab.kernels import available
+
+pytestmark = pytest.mark.skipif(not available("numba"), reason="numba is not installed")
+
+CL = torch.channels_last
+
+CASES = {
+    "bn planar": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 5, 40, 30), 5, None),
+    "bn 2d rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (301, 7), 7, None),
+    "bn channels_last": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 6, 9, 11), 6, CL),
+    "bn 1x1 maps": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (33, 6, 1, 1), 6, None),
+    "bn eval channels_last": (
+        lambda x, w, b: F.batch_norm(x, torch.linspace(-1, 1, 6, dtype=x.dtype), torch.linspace(0.5, 2, 6, dtype=x.dtype),
+                                     w, b, training=False), (3, 6, 9, 11), 6, CL),
+    "gn": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 7, 9), 6, None),
+    "gn channels_last": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 7, 9), 6, CL),
+    "instance channels_last": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (3, 4, 5, 6), 4, CL),
+    "instance eval": (
+        lambda x, w, b: F.instance_norm(x, torch.zeros(4, dtype=x.dtype), torch.full((4,), 2.0, dtype=x.dtype), w, b,
+                                        use_input_stats=False), (3, 4, 5, 6), 4, None),
+    "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
+           (9, 5, 12), 6, None),
+}
+
+
+def _run(name, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):
+    fn, shape, pcount, fmt = CASES[name]
+    monkeypatch.setenv("NORMLAB_BACKEND", backend)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x, w, b = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), need))
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y, [t.grad for t in (x, w, b)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
+def test_numba_matches_torch_engine(name, need, monkeypatch):
+    y_ref, grads_ref = _run(name, "torch", monkeypatch, need=need)
+    y, grads = _run(name, "numba", monkeypatch, need=need)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert y.is_contiguous(memory_format=CASES[name][3] or torch.contiguous_format)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bn planar", "bn channels_last", "gn channels_last", "ln"])
+def test_lower_precision_matches_torch_engine(name, dtype, monkeypatch):
+    y_ref, grads_ref = _run(name, "torch", monkeypatch, dtype)
+    y, grads = _run(name, "numba", monkeypatch, dtype)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", [None, CL], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+def test_large_mean_tiny_spread_in_every_layout(norm, fmt, monkeypatch):
+    """1e4 + N(0, 1e-2) in float32 keeps its variance in every kernel family."""
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    gen = torch.Generator().manual_seed(0)
+    x64 = (1e4 + 1e-2 * torch.randn(16, 8, 12, 12, generator=gen, dtype=torch.float64)).float().double()
+    x32 = x64.float() if fmt is None else x64.float().contiguous(memory_format=fmt)
+    dims = {"batch": (0, 2, 3), "group": (2, 3, 4), "layer": (1, 2, 3)}[norm]
+    xv = x64.reshape(16, 2, 4, 12, 12) if norm == "group" else x64
+    truth = ((xv - xv.mean(dims, keepdim=True)) / xv.std(dims, unbiased=False, keepdim=True)).reshape(x64.shape)
+    y = {"batch": lambda: F.batch_norm(x32, None, None, training=True, eps=1e-12),
+         "group": lambda: F.group_norm(x32, 2, eps=1e-12),
+         "layer": lambda: F.layer_norm(x32, (8, 12, 12), eps=1e-12)}[norm]()
+    assert (y.double() - truth).abs().max().item() < 1e-3
+
+
+def test_strided_input_and_expanded_gradient(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64).permute(0, 3, 2, 1).requires_grad_(True)  # (6, 3, 4, 5)
+    y = F.batch_norm(x, None, None, training=True)
+    (y * torch.arange(5.0, dtype=torch.float64)).sum().backward()  # dy is a broadcast view
+    xr = x.detach().clone().requires_grad_(True)
+    yr = torch.nn.functional.batch_norm(xr, None, None, training=True)
+    (yr * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_empty_batch(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = F.batch_norm(x, None, None, torch.ones(3), torch.zeros(3), training=True)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape

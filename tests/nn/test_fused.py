@@ -1,0 +1,88 @@
+"""BatchNormReLU2d and BatchNormAddReLU2d against torch's relu(bn(x)) and relu(bn(x) + r), on every backend."""
+
+import pytest
+import torch
+
+import normlab.nn as nl
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def _layers(add, dtype, **kwargs):
+    torch.manual_seed(0)
+    ours = (nl.BatchNormAddReLU2d if add else nl.BatchNormReLU2d)(5, **kwargs).to(dtype)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.normal_()
+            ours.bias.normal_()
+    theirs = torch.nn.BatchNorm2d(5, **kwargs).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_torch_composition(add, dtype, fmt, affine):
+    ours, theirs = _layers(add, dtype, affine=affine)
+    gen = torch.Generator().manual_seed(1)
+    for train in (True, True, False):
+        ours.train(train), theirs.train(train)
+        x = torch.randn(4, 5, 6, 7, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn(4, 5, 6, 7, generator=gen, dtype=dtype)
+        dy = torch.randn(4, 5, 6, 7, generator=gen, dtype=dtype)
+        xa, xb, ra, rb = (t.clone().requires_grad_(True) for t in (x, x, r, r))
+        ya = ours(xa, ra) if add else ours(xa)
+        yb = torch.relu(theirs(xb) + rb) if add else torch.relu(theirs(xb))
+        torch.testing.assert_close(ya, yb, **TOL[dtype])
+        assert ya.is_contiguous(memory_format=fmt)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, **TOL[dtype])
+        if add:
+            torch.testing.assert_close(ra.grad, rb.grad, **TOL[dtype])
+        for pa, pb in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, **TOL[dtype])
+            pa.grad = pb.grad = None
+        for ba, bb in zip(ours.buffers(), theirs.buffers()):
+            torch.testing.assert_close(ba, bb, **TOL[dtype])
+
+
+def test_state_dict_is_batchnorm2d():
+    layer = nl.BatchNormAddReLU2d(3)
+    assert isinstance(layer, nl.BatchNorm2d) and isinstance(layer, torch.nn.BatchNorm2d)
+    assert list(layer.state_dict()) == list(torch.nn.BatchNorm2d(3).state_dict())
+    nl.BatchNormReLU2d(3).load_state_dict(torch.nn.BatchNorm2d(3).state_dict())
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+def test_gradcheck_and_gradgradcheck(add):
+    layer = (nl.BatchNormAddReLU2d if add else nl.BatchNormReLU2d)(2).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    args, f = ((x, r), layer) if add else ((x,), layer)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_broadcast_residual_and_errors():
+    layer = nl.BatchNormAddReLU2d(3)
+    x, r = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 1)
+    torch.testing.assert_close(layer(x, r), torch.relu(torch.nn.functional.batch_norm(
+        x, None, None, layer.weight, layer.bias, training=True) + r))
+    with pytest.raises(ValueError, match="expected a 4D input"):
+        layer(torch.randn(2, 3, 4), r)
+    with pytest.raises(TypeError, match="residual"):
+        layer(x, torch.ones(2, 3, 4, 4, dtype=torch.int64))
+
+
+def test_fused_backward_only_where_the_backend_fuses(backend):
+    y = nl.BatchNormReLU2d(3)(torch.randn(4, 3, 2, 2, requires_grad=True))
+    expected = {"numba": "NormalizeReLUBackward", "torch": "ReluBackward0"}[backend]
+    assert type(y.grad_fn).__name__ == expected

@@ -1,0 +1,137 @@
+"""``normlab bench``: the command's options, its JSON and table output, and its mismatch detection."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+import normlab.nn
+from normlab import bench
+
+SMALL_BN = bench.Case("BatchNorm2d", (4,), (2, 4, 3, 3), "channels_last", "train_fwd_bwd")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="normlab bench")
+    bench.configure(parser)
+    args = parser.parse_args(list(argv))
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def quick_json() -> list[dict]:
+    """The records of ``--quick --json``, parsed from stdout (run once for the module)."""
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    args = parser.parse_args(["--quick", "--json", "--threads", "1"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert args.func(args) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_quick_json_records(quick_json):
+    assert len(quick_json) == len(bench.quick_cases())
+    for rec in quick_json:
+        assert {"op", "shape", "layout", "mode", "normlab_ms", "torch_ms", "ratio", "repeats", "threads"} <= rec.keys()
+        assert rec["status"] == "ok" and rec["max_err"] <= 1.0
+        assert rec["normlab_ms"] > 0 and rec["torch_ms"] > 0 and rec["ratio"] > 0
+        assert rec["ratio"] == pytest.approx(rec["torch_ms"] / rec["normlab_ms"])
+        assert rec["repeats"] == 1 and rec["threads"] == 1
+        assert rec["mode"] in bench.MODES
+
+
+def test_quick_covers_every_op_layout_and_mode(quick_json):
+    assert {r["op"] for r in quick_json} == {"BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm"}
+    assert {r["layout"] for r in quick_json} == {"contiguous", "channels_last"}
+    assert {r["mode"] for r in quick_json} == set(bench.MODES)
+    assert all(len(r["shape"]) == 4 for r in quick_json if r["layout"] == "channels_last")
+
+
+def test_threads_are_restored():
+    before = torch.get_num_threads()
+    bench.run_cases([SMALL_BN], repeats=1, warmup=0, threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_filter_selects_cases(capsys):
+    code, out, _ = run_cli(capsys, "--quick", "--json", "--filter", "groupnorm", "--filter", "channels_last")
+    records = json.loads(out)
+    assert code == 0 and len(records) == 1
+    assert records[0]["op"] == "GroupNorm" and records[0]["layout"] == "channels_last"
+
+
+def test_filter_matching_nothing_fails(capsys):
+    code, out, err = run_cli(capsys, "--quick", "--filter", "no-such-case")
+    assert code == 1 and out == "" and "no case matches" in err
+
+
+def test_default_suite_matches_the_issue():
+    cases = bench.default_cases()
+    bn = {(c.shape, c.layout, c.mode) for c in cases if c.layer.startswith("BatchNorm")}
+    for shape in [(64, 64, 56, 56), (256, 256, 14, 14), (32, 512, 7, 7)]:
+        for layout in ("contiguous", "channels_last"):
+            assert {(shape, layout, m) for m in bench.MODES} <= bn
+    assert {((4096, 1024), "contiguous", m) for m in bench.MODES} <= bn
+    assert any(c.layer == "GroupNorm" and c.layout == "channels_last" for c in cases)
+    assert any(c.layer == "LayerNorm" for c in cases)
+    assert len({c.key for c in cases}) == len(cases)
+
+
+def test_table_has_header_and_rows(capsys):
+    code, out, _ = run_cli(capsys, "--quick", "--filter", "BatchNorm1d")
+    assert code == 0
+    assert f"torch {torch.__version__}" in out and "threads" in out
+    assert "torch/normlab = torch ms / normlab ms" in out and "> 1 means normlab is faster" in out
+    rows = [line for line in out.splitlines() if line.startswith("BatchNorm1d(32)")]
+    assert len(rows) == len(bench.MODES)
+    assert all(line.rstrip().endswith("x") for line in rows)
+    header = next(line for line in out.splitlines() if line.startswith("module"))
+    assert "normlab ms" in header and "torch ms" in header
+
+
+WRONG_OUTPUT = bench.Implementation("normlab", normlab.nn, wrap=lambda m: (lambda x: m(x) + 0.01))
+WRONG_GRADIENT = bench.Implementation(
+    "normlab", normlab.nn, wrap=lambda m: (lambda x: m(x) + 0.5 * (x - x.detach()))
+)
+TORCH = bench.IMPLEMENTATIONS[1]
+
+
+@pytest.mark.parametrize(
+    "impl, case, tensor",
+    [
+        (WRONG_OUTPUT, bench.Case("LayerNorm", (32,), (8, 32), mode="eval"), "output"),
+        (WRONG_GRADIENT, SMALL_BN, "grad_input"),
+    ],
+)
+def test_mismatch_is_detected_and_not_timed(impl, case, tensor):
+    (rec,) = bench.run_cases([case], repeats=1, warmup=0, implementations=[impl, TORCH])
+    assert rec["status"] == "MISMATCH" and rec["mismatch"] == ["normlab"] and rec["mismatch_in"] == tensor
+    assert rec["max_err"] > 1.0
+    assert rec["normlab_ms"] is None and rec["torch_ms"] is None and rec["ratio"] is None
+    table = bench.format_table([rec])
+    assert "MISMATCH" in table and "x tol" in table
+
+
+def test_extra_peer_gets_its_own_columns():
+    peer = bench.Implementation("eager", torch.nn)
+    (rec,) = bench.run_cases([SMALL_BN], repeats=1, warmup=0, implementations=[*bench.IMPLEMENTATIONS, peer])
+    assert rec["status"] == "ok" and rec["eager_ms"] > 0 and rec["ratio_eager"] > 0 and rec["ratio"] > 0
+    table = bench.format_table([rec], [*bench.IMPLEMENTATIONS, peer])
+    assert "eager ms" in table and "eager/normlab" in table
+
+
+def test_case_validation():
+    with pytest.raises(ValueError, match="channels_last"):
+        bench.Case("BatchNorm1d", (8,), (4, 8), "channels_last")
+    with pytest.raises(ValueError, match="mode"):
+        bench.Case("BatchNorm1d", (8,), (4, 8), mode="backward")
+    with pytest.raises(ValueError, match="peer"):
+        bench.run_cases([SMALL_BN], implementations=bench.IMPLEMENTATIONS[:1])

@@ -135,3 +135,71 @@ def test_case_validation():
         bench.Case("BatchNorm1d", (8,), (4, 8), mode="backward")
     with pytest.raises(ValueError, match="peer"):
         bench.run_cases([SMALL_BN], implementations=bench.IMPLEMENTATIONS[:1])
+
+
+def test_bandwidth_columns():
+    (rec,) = bench.run_cases([SMALL_BN], repeats=1, warmup=0)
+    size = 4 * 2 * 4 * 3 * 3  # float32 bytes of the input
+    assert rec["bytes"] == bench.moved_bytes(SMALL_BN) == 5 * size  # fwd: x, y; bwd: x, dy, dx
+    assert rec["copy_ms"] > 0 and rec["copy_gbps"] == pytest.approx(2 * size / rec["copy_ms"] / 1e6)
+    for name in ("normlab", "torch"):
+        assert rec[f"{name}_gbps"] == pytest.approx(rec["bytes"] / rec[f"{name}_ms"] / 1e6)
+        assert rec[f"{name}_pct_copy"] == pytest.approx(100 * rec[f"{name}_gbps"] / rec["copy_gbps"])
+    table = bench.format_table([rec])
+    for column in ("normlab GB/s", "copy GB/s", "normlab %copy", "torch %copy"):
+        assert column in table
+
+
+def test_a_peer_that_fails_is_reported_not_fatal():
+    def no_compiler(module):
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    broken = bench.Implementation("compile", torch.nn, wrap=no_compiler)
+    impls = [*bench.IMPLEMENTATIONS, broken]
+    (rec,) = bench.run_cases([SMALL_BN], repeats=1, warmup=0, implementations=impls)
+    assert rec["status"] == "ok" and rec["normlab_ms"] > 0 and rec["ratio"] > 0
+    assert rec["compile_ms"] is None and rec["ratio_compile"] is None
+    assert rec["compile_error"] == "RuntimeError: no C++ compiler found"
+    table = bench.format_table([rec], impls)
+    assert "failed" in table and "compile failed: RuntimeError: no C++ compiler found" in table
+
+
+@pytest.mark.slow
+def test_compile_peer_is_timed_or_says_why():
+    case = bench.Case("BatchNorm2d", (4,), (2, 4, 3, 3), mode="eval")
+    (rec,) = bench.run_cases([case], repeats=1, warmup=0, implementations=[*bench.IMPLEMENTATIONS, bench.COMPILE])
+    assert rec["status"] == "ok"
+    assert (rec["compile_ms"] or 0) > 0 or rec["compile_error"]
+
+
+def test_train_step_record():
+    rec = bench.train_step(batch=8, repeats=1, warmup=0, threads=1)
+    assert rec["op"] == "small_cnn" and rec["mode"] == "train_step" and rec["shape"] == [8, 1, 28, 28]
+    assert rec["normlab_ms"] > 0 and rec["torch_ms"] > 0 and rec["threads"] == 1
+    assert rec["ratio"] == pytest.approx(rec["torch_ms"] / rec["normlab_ms"])
+    line = bench.format_step(rec)
+    assert "small_cnn" in line and "torch/normlab" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_says_so(capsys):
+    code, out, err = run_cli(capsys, "--quick", "--device", "cuda")
+    assert code == 2 and out == "" and "CUDA" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize(
+    "argv, compiled, cnn",
+    [
+        ([], True, True),
+        (["--quick"], False, False),
+        (["--filter", "LayerNorm"], True, False),
+        (["--no-compile", "--no-cnn"], False, False),
+        (["--quick", "--compile", "--cnn"], True, True),
+    ],
+)
+def test_compile_peer_and_cnn_step_defaults(argv, compiled, cnn):
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    implementations, with_cnn = bench.peers(parser.parse_args(argv))
+    assert (bench.COMPILE in implementations) == compiled and with_cnn == cnn
+    assert implementations[:2] == bench.IMPLEMENTATIONS

@@ -13,6 +13,17 @@ is reported as ``MISMATCH`` and is not timed: a benchmark must not report speed 
 The first implementation is the subject (normlab). For each peer the ratio ``peer_ms / normlab_ms`` is
 reported, so a ratio above 1 means normlab is faster. Adding a peer is adding an
 :class:`Implementation` to :data:`IMPLEMENTATIONS`; adding a table column is adding a :class:`Column`.
+:data:`COMPILE` is the ``torch.compile`` peer: the torch.nn layer compiled once per case, its compile time
+spent in the untimed checked call; where compiling fails the record says why and the case goes on
+without it.
+
+Memory bandwidth: each case also times ``y.copy_(x)`` on a tensor of the input's size, interleaved with
+the implementations; a copy moves 2 × the input's bytes. An implementation's GB/s counts the bytes a
+normalization must move (forward: read x, write y; forward+backward adds read x and dy, write dx: 5 ×
+the input's bytes), and its "% copy" is that rate over the copy's.
+
+:func:`train_step` times one SGD step of :func:`normlab.demo.small_cnn` built from normlab's layers and
+from torch.nn's: the end-to-end number.
 
 From Python::
 
@@ -41,6 +52,7 @@ from tqdm import tqdm
 import normlab.nn
 
 __all__ = [
+    "COMPILE",
     "Case",
     "Column",
     "Implementation",
@@ -52,11 +64,14 @@ __all__ = [
     "default_cases",
     "format_table",
     "header",
+    "moved_bytes",
     "quick_cases",
+    "peers",
     "ratio_key",
     "run",
     "run_cases",
     "select",
+    "train_step",
 ]
 
 RTOL = 1e-3
@@ -67,6 +82,7 @@ ATOL = 1e-5
 
 DEFAULT_REPEATS = 5
 DEFAULT_WARMUP = 1
+DEFAULT_STEP_REPEATS = 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +172,16 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("torch", torch.nn),
 )
 """The subject first, then the reference that answers are checked against, then further peers."""
+
+
+def _compiled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    # Every case compiles afresh: no graph of an earlier case, no recompilation limit reached.
+    torch._dynamo.reset()
+    return torch.compile(module)
+
+
+COMPILE = Implementation("compile", torch.nn, wrap=_compiled)
+"""The torch.compile peer (``normlab bench`` adds it unless ``--no-compile``; ``--quick`` leaves it out)."""
 
 
 def _suite(
@@ -263,6 +289,36 @@ class _Trial:
         return out
 
 
+class _CopyTrial:
+    """``y.copy_(x)`` into a tensor made once: the memory bandwidth the normalizations are measured against."""
+
+    name = "copy"
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.detach()
+        self.y = torch.empty_like(self.x)
+
+    def reset(self) -> None:
+        pass
+
+    def step(self) -> torch.Tensor:
+        return self.y.copy_(self.x)
+
+
+def moved_bytes(case: Case) -> int:
+    """Bytes a normalization must move: forward reads x and writes y; backward reads x and dy, writes dx."""
+    return _input_bytes(case) * (5 if MODES[case.mode].backward else 2)
+
+
+def _input_bytes(case: Case) -> int:
+    return math.prod(case.shape) * 4  # float32
+
+
+def _failure(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
 def _max_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
     """The worst disagreement as a multiple of the tolerance (≤ 1 agrees), and the tensor it is in."""
     worst, where = 0.0, ""
@@ -315,7 +371,16 @@ def _run_case(
     x = (2.0 * torch.randn(case.shape, generator=gen) + 0.5).to(device).contiguous(memory_format=fmt)
     grad_out = torch.randn(case.shape, generator=gen).to(device).contiguous(memory_format=fmt)
     state = _random_state(case.make(torch.nn), gen)
-    trials = [_Trial(impl, case, state, x, grad_out) for impl in implementations]
+    trials, answers, failed = [], [], {}
+    for i, impl in enumerate(implementations):
+        try:
+            trial = _Trial(impl, case, state, x, grad_out)
+            answers.append(trial.outputs())
+            trials.append(trial)
+        except Exception as exc:  # a peer that cannot run (e.g. torch.compile without a compiler)
+            if i < 2:
+                raise
+            failed[impl.name] = _failure(exc)
     record: dict[str, Any] = {
         "op": case.layer,
         "module": case.module,
@@ -327,7 +392,6 @@ def _run_case(
         "warmup": warmup,
     }
 
-    answers = [t.outputs() for t in trials]
     errors = [_max_error(a, answers[1]) for a in answers]
     del answers
     err, where = max(errors)
@@ -335,13 +399,23 @@ def _run_case(
     record.update(status="MISMATCH" if bad else "ok", max_err=err, mismatch=bad, mismatch_in=where if bad else None)
 
     torch.set_num_threads(threads)
-    medians = {} if bad else _time_case(trials, warmup, repeats, device)
+    medians = {} if bad else _time_case([*trials, _CopyTrial(x)], warmup, repeats, device)
     record["threads"] = torch.get_num_threads()
     subject = medians.get(trials[0].name)
-    for t in trials:
-        record[f"{t.name}_ms"] = medians.get(t.name)
-    for t in trials[1:]:
-        record[ratio_key(t.name, implementations)] = None if bad else medians[t.name] / subject
+    moved = moved_bytes(case)
+    copy_ms = medians.get("copy")
+    copy_gbps = None if copy_ms is None else 2 * _input_bytes(case) / copy_ms / 1e6
+    record.update(bytes=moved, copy_ms=copy_ms, copy_gbps=copy_gbps)
+    for impl in implementations:
+        ms = medians.get(impl.name)
+        record[f"{impl.name}_ms"] = ms
+        record[f"{impl.name}_gbps"] = None if ms is None else moved / ms / 1e6
+        record[f"{impl.name}_pct_copy"] = None if ms is None else 100 * record[f"{impl.name}_gbps"] / copy_gbps
+        if impl.name in failed:
+            record[f"{impl.name}_error"] = failed[impl.name]
+    for impl in implementations[1:]:
+        ms = medians.get(impl.name)
+        record[ratio_key(impl.name, implementations)] = None if bad or ms is None else ms / subject
     return record
 
 
@@ -390,6 +464,71 @@ def run_cases(
     return records
 
 
+class _StepTrial:
+    """One SGD step of a model on a fixed batch: forward, cross-entropy, backward, update."""
+
+    def __init__(self, name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+        self.name, self.model, self.x, self.target = name, model, x, target
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def reset(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(self.model(self.x), self.target)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+def train_step(
+    batch: int = 64,
+    repeats: int = DEFAULT_STEP_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Time one SGD training step of :func:`normlab.demo.small_cnn` built from ``normlab.nn`` and from
+    ``torch.nn`` (same initial weights, same batch of ``batch`` 1x28x28 images), interleaved.
+
+    Returns a record with ``op`` ``"small_cnn"``, ``mode`` ``"train_step"``, ``normlab_ms`` and ``torch_ms``
+    (medians) and ``ratio`` (torch ms / normlab ms), besides the fields a case record has.
+    """
+    from normlab.demo import small_cnn
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28, generator=gen).to(device)
+    target = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    torch.manual_seed(seed)
+    ours = small_cnn(normlab.nn).to(device)
+    theirs = small_cnn(torch.nn).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    trials = [_StepTrial("normlab", ours, x, target), _StepTrial("torch", theirs, x, target)]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or previous)
+        medians = _time_case(trials, warmup, repeats, device)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "op": "small_cnn", "module": "small_cnn train step", "shape": [batch, 1, 28, 28], "layout": "contiguous",
+        "mode": "train_step", "device": device.type, "repeats": repeats, "warmup": warmup, "threads": used,
+        "status": "ok", "normlab_ms": medians["normlab"], "torch_ms": medians["torch"],
+        "ratio": medians["torch"] / medians["normlab"],
+    }
+
+
+def format_step(record: dict[str, Any]) -> str:
+    """The end-to-end line printed under the table."""
+    batch = record["shape"][0]
+    return (f"End to end, one SGD step of normlab.demo.small_cnn (batch {batch} of 1x28x28, median of "
+            f"{record['repeats']}): normlab {record['normlab_ms']:.2f} ms, torch.nn {record['torch_ms']:.2f} ms, "
+            f"torch/normlab {record['ratio']:.2f}x")
+
+
 @dataclasses.dataclass(frozen=True)
 class Column:
     """A table column: its header, how to render a record, and whether it is right-aligned."""
@@ -400,20 +539,30 @@ class Column:
 
 
 def _ms(name: str) -> Callable[[dict[str, Any]], str]:
-    return lambda r: "-" if r.get(f"{name}_ms") is None else f"{r[f'{name}_ms']:.3f}"
+    def render(r: dict[str, Any]) -> str:
+        if r.get(f"{name}_error"):
+            return "failed"
+        return "-" if r.get(f"{name}_ms") is None else f"{r[f'{name}_ms']:.3f}"
+
+    return render
+
+
+def _number(key: str, fmt: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: "-" if r.get(key) is None else format(r[key], fmt)
 
 
 def _ratio(key: str) -> Callable[[dict[str, Any]], str]:
     def render(r: dict[str, Any]) -> str:
         if r["status"] != "ok":
             return f"!! MISMATCH ({', '.join(r['mismatch'])}: {r['mismatch_in']}, err {r['max_err']:.3g}x tol)"
-        return f"{r[key]:.2f}x"
+        return "-" if r.get(key) is None else f"{r[key]:.2f}x"
 
     return render
 
 
 def columns(implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> list[Column]:
-    """The table's columns: the case, each implementation's median ms, then each peer's ratio."""
+    """The table's columns: the case, each implementation's median ms, the subject's GB/s, the copy's
+    GB/s, each implementation's % of it, then each peer's ratio."""
     subject = implementations[0].name
     return [
         Column("module", lambda r: r["module"], right=False),
@@ -421,6 +570,9 @@ def columns(implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> list
         Column("layout", lambda r: r["layout"], right=False),
         Column("mode", lambda r: MODES[r["mode"]].label, right=False),
         *(Column(f"{impl.name} ms", _ms(impl.name)) for impl in implementations),
+        Column(f"{subject} GB/s", _number(f"{subject}_gbps", ".1f")),
+        Column("copy GB/s", _number("copy_gbps", ".1f")),
+        *(Column(f"{impl.name} %copy", _number(f"{impl.name}_pct_copy", ".0f")) for impl in implementations),
         *(
             Column(f"{impl.name}/{subject}", _ratio(ratio_key(impl.name, implementations)), right=False)
             for impl in implementations[1:]
@@ -441,6 +593,8 @@ def header(records: Sequence[dict[str, Any]], implementations: Sequence[Implemen
         f"{ref}/{subject} = {ref} ms / {subject} ms (\"ratio\" in --json): > 1 means {subject} is faster, "
         f"< 1 means {ref} is faster.",
         f"Answers are checked against {ref} first; a case that disagrees reads MISMATCH and is not timed.",
+        "GB/s: bytes a normalization must move (fwd: read x, write y; fwd+bwd: also read x and dy, write dx) "
+        "per second; %copy: that over the GB/s of y.copy_(x) (2 x the input's bytes), timed in the same run.",
     ])
 
 
@@ -458,7 +612,9 @@ def format_table(
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([header(records, implementations), "", line(cells[0]), rule, *map(line, cells[1:])])
+    failures = sorted({f"{i.name} failed: {r[f'{i.name}_error']}" for r in records for i in implementations
+                       if r.get(f"{i.name}_error")})
+    return "\n".join([header(records, implementations), "", line(cells[0]), rule, *map(line, cells[1:]), *failures])
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -497,7 +653,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the raw records as a JSON list instead of the table")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the tensors live (default cpu); cuda needs a GPU build of torch and a GPU")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the torch.compile peer, compiled once per case, compile time not timed "
+                             "(default: on, off with --quick)")
+    parser.add_argument("--cnn", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time a training step of normlab.demo.small_cnn, normlab vs torch.nn layers "
+                             "(default: on, off with --quick or --filter)")
     parser.set_defaults(func=run)
+
+
+def peers(args: argparse.Namespace) -> tuple[tuple[Implementation, ...], bool]:
+    """The implementations to time and whether to time the CNN training step, from the options:
+    torch.compile and the CNN are on by default and off with ``--quick`` (the CNN also with ``--filter``)."""
+    compiled = args.compile if args.compile is not None else not args.quick
+    cnn = args.cnn if args.cnn is not None else not (args.quick or args.filter)
+    return ((*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS), cnn
 
 
 def run(args: argparse.Namespace) -> int:
@@ -509,14 +681,25 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(c.key for c in cases))
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"normlab bench: --device cuda, but torch {torch.__version__} sees no CUDA device here "
+              f"(torch.cuda.is_available() is False). Run it on a machine with a GPU and a CUDA build of "
+              f"torch, or use --device cpu.", file=sys.stderr)
+        return 2
     repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
     warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    implementations, cnn = peers(args)
     start = time.perf_counter()
-    records = run_cases(cases, repeats=repeats, warmup=warmup, threads=args.threads, progress=True)
+    records = run_cases(cases, repeats=repeats, warmup=warmup, implementations=implementations,
+                        threads=args.threads, device=args.device, progress=True)
+    step = train_step(threads=args.threads, device=args.device,
+                      repeats=max(repeats, 1 if args.quick else DEFAULT_STEP_REPEATS)) if cnn else None
     if args.json:
-        print(json.dumps(records, indent=1))
+        print(json.dumps(records + ([step] if step else []), indent=1))
     else:
-        print(format_table(records))
+        print(format_table(records, implementations))
+        if step:
+            print("\n" + format_step(step))
         print(f"\n{len(records)} cases in {time.perf_counter() - start:.1f} s")
     mismatches = sum(r["status"] != "ok" for r in records)
     if mismatches:

@@ -2,8 +2,8 @@
 
 Each function validates its arguments, builds a :class:`~normlab.core.plan.Plan` (which axes are reduced,
 which carry γ and β) and runs the shared engine :class:`~normlab.core.engine.Normalize` (through
-:func:`~normlab.core.engine.run`), whose backward is the closed-form gradient. Running statistics, where given, are updated in place only after the
-computation has succeeded.
+:func:`~normlab.core.engine.run`), whose backward is the closed-form gradient. Running statistics, where
+given, are updated in place only after the computation has succeeded.
 
 >>> import torch, normlab.functional as F
 >>> x = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])

@@ -43,6 +43,7 @@ _PARALLEL = dict(parallel=True, **_FLAGS)
 # their order, or ((x − shift) − mean_shifted) · a could become x · a − (shift + mean_shifted) · a and
 # lose the shifted precision. Fast-math flags stay on the instructions they were compiled with, so the
 # summing helpers are separate functions with their own flags rather than inlined into the kernels.
+# (The column sums of the row-major layouts vectorize across columns and need no reassociation.)
 # NaN and inf keep their IEEE behaviour everywhere.
 _SUM_FLAGS = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
@@ -401,8 +402,9 @@ def bn_rows_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd,
     """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
 
     Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
-    one block of rows per thread, each row adding into C contiguous accumulators), combines them per
-    channel, then reads ``x`` again and writes ``y``; evaluation reads once and writes once. The second
+    one block of rows per thread, every eight rows adding into C contiguous accumulators, see
+    :func:`_column_sums`), combines them per channel, then reads ``x`` again and writes ``y``;
+    evaluation reads once and writes once. The second
     read comes from cache only when the tensor fits in it: no value can be normalized before the
     statistics, which need every row, are complete.
     """

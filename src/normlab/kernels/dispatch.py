@@ -22,11 +22,14 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
   forward: 188 µs against 2363 µs).
 * Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
   are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the single pass — BatchNorm2d train forward 4.4–5.4x, forward+backward
-  3.4–3.6x, eval 3.6–4.1x, channels_last 2–5x, LayerNorm (64, 196, 768) 3–5x. ATen is faster on small
-  and mid-sized tensors that stay in cache, where normlab's Python per call (50–100 µs against ATen's
-  5–20 µs) and ATen's tight C++ loops tell: 7x7 maps in eval (0.6x) and channels_last (0.6–0.8x),
-  BatchNorm1d (4096, 1024) (0.75x eval, about 1x training), LayerNorm (4096, 1024) (0.8–0.9x).
+  pages matters as much as the single pass (three ``normlab bench`` runs): BatchNorm2d NCHW train
+  forward 4.0–5.2x, forward+backward 3.1–3.8x, eval 3.0–4.7x; channels_last 2.0–5.6x; LayerNorm
+  (64, 196, 768) forward+backward 2.6–3.2x; GroupNorm (32, 256, 28, 28) 1.1–1.9x. ATen is faster on
+  small and mid-sized tensors that stay in cache, where normlab's Python per call (50–150 µs against
+  ATen's 5–20 µs) and ATen's tight C++ loops tell: (32, 512, 7, 7) in eval (0.4–0.5x) and
+  channels_last (0.5–0.7x), BatchNorm1d (4096, 1024) in eval (0.65–0.75x), LayerNorm (4096, 1024)
+  (0.8–1.0x); mid-sized training cases swing between 0.8x and 2x from run to run (ATen's time more
+  than the kernels').
   These cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
   with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32 normalizes with errors of 0.04 for
   BatchNorm, 0.10 for LayerNorm, 0.16 for GroupNorm and 4.6e4 — E[x²] − E[x]² — for channels_last

@@ -118,33 +118,43 @@ section{border-top:2px solid #d0d7de;margin-top:2em;padding-top:.5em}
 """
 
 
-def write_report(out: Path, experiments: list[Experiment], seconds: float | None = None) -> tuple[Path, Path]:
+def _badge(verdict: str) -> str:
+    color = VERDICT_COLORS.get(verdict, "#57606a")
+    return f"<span class='verdict' style='background:{color}'>{html.escape(verdict)}</span>"
+
+
+def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
     """Render every experiment that has a results JSON under ``out`` into ``out/report.html`` (self-contained)
     and ``out/report.md`` (with the PNGs beside it)."""
     out = Path(out)
     entries = []
+    run_seconds: dict[str, float] = {}
     for exp in experiments:
         path = experiment_path(out, exp.name)
         if not path.is_file():
             continue
         summary = read_json(path)
         runs = load_runs(out, summary)
+        run_seconds.update((run["hash"], run["seconds"]) for run in runs.values())
         pngs = [render_figure(fig, runs, out / f"{fig.name}.png") for fig in exp.figures]
         entries.append((summary, pngs))
     if not entries:
         raise FileNotFoundError(f"no experiment results under {out / 'results'}; run `normlab lab run --out {out}` first")
-    total = seconds if seconds is not None else sum(s["seconds"] for s, _ in entries)
+    total = sum(run_seconds.values())  # a run shared by several experiments counts once
     first = entries[0][0]
     meta = (f"suite {first['suite']}, images {first['images']}, seed {first['seed']}, device {first['device']}; "
-            f"{len(entries)} experiment(s); {total:.0f} s of compute")
+            f"{len(entries)} experiment(s); {len(run_seconds)} training runs, {total:.0f} s of training")
 
     md = ["# normlab lab report", "", meta, "", "| experiment | verdict |", "| --- | --- |"]
     md += [f"| [{s['name']}](#{s['name']}) | **{s['verdict']}** |" for s, _ in entries]
+    overview = "".join(
+        f"<tr><td><a href='#{html.escape(s['name'])}'>{html.escape(s['name'])}</a></td>"
+        f"<td>{html.escape(s['title'])}</td><td>{_badge(s['verdict'])}</td></tr>" for s, _ in entries)
     body = [f"<h1>normlab lab report</h1><p class='meta'>{html.escape(meta)}</p>",
-            _table_html(["experiment", "verdict"], [[s["name"], s["verdict"]] for s, _ in entries])]
+            "<table><thead><tr><th>experiment</th><th>what</th><th>verdict</th></tr></thead>"
+            f"<tbody>{overview}</tbody></table>"]
     for summary, pngs in entries:
         num_head, num_rows, chk_head, chk_rows = _sections(summary)
-        color = VERDICT_COLORS.get(summary["verdict"], "#57606a")
         md += ["", f"## {summary['name']}", "", f"**{summary['title']}** — {summary['paper']}", "",
                f"**Verdict: {summary['verdict']}.** {verdict_reason(summary)}", "", f"**Claim.** {summary['claim']}", "",
                f"**Our protocol.** {summary['protocol']}", "", f"**Criterion.** {summary['criterion']}", "",
@@ -156,7 +166,7 @@ def write_report(out: Path, experiments: list[Experiment], seconds: float | None
         body.append(
             f"<section id='{html.escape(summary['name'])}'><h2>{html.escape(summary['name'])}: "
             f"{html.escape(summary['title'])}</h2><p class='meta'>{html.escape(summary['paper'])}</p>"
-            f"<p><span class='verdict' style='background:{color}'>{html.escape(summary['verdict'])}</span> "
+            f"<p>{_badge(summary['verdict'])} "
             f"{html.escape(verdict_reason(summary))}</p>"
             f"<p><b>Claim.</b> {html.escape(summary['claim'])}</p>"
             f"<p><b>Our protocol.</b> {html.escape(summary['protocol'])}</p>"

@@ -174,3 +174,13 @@ def test_model_trains_identically_to_torch():
     ours.eval(), theirs.eval()
     x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-10)
+
+
+def test_empty_batch_is_not_counted():
+    bn = nl.BatchNorm2d(3, momentum=None)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = bn(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert bn.num_batches_tracked.item() == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))

@@ -84,7 +84,9 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     ``running = (1 - momentum) * running + momentum * batch_stat`` with the *unbiased* variance; with
     ``momentum=None`` they are the cumulative average over ``num_batches_tracked`` batches. In eval mode
     the running estimates are used (unless ``track_running_stats=False``, in which case batch statistics
-    are always used). γ (``weight``) starts at 1 and β (``bias``) at 0.
+    are always used). γ (``weight``) starts at 1 and β (``bias``) at 0. An empty batch (N = 0) gives an
+    empty output and leaves the running estimates and ``num_batches_tracked`` unchanged (torch.nn counts
+    it as a batch, which skews the cumulative average of ``momentum=None``).
 
     Args:
         num_features: C, the number of channels.

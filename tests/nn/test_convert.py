@@ -45,3 +45,12 @@ def test_convert_a_bare_layer_and_reject_unknown_target():
     assert type(layer) is nl.BatchNorm3d
     with pytest.raises(ValueError, match="'normlab' or 'torch'"):
         nl.convert(layer, to="jax")
+
+
+def test_convert_keeps_hooks():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    calls = []
+    model[0].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    converted = nl.convert(model)
+    converted(torch.randn(4, 3))
+    assert calls == ["BatchNorm1d"] and type(converted[0]) is nl.BatchNorm1d

@@ -184,3 +184,14 @@ def test_empty_batch_is_not_counted():
     y.sum().backward()
     assert bn.num_batches_tracked.item() == 0
     assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+
+
+def test_eval_backward_survives_a_later_running_statistics_update():
+    """The graph of an eval-mode call must not hold views of the buffers a later training call updates."""
+    bn = nl.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = bn(x)
+    bn.train()
+    bn(torch.randn(2, 3, 4, 4))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x) / torch.sqrt(torch.tensor(1.0 + 1e-5)))

@@ -132,3 +132,10 @@ def test_single_value_error_explains_why_and_what_to_do():
     for phrase in ("variance is 0", "model.eval()", "larger batch", "GroupNorm"):
         assert phrase in message
     nl.BatchNorm1d(5).eval()(torch.randn(1, 5))  # eval mode is fine with one sample
+
+
+def test_expanded_running_statistics_are_refused_before_any_update():
+    rm, rv = torch.zeros(3), torch.ones(1).expand(3)
+    with pytest.raises(ValueError, match="running_var is an expanded view"):
+        F.batch_norm(torch.randn(4, 3), rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(3))

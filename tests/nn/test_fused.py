@@ -86,3 +86,16 @@ def test_fused_backward_only_where_the_backend_fuses(backend):
     y = nl.BatchNormReLU2d(3)(torch.randn(4, 3, 2, 2, requires_grad=True))
     expected = {"numba": "NormalizeReLUBackward", "torch": "ReluBackward0"}[backend]
     assert type(y.grad_fn).__name__ == expected
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (8, 5, 32, 32)])
+def test_residual_gradient_when_the_input_needs_none(shape):
+    """A frozen trunk: x needs no gradient, the residual and the affine parameters do."""
+    ours, theirs = _layers(True, torch.float32)
+    x = torch.randn(shape)
+    ra, rb = (torch.randn(shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True) for _ in range(2))
+    dy = torch.randn(shape)
+    ours(x, ra).backward(dy)
+    torch.relu(theirs(x) + rb).backward(dy)
+    torch.testing.assert_close(ra.grad, rb.grad, **TOL[torch.float32])
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)

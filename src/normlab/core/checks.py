@@ -95,6 +95,12 @@ def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels:
         )
     check_param(mean, (channels,), op, "running_mean")
     check_param(var, (channels,), op, "running_var")
+    for name, t in (("running_mean", mean), ("running_var", var)):
+        if t is not None and t.numel() > 1 and 0 in t.stride():
+            raise ValueError(
+                f"{op}: {name} is an expanded view (a stride of 0), so its entries share memory and cannot "
+                f"be updated in place. Pass a tensor of its own, e.g. {name}.clone()."
+            )
 
 
 def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str) -> None:

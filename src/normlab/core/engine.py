@@ -182,7 +182,7 @@ def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float
     if fixed_mean is None:
         shift, mean_shifted, var = moments(xv, plan)
     else:
-        shift = fixed_mean.to(acc).reshape(plan.param_view)
+        shift = fixed_mean.to(acc, copy=True).reshape(plan.param_view)  # saved for backward: not a view of a buffer
         mean_shifted = None
         var = fixed_var.to(acc).reshape(plan.param_view)
     rstd = torch.rsqrt(var + eps)

@@ -55,8 +55,13 @@ class NormalizeReLU(torch.autograd.Function):
                                         ctx.eps)
             dx = None if dx is None else dx.reshape(x.shape).to(x.dtype)
         else:
+            # The kernels write the residual's gradient in the same pass as dx, so dx is computed whenever
+            # either is wanted and dropped afterwards if x itself needs none.
+            need_res = ctx.has_residual and ctx.needs_input_grad[1]
             dx, dw, db, dres = ctx.backend.backward(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats,
-                                                    need, y=y, residual=ctx.has_residual)
+                                                    (need[0] or need_res, need[1], need[2]), y=y,
+                                                    residual=ctx.has_residual)
+            dx = dx if need[0] else None
             if dres is not None:
                 dres = dres.to(x.dtype)
         if dw is not None:

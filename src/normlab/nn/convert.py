@@ -50,13 +50,17 @@ def _swap(m: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new._parameters = dict(m._parameters)
     new._buffers = dict(m._buffers)
     new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    # Hooks registered on the old layer (forward, backward, state_dict, ...) keep working.
+    for name, value in vars(m).items():
+        if name.startswith("_") and "hooks" in name and isinstance(value, dict):
+            setattr(new, name, type(value)(value))
     new.train(m.training)
     return new
 
 
 def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
     """Replace every normalization layer of ``model`` by its normlab (or, with ``to="torch"``, its
-    torch.nn) counterpart, keeping parameters, running statistics, train/eval mode and configuration.
+    torch.nn) counterpart, keeping parameters, running statistics, hooks, train/eval mode and configuration.
 
     Layers are swapped in place inside ``model``; the (possibly new) root module is returned, so
     ``convert(nn.BatchNorm2d(3))`` works too. Parameters are shared, not copied: an optimizer created

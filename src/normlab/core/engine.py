@@ -72,8 +72,9 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Statistics over ``plan.reduce`` as ``(shift, mean_shifted, var)``, each of shape ``plan.stat_shape``.
+def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Statistics over ``plan.reduce`` as ``(shift, mean_shifted, var, xc)``: the first three of shape
+    ``plan.stat_shape``, and the centred data ``xc = x − μ`` they give, which the callers go on to use.
 
     The mean is μ = shift + mean_shifted, where ``shift`` is one sample of the data itself (the first
     value of each statistic) and ``mean_shifted = mean(x − shift)``; ``var`` is the *biased* variance.
@@ -83,13 +84,14 @@ def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, t
     """
     if xv.numel() == 0:  # an empty batch: statistics of nothing, never written to running averages
         zeros = xv.new_zeros(plan.stat_shape)
-        return zeros, zeros, zeros + 1
+        return zeros, zeros, zeros + 1, xv
     index = [slice(None)] * xv.dim()
     for d in plan.reduce:
         index[d] = slice(0, 1)
     shift = xv[tuple(index)].detach()
-    var, mean_shifted = torch.var_mean(xv - shift, dim=plan.reduce, correction=0, keepdim=True)
-    return shift, mean_shifted, var
+    shifted = xv - shift
+    var, mean_shifted = torch.var_mean(shifted, dim=plan.reduce, correction=0, keepdim=True)
+    return shift, mean_shifted, var, shifted - mean_shifted
 
 
 def centre(xv: torch.Tensor, shift: torch.Tensor, mean_shifted: torch.Tensor | None) -> torch.Tensor:
@@ -180,13 +182,14 @@ def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float
     acc = accumulation_dtype(x.dtype)
     xv = _as_view(x, plan)
     if fixed_mean is None:
-        shift, mean_shifted, var = moments(xv, plan)
+        shift, mean_shifted, var, xc = moments(xv, plan)
     else:
         shift = fixed_mean.to(acc, copy=True).reshape(plan.param_view)  # saved for backward: not a view of a buffer
         mean_shifted = None
         var = fixed_var.to(acc).reshape(plan.param_view)
+        xc = centre(xv, shift, None)
     rstd = torch.rsqrt(var + eps)
-    y = normalize(centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+    y = normalize(xc, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
     return y, shift, mean_shifted, var, rstd
 
 
@@ -201,10 +204,12 @@ def backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_s
     acc = accumulation_dtype(x.dtype)
     xv = _as_view(x, plan)
     if batch_stats and torch.is_grad_enabled():
-        shift, mean_shifted, var = moments(xv, plan)
+        _, _, var, xc = moments(xv, plan)
         rstd = torch.rsqrt(var + eps)
+    else:
+        xc = centre(xv, shift, mean_shifted)
     return normalize_backward(
-        _as_view(dy, plan), centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc), plan, batch_stats, need,
+        _as_view(dy, plan), xc, rstd, _param(weight, plan, acc), plan, batch_stats, need,
     )
 
 

@@ -129,6 +129,7 @@ def test_single_value_error_explains_why_and_what_to_do():
     with pytest.raises(ValueError) as info:
         nl.BatchNorm1d(5)(torch.randn(1, 5))
     message = str(info.value)
+    assert message.startswith("BatchNorm1d: ")
     for phrase in ("variance is 0", "model.eval()", "larger batch", "GroupNorm"):
         assert phrase in message
     nl.BatchNorm1d(5).eval()(torch.randn(1, 5))  # eval mode is fine with one sample

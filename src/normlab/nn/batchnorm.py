@@ -56,6 +56,9 @@ class _BatchNorm(_RunningStatsMixin):
         updating = self.training and self.track_running_stats
         factor = self._update_factor() if updating else 0.0
         use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats and input.numel() > 0:  # named after the layer rather than batch_norm
+            checks.check_enough_values(input.numel() // input.shape[1], name, tuple(input.shape),
+                                       checks.BN_SUGGESTION)
         keep_stats = not self.training or self.track_running_stats
         y = fn(
             input,

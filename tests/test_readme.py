@@ -1,0 +1,18 @@
+"""The README's 60-second example runs as printed, down to the error its last line documents."""
+
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_sixty_second_example_runs_as_documented():
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## In 60 seconds", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    with pytest.raises(ValueError, match=r"^BatchNorm1d: training needs more than 1 value per statistic"):
+        exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["F"].batch_norm(namespace["x"], None, None, training=True).flatten().tolist() == \
+        pytest.approx([-1.4142, -0.7071, 0.0, 0.7071, 1.4142], abs=1e-4)
+    assert type(namespace["model"][1]).__module__ == "normlab.nn.batchnorm"

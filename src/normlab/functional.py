@@ -47,6 +47,8 @@ def _run(
     ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``.
     """
     checks.check_eps(eps, op)
+    if residual is not None:
+        checks.check_floating(residual, op, "residual")
     checks.check_param(weight, plan.param_shape, op, "weight")
     checks.check_param(bias, plan.param_shape, op, "bias")
     if plan.channels is not None:
@@ -105,13 +107,12 @@ def batch_norm_relu(
     values are normalized, and the backward is one closed-form pass with the ReLU's mask; elsewhere the
     three operations are composed. Either way the result and gradients are those of the composition.
     """
-    if residual is not None:
-        checks.check_floating(residual, "batch_norm_relu", "residual")
     return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias, training, momentum,
                        eps, relu=True, residual=residual)
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):
+    """:func:`batch_norm` (or, with ``relu=True``, :func:`batch_norm_relu`) whose errors name ``op``."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     use_batch_stats = training or (running_mean is None and running_var is None)

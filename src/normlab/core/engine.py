@@ -236,6 +236,15 @@ def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
     return _forward(x, weight, bias, fixed_mean, fixed_var, plan, eps)[:3]
 
 
+def finish_param_grads(dw, db, weight, plan: Plan, bias_dtype):
+    """dγ and dβ from a backend's flat accumulation-dtype sums to the parameters' shapes and dtypes."""
+    if dw is not None:
+        dw = dw.reshape(weight.shape).to(weight.dtype)
+    if db is not None:
+        db = db.reshape(plan.param_shape).to(bias_dtype)
+    return dw, db
+
+
 class Normalize(torch.autograd.Function):
     """``y, μ, σ² = Normalize.apply(x, γ, β, fixed_mean, fixed_var, plan, eps)``.
 
@@ -274,8 +283,5 @@ class Normalize(torch.autograd.Function):
             dx, dw, db = backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need, ctx.eps)
         if dx is not None:
             dx = _like_input(dx, x)
-        if dw is not None:
-            dw = dw.reshape(weight.shape).to(weight.dtype)
-        if db is not None:
-            db = db.reshape(plan.param_shape).to(ctx.bias_dtype)
+        dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
         return dx, dw, db, None, None, None, None

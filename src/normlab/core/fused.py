@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from normlab.core.engine import backward_torch, records_grad, run
+from normlab.core.engine import backward_torch, finish_param_grads, records_grad, run
 from normlab.core.plan import Plan
 from normlab.kernels.dispatch import select as select_backend
 
@@ -64,10 +64,7 @@ class NormalizeReLU(torch.autograd.Function):
             dx = dx if need[0] else None
             if dres is not None:
                 dres = dres.to(x.dtype)
-        if dw is not None:
-            dw = dw.reshape(weight.shape).to(weight.dtype)
-        if db is not None:
-            db = db.reshape(plan.param_shape).to(ctx.bias_dtype)
+        dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
         dres = dres if ctx.has_residual and ctx.needs_input_grad[1] else None
         return dx, dres, dw, db, None, None, None, None, None
 

@@ -43,11 +43,12 @@ class _BatchNorm(_RunningStatsMixin):
             self.num_batches_tracked.add_(1)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._normalize(input, F.batch_norm)
+        return self._normalize(input)
 
-    def _normalize(self, input: torch.Tensor, fn, **extra) -> torch.Tensor:
-        """Check ``input``, run ``fn`` (:func:`~normlab.functional.batch_norm` or a function with its
-        signature) with this layer's state and mode, and count the batch."""
+    def _normalize(self, input: torch.Tensor, **epilogue) -> torch.Tensor:
+        """Check ``input``, normalize it with this layer's state and mode (``epilogue``: ``relu=True`` and
+        an optional ``residual``, as in :func:`~normlab.functional.batch_norm_relu`), count the batch.
+        Errors name the layer."""
         name = type(self).__name__
         self._check_config()
         checks.check_floating(input, name)
@@ -56,11 +57,9 @@ class _BatchNorm(_RunningStatsMixin):
         updating = self.training and self.track_running_stats
         factor = self._update_factor() if updating else 0.0
         use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats and input.numel() > 0:  # named after the layer rather than batch_norm
-            checks.check_enough_values(input.numel() // input.shape[1], name, tuple(input.shape),
-                                       checks.BN_SUGGESTION)
         keep_stats = not self.training or self.track_running_stats
-        y = fn(
+        y = F._batch_norm(
+            name,
             input,
             self.running_mean if keep_stats else None,
             self.running_var if keep_stats else None,
@@ -69,7 +68,7 @@ class _BatchNorm(_RunningStatsMixin):
             use_batch_stats,
             factor,
             self.eps,
-            **extra,
+            **epilogue,
         )
         if updating:
             self._count_batch(input)

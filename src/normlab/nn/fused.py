@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from normlab import functional as F
 from normlab.nn.batchnorm import BatchNorm2d
 
 __all__ = ["BatchNormReLU2d", "BatchNormAddReLU2d"]
@@ -29,7 +28,7 @@ class BatchNormReLU2d(BatchNorm2d):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._normalize(input, F.batch_norm_relu)
+        return self._normalize(input, relu=True)
 
 
 class BatchNormAddReLU2d(BatchNorm2d):
@@ -46,4 +45,4 @@ class BatchNormAddReLU2d(BatchNorm2d):
     """
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self._normalize(input, F.batch_norm_relu, residual=residual)
+        return self._normalize(input, relu=True, residual=residual)

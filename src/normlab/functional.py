@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from normlab.core import checks
-from normlab.core.engine import run as normalize, update_running_stats
+from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
 
@@ -40,7 +40,8 @@ def _run(
     relu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Check, normalize through the engine, then update running statistics (if any).
+    """Check, then normalize through the engine, which updates the running statistics (if any) once the
+    batch's are computed.
 
     ``suggestion`` is the advice given when a statistic would be computed from a single value; ``None``
     allows that case (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns
@@ -66,13 +67,12 @@ def _run(
                 f"(evaluation mode). Pass them, or normalize with batch statistics (training=True)."
             )
         fixed_mean, fixed_var = running_mean, running_var
-    if relu:
-        y, mean, var = normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps))
-    else:
-        y, mean, var = normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps))
+    running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
-        update_running_stats(running_mean, running_var, mean, var, plan.count, float(momentum))
-    return y
+        running = (running_mean, running_var, float(momentum))
+    if relu:
+        return normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+    return normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
 
 
 def batch_norm(

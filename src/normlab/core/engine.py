@@ -46,8 +46,10 @@ __all__ = [
     "update_running_stats",
     "forward_torch",
     "backward_torch",
+    "compute_forward",
     "records_grad",
     "run",
+    "run_on",
     "Normalize",
 ]
 
@@ -177,7 +179,8 @@ def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float
 
     ``y`` is in the accumulation dtype and the view's shape; the statistics are in ``plan.stat_shape``
     (``plan.param_view`` for fixed statistics, where ``shift`` is the fixed mean and ``mean_shifted``
-    is ``None``). Every backend's ``forward`` returns the same five values.
+    is ``None``). Every backend's ``forward`` returns the same five values (``y`` in the input's shape,
+    dtype and memory format; the statistics may be flat, one value per statistic).
     """
     acc = accumulation_dtype(x.dtype)
     xv = _as_view(x, plan)
@@ -191,6 +194,14 @@ def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float
     rstd = torch.rsqrt(var + eps)
     y = normalize(xc, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
     return y, shift, mean_shifted, var, rstd
+
+
+def _stat_view(t: torch.Tensor | None, plan: Plan) -> torch.Tensor | None:
+    """A statistic saved flat by a backend (one value per statistic) in ``plan.stat_shape``; statistics
+    already shaped to broadcast are returned as they are."""
+    if t is None or t.dim() != 1 or len(plan.stat_shape) == 1:
+        return t
+    return t.reshape(plan.stat_shape)
 
 
 def backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool, need, eps: float):
@@ -207,19 +218,33 @@ def backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_s
         _, _, var, xc = moments(xv, plan)
         rstd = torch.rsqrt(var + eps)
     else:
+        shift, mean_shifted, rstd = (_stat_view(t, plan) for t in (shift, mean_shifted, rstd))
         xc = centre(xv, shift, mean_shifted)
     return normalize_backward(
         _as_view(dy, plan), xc, rstd, _param(weight, plan, acc), plan, batch_stats, need,
     )
 
 
-def _forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
-    """``(y, μ, σ², (shift, mean_shifted, rstd), backend)`` from the backend chosen for ``x``."""
-    backend = select_backend(x, plan, fixed_mean is None)
-    compute = forward_torch if backend is None else backend.forward
-    y, shift, mean_shifted, var, rstd = compute(x, weight, bias, fixed_mean, fixed_var, plan, eps)
-    mean = shift if mean_shifted is None else shift + mean_shifted
-    return _like_input(y, x), mean, var, (shift, mean_shifted, rstd), backend
+def compute_forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend, **epilogue):
+    """``(y, (shift, mean_shifted, rstd))`` computed by ``backend`` (``None``: :func:`forward_torch`), and
+    ``running = (running_mean, running_var, momentum)``, if given, updated with the batch's statistics:
+    by the backend in the same pass where it can (``backend.updates_running``), else afterwards by
+    :func:`update_running_stats`. ``epilogue`` (``relu=True``, ``residual=``) goes to a fusing backend."""
+    if backend is None:
+        y, shift, mean_shifted, var, rstd = forward_torch(x, weight, bias, fixed_mean, fixed_var, plan, eps)
+        y = _like_input(y, x)
+    else:
+        folded = running is not None and getattr(backend, "updates_running", None) is not None and (
+            backend.updates_running(x, plan, running[0], running[1])
+        )
+        if folded:
+            epilogue["running"] = running
+            running = None
+        y, shift, mean_shifted, var, rstd = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
+                                                            **epilogue)
+    if running is not None:
+        update_running_stats(running[0], running[1], shift + mean_shifted, var, plan.count, running[2])
+    return y, (shift, mean_shifted, rstd)
 
 
 def records_grad(*tensors: torch.Tensor | None) -> bool:
@@ -227,13 +252,23 @@ def records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
-    """``Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps)``; where autograd records
-    nothing (inference, ``torch.no_grad()``) the same forward without an autograd node, which would cost
-    more than the normalization of a small tensor."""
+def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
+    """Normalize ``x`` with ``plan`` on the backend :func:`normlab.kernels.select` picks; see :func:`run_on`."""
+    return run_on(select_backend(x, plan, fixed_mean is None), x, weight, bias, fixed_mean, fixed_var, plan, eps,
+                  running)
+
+
+def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
+    """``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
+    autograd records nothing (inference, ``torch.no_grad()``) the same forward without an autograd node,
+    which would cost more than the normalization of a small tensor.
+
+    ``running``: ``(running_mean, running_var, momentum)`` to update in place with the batch's statistics
+    (pass it only when the statistics come from a non-empty batch), or ``None``.
+    """
     if records_grad(x, weight, bias):
-        return Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps)
-    return _forward(x, weight, bias, fixed_mean, fixed_var, plan, eps)[:3]
+        return Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
+    return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)[0]
 
 
 def finish_param_grads(dw, db, weight, plan: Plan, bias_dtype):
@@ -246,15 +281,15 @@ def finish_param_grads(dw, db, weight, plan: Plan, bias_dtype):
 
 
 class Normalize(torch.autograd.Function):
-    """``y, μ, σ² = Normalize.apply(x, γ, β, fixed_mean, fixed_var, plan, eps)``.
+    """``y = Normalize.apply(x, γ, β, fixed_mean, fixed_var, plan, eps, running, backend)``.
 
     With ``fixed_mean``/``fixed_var`` set to ``None`` the statistics come from ``x`` (training); otherwise
-    those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. The statistics are
-    returned (non-differentiable) so that callers can update running averages.
+    those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. ``running`` (or
+    ``None``) is ``(running_mean, running_var, momentum)``, updated in place with the batch's statistics.
 
-    The work is done by the backend :func:`normlab.kernels.select` picks for the call (``None``: the
-    torch operations of :func:`forward_torch` and :func:`backward_torch`); every backend returns the
-    same statistics, so the backward may run on a different one than the forward.
+    The work is done by ``backend`` (from :func:`normlab.kernels.select`; ``None``: the torch
+    operations of :func:`forward_torch` and :func:`backward_torch`); every backend saves the same
+    statistics, so the backward may run on a different one than the forward.
 
     The backward is the closed form above. When a graph is requested for it (``create_graph=True``,
     e.g. for gradient penalties) it always runs :func:`backward_torch`, which recomputes the statistics
@@ -262,26 +297,26 @@ class Normalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
-        y, mean, var, (shift, mean_shifted, rstd), backend = _forward(x, weight, bias, fixed_mean, fixed_var, plan, eps)
+    def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
+        y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
+                                                  backend)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
         plan: Plan = ctx.plan
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if ctx.backend is not None and not torch.is_grad_enabled():
             dx, dw, db = ctx.backend.backward(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need)
         else:
             dx, dw, db = backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need, ctx.eps)
-        if dx is not None:
-            dx = _like_input(dx, x)
+            if dx is not None:
+                dx = _like_input(dx, x)
         dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None

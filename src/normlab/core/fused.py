@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from normlab.core.engine import backward_torch, finish_param_grads, records_grad, run
+from normlab.core.engine import backward_torch, compute_forward, finish_param_grads, records_grad, run_on
 from normlab.core.plan import Plan
 from normlab.kernels.dispatch import select as select_backend
 
@@ -22,8 +22,9 @@ __all__ = ["NormalizeReLU", "normalize_relu"]
 
 
 class NormalizeReLU(torch.autograd.Function):
-    """``y, μ, σ² = NormalizeReLU.apply(x, residual, γ, β, fixed_mean, fixed_var, plan, eps, backend)``
-    with ``y = relu(normalize(x) + residual)`` (``residual`` may be ``None``), computed by ``backend``.
+    """``y = NormalizeReLU.apply(x, residual, γ, β, fixed_mean, fixed_var, plan, eps, running, backend)``
+    with ``y = relu(normalize(x) + residual)`` (``residual`` may be ``None``), computed by ``backend``;
+    ``running`` as for :class:`~normlab.core.engine.Normalize`.
 
     The backward masks ``dy`` by ``y > 0``; the residual's gradient is that masked ``dy``. With a graph
     requested (``create_graph=True``) it runs :func:`~normlab.core.engine.backward_torch` on the masked
@@ -32,20 +33,17 @@ class NormalizeReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, backend):
-        y, shift, mean_shifted, var, rstd = backend.forward(
-            x, weight, bias, fixed_mean, fixed_var, plan, eps, residual=residual, relu=True
-        )
-        mean = shift if mean_shifted is None else shift + mean_shifted
+    def forward(ctx, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
+        y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
+                                                  backend, residual=residual, relu=True)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd, y)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, shift, mean_shifted, rstd, y = ctx.saved_tensors
         plan: Plan = ctx.plan
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
@@ -66,7 +64,7 @@ class NormalizeReLU(torch.autograd.Function):
                 dres = dres.to(x.dtype)
         dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
         dres = dres if ctx.has_residual and ctx.needs_input_grad[1] else None
-        return dx, dres, dw, db, None, None, None, None, None
+        return dx, dres, dw, db, None, None, None, None, None, None
 
 
 def _fusable(backend, x: torch.Tensor, residual: torch.Tensor | None, plan: Plan) -> bool:
@@ -77,15 +75,14 @@ def _fusable(backend, x: torch.Tensor, residual: torch.Tensor | None, plan: Plan
     )
 
 
-def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
-    """``(relu(y + residual), μ, σ²)`` where ``Normalize.apply`` would give ``(y, μ, σ²)``; fused when the
-    backend chosen for ``x`` can (see the module docstring)."""
+def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
+    """``relu(y + residual)`` where :func:`~normlab.core.engine.run` would give ``y``; fused when the
+    backend chosen for ``x`` can (see the module docstring). ``running`` as for ``run``."""
     backend = select_backend(x, plan, fixed_mean is None)
     if not _fusable(backend, x, residual, plan):
-        y, mean, var = run(x, weight, bias, fixed_mean, fixed_var, plan, eps)
-        return torch.relu(y if residual is None else y + residual), mean, var
+        y = run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
+        return torch.relu(y if residual is None else y + residual)
     if records_grad(x, residual, weight, bias):
-        return NormalizeReLU.apply(x, residual, weight, bias, fixed_mean, fixed_var, plan, eps, backend)
-    y, shift, mean_shifted, var, _ = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
-                                                     residual=residual, relu=True)
-    return y, shift if mean_shifted is None else shift + mean_shifted, var
+        return NormalizeReLU.apply(x, residual, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
+    return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend, residual=residual,
+                    relu=True)[0]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import functools
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,48 @@ class Plan:
     param_view: tuple[int, ...]
     channels: int | None
 
-    @property
+    # A plan is built once per input shape (the constructors below are cached) and asked the same
+    # questions at every call, so the derived quantities are computed once too (``cached_property``
+    # writes to the instance's ``__dict__``, which a frozen dataclass still has).
+
+    def memo(self, key, build):
+        """``build()``, computed once per plan and ``key``: the backends keep their per-shape set-up here."""
+        memo = self.__dict__.setdefault("_memo", {})
+        try:
+            return memo[key]
+        except KeyError:
+            memo[key] = value = build()
+            return value
+
+    @cached_property
     def count(self) -> int:
         """Number of values each statistic is computed from (``m`` in the formulas)."""
         return math.prod(self.view_shape[d] for d in self.reduce)
 
-    @property
+    @cached_property
     def param_sum_axes(self) -> tuple[int, ...]:
         """Axes summed over for dγ and dβ: every axis γ does not vary along."""
         return tuple(d for d in range(len(self.view_shape)) if d not in self.param_axes)
 
-    @property
+    @cached_property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of the per-statistic tensors (mean, var) with the reduced axes kept as size 1."""
         return tuple(1 if d in self.reduce else s for d, s in enumerate(self.view_shape))
+
+
+def _cached(build):
+    """One :class:`Plan` per distinct arguments: a layer asks for the plan of the same shape at every call."""
+    cached = functools.lru_cache(maxsize=1024)(build)
+
+    @functools.wraps(build)
+    def plan(*args):
+        try:
+            hash(args)
+        except TypeError:  # a list among the arguments: build it afresh
+            return build(*args)
+        return cached(*args)
+
+    return plan
 
 
 def _channel_param_view(ndim: int, channels: int) -> tuple[int, ...]:
@@ -69,6 +99,7 @@ def _channel_param_view(ndim: int, channels: int) -> tuple[int, ...]:
     return (channels,) + (1,) * (ndim - 2)
 
 
+@_cached
 def batch_plan(shape: tuple[int, ...]) -> Plan:
     """BatchNorm: per-channel statistics over N and all spatial axes of (N, C, *S)."""
     shape = tuple(shape)
@@ -84,6 +115,7 @@ def batch_plan(shape: tuple[int, ...]) -> Plan:
     )
 
 
+@_cached
 def instance_plan(shape: tuple[int, ...]) -> Plan:
     """InstanceNorm: per-sample, per-channel statistics over the spatial axes of (N, C, *S)."""
     shape = tuple(shape)
@@ -99,6 +131,7 @@ def instance_plan(shape: tuple[int, ...]) -> Plan:
     )
 
 
+@_cached
 def group_plan(shape: tuple[int, ...], num_groups: int) -> Plan:
     """GroupNorm: (N, C, *S) viewed as (N, G, C/G, *S); statistics over C/G and *S per (n, g)."""
     shape = tuple(shape)
@@ -115,6 +148,7 @@ def group_plan(shape: tuple[int, ...], num_groups: int) -> Plan:
     )
 
 
+@_cached
 def layer_plan(shape: tuple[int, ...], normalized_shape: tuple[int, ...]) -> Plan:
     """LayerNorm: statistics over the trailing ``len(normalized_shape)`` axes."""
     shape, normalized_shape = tuple(shape), tuple(normalized_shape)

@@ -25,6 +25,10 @@ Conventions shared by every kernel
   masked by ``y > 0`` after a fused ReLU), ``dx = (g − S/m) · rstd + ((x − shift) − mean_shifted) · k2``
   with ``k2 = −rstd² · D / m``; with fixed statistics ``S/m`` and ``k2`` are 0. Where γ is constant
   over a statistic (BatchNorm) it is factored out of the sums.
+* The forward kernels write the statistics into one ``stats`` array of shape (4, K): rows ``shift``,
+  ``mean_shifted``, ``var`` (biased) and ``rstd``, one column per statistic. The BatchNorm kernels also
+  update the running averages (``running_mean``, ``running_var``) as they finish each channel's statistics, so a
+  training step needs no further pass over them.
 * ``epilogue`` selects what follows the affine map: 0 nothing, 1 ReLU, 2 add ``residual`` then ReLU.
 * Where a kernel does not use an array argument (the residual without ``epilogue`` 2, the mask ``y``
   without ReLU, ``mean_shifted`` with fixed statistics) the caller passes any array of the right shape.
@@ -232,23 +236,37 @@ def _channel_grad_affine(x, dy, y, dx, dres, ch, sh, d, c, k1, k2, epilogue):
                 dres[i, ch, j] = dy[i, ch, j] if y[i, ch, j] > 0.0 else zero
 
 
+@njit(inline="always", **_FLAGS)
+def _update_running(k, shift, d, v, rm, rv, momentum, unbias):
+    """running ← (1 − momentum) · running + momentum · statistic for channel ``k``: the mean
+    shift + d and the unbiased variance v · m/(m − 1) (``unbias``), in float64, rounded once."""
+    rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * (np.float64(shift[k]) + d)
+    rv[k] = (1.0 - momentum) * np.float64(rv[k]) + momentum * (v * unbias)
+
+
 @njit(**_PARALLEL)
-def bn_planar_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd, y, residual, epilogue):
+def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
+                      unbias):
     """BatchNorm forward on ``x`` of shape (N, C, S), parallel over channels.
 
     Memory passes per channel (its N·S values): training reads them once for the float64 sums, then
     again while they are still in cache (a channel of up to about 1 MiB stays in L2) to write ``y``;
     evaluation reads once and writes once. So every byte of ``x`` and ``y`` crosses main memory once.
 
-    In training ``shift``, ``mean_shifted``, ``var`` and ``rstd`` (all (C,)) are written; with fixed
+    ``stats`` is (4, C): shift, mean_shifted, var, rstd. In training all four are written; with fixed
     statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
-    ``rstd`` is written.
+    ``rstd`` is written. In training, ``running_mean`` and ``running_var`` ((C,), in ``x``'s dtype) are
+    updated with ``momentum``; empty arrays in their place leave them alone.
     """
     n, c, s = x.shape
     cast = x.dtype.type
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    update = train and running_mean.shape[0] > 0
     for ch in prange(c):
         s1, s2 = _channel_sums(x, ch, np.float64(x[0, ch, 0])) if train else (0.0, 0.0)
         d, r = _statistic(ch, x[0, ch, 0], s1, s2, n * s, eps, train, shift, mean_shifted, var, rstd)
+        if update:
+            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
         a = np.float64(weight[ch]) * r
         _channel_affine(x, y, residual, ch, shift[ch], cast(a), cast(np.float64(bias[ch]) - d * a), epilogue)
 
@@ -398,7 +416,8 @@ def _column_grad_affine(x, dy, y, dx, dres, lo, hi, sh, d, w, cm, k1, k2, epilog
 
 
 @njit(**_PARALLEL)
-def bn_rows_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd, y, residual, epilogue, parts):
+def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
+                    unbias, parts):
     """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
 
     Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
@@ -406,10 +425,13 @@ def bn_rows_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd,
     :func:`_column_sums`), combines them per channel, then reads ``x`` again and writes ``y``;
     evaluation reads once and writes once. The second
     read comes from cache only when the tensor fits in it: no value can be normalized before the
-    statistics, which need every row, are complete.
+    statistics, which need every row, are complete. ``stats`` and the running statistics as in
+    :func:`bn_planar_forward`.
     """
     m, c = x.shape
     nb = parts.shape[0]
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    update = train and running_mean.shape[0] > 0
     if train:
         shift[:] = x[0]
         for k in prange(nb):
@@ -420,6 +442,8 @@ def bn_rows_forward(x, weight, bias, eps, train, shift, mean_shifted, var, rstd,
     for ch in range(c):
         s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
         d, r = _statistic(ch, shift[ch], s1, s2, m, eps, train, shift, mean_shifted, var, rstd)
+        if update:
+            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
         a[ch] = np.float64(weight[ch]) * r
         b[ch] = np.float64(bias[ch]) - d * np.float64(weight[ch]) * r
     for k in prange(nb):
@@ -468,7 +492,7 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
 
 
 @njit(**_PARALLEL)
-def row_forward(x, weight, bias, eps, train, groups, hw, shift, mean_shifted, var, rstd, y):
+def row_forward(x, weight, bias, eps, train, groups, hw, stats, y):
     """Forward with one statistic per row of ``x`` ((R, K)), parallel over rows.
 
     Memory passes: each row is read once for its float64 sums and once more from cache (a row is at
@@ -477,6 +501,7 @@ def row_forward(x, weight, bias, eps, train, groups, hw, shift, mean_shifted, va
     rows, kk = x.shape
     cg = kk // hw
     cast = x.dtype.type
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
     for r in prange(rows):
         xr = x[r]
         yr = y[r]
@@ -606,7 +631,7 @@ def _group_shifts(xs, shift, i, groups, from_data):
 
 
 @njit(**_PARALLEL)
-def group_cl_forward(x, weight, bias, eps, train, groups, shift, mean_shifted, var, rstd, y):
+def group_cl_forward(x, weight, bias, eps, train, groups, stats, y):
     """Forward on (N, S, C), parallel over samples; statistics per (sample, group), written at n·G + g.
 
     Memory passes per sample (its S·C values): one read into per-channel float64 sums (C contiguous
@@ -615,6 +640,7 @@ def group_cl_forward(x, weight, bias, eps, train, groups, shift, mean_shifted, v
     """
     n, s, c = x.shape
     cg = c // groups
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
     for i in prange(n):
         xs = x[i]
         sh = _group_shifts(xs, shift, i, groups, train)

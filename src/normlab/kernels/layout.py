@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 from normlab.core.plan import Plan
 
@@ -50,9 +49,12 @@ class RowShape:
         return self.size // self.per_row
 
 
-@lru_cache(maxsize=1024)
 def classify(plan: Plan) -> ChannelShape | RowShape | None:
-    """The kernel shape of ``plan``, or ``None`` when its axes fit neither (cached per plan)."""
+    """The kernel shape of ``plan``, or ``None`` when its axes fit neither (computed once per plan)."""
+    return plan.memo("kernel_shape", lambda: _classify(plan))
+
+
+def _classify(plan: Plan) -> ChannelShape | RowShape | None:
     view, ndim = plan.view_shape, len(plan.view_shape)
     if plan.view_shape == plan.input_shape and plan.param_axes == (1,) and plan.reduce == (0, *range(2, ndim)):
         return ChannelShape(view[0], view[1], math.prod(view[2:]))

@@ -71,8 +71,9 @@ def _filled(value: float, n: int, dtype: torch.dtype) -> np.ndarray:
 def _param(p: torch.Tensor | None, n: int, dtype: torch.dtype, default: float) -> np.ndarray:
     if p is None:
         return _filled(default, n, dtype)
-    p = p.detach()
-    return (p if p.dtype == dtype else p.to(dtype)).contiguous().numpy().reshape(n)
+    if p.dtype != dtype or not p.is_contiguous():
+        p = p.detach().to(dtype).contiguous()
+    return p.detach().numpy().reshape(n)
 
 
 def _flat(stat: torch.Tensor) -> np.ndarray:
@@ -85,67 +86,85 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+_NO_RUNNING = {dtype: np.empty(0, t) for dtype, t in _NUMPY.items()}
+"""Stand-ins for the running statistics when a kernel is not to update any."""
 
 
-class _Views:
-    """The kernel-side arrays of one call: which kernel family runs, on which flat views."""
+class _Launch:
+    """How one case (plan, memory layout, dtype) runs on the kernels, worked out once per plan
+    (:meth:`~normlab.core.plan.Plan.memo`): which kernel family, and which flat views of memory it takes."""
 
-    __slots__ = ("family", "channels_last", "shape")
+    __slots__ = ("family", "channels_last", "shape", "acc", "np_dtype", "stat_count", "param_count",
+                 "array_shape", "perm", "fmt", "out_fmt")
 
-    def __init__(self, x: torch.Tensor, plan: Plan):
+    def __init__(self, plan: Plan, channels_last: bool, dtype: torch.dtype):
         shape = classify(plan)
         self.shape = shape
-        cl = _is_channels_last(x)
         if isinstance(shape, ChannelShape):
-            self.family = "bn_rows" if cl or shape.spatial == 1 else "bn_planar"
+            self.family = "bn_rows" if channels_last or shape.spatial == 1 else "bn_planar"
+            self.stat_count = self.param_count = shape.channels
         elif isinstance(shape, RowShape):
-            self.family = "group_cl" if cl and shape.lead == 2 else "row"
+            self.family = "group_cl" if channels_last and shape.lead == 2 else "row"
+            self.stat_count, self.param_count = shape.rows, shape.groups * shape.per_row
         else:
             raise ValueError(f"plan not handled by the numba kernels: {plan}")
-        self.channels_last = cl and self.family in ("bn_rows", "group_cl")
+        self.channels_last = channels_last and self.family in ("bn_rows", "group_cl")
+        self.acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self.np_dtype = np.dtype(_NUMPY[self.acc])
+        ndim = len(plan.input_shape)
+        # channels_last memory is (N, *spatial, C): a transpose of the NumPy view makes it C-contiguous.
+        self.perm = (0, *range(2, ndim), 1) if self.channels_last else None
+        self.fmt = _CHANNELS_LAST.get(ndim) if self.channels_last else torch.contiguous_format
+        # A channels_last input that a family reads as contiguous rows still gets channels_last results.
+        self.out_fmt = _CHANNELS_LAST[ndim] if channels_last and not self.channels_last else None
+        if self.family == "bn_planar":
+            self.array_shape = (shape.n, shape.channels, shape.spatial)
+        elif self.family == "bn_rows":
+            self.array_shape = (-1, shape.channels)
+        elif self.family == "group_cl":
+            self.array_shape = (plan.input_shape[0], -1, plan.input_shape[1])
+        else:
+            self.array_shape = (shape.rows, shape.size)
 
-    def prepare(self, t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-        """``t`` in ``acc`` dtype and in the memory layout the kernel family reads."""
-        t = t.detach()
-        if t.dtype != acc:
-            t = t.to(acc)
-        if self.channels_last:
-            return t.contiguous(memory_format=_CHANNELS_LAST[t.dim()])
-        return t.contiguous()
+    def prepare(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the accumulation dtype and in the memory layout the kernel family reads."""
+        if t.dtype != self.acc:
+            t = t.to(self.acc)
+        if not t.is_contiguous(memory_format=self.fmt):
+            t = t.contiguous(memory_format=self.fmt)
+        return t
 
     def array(self, t: torch.Tensor) -> np.ndarray:
         """The NumPy view a kernel takes of a tensor laid out by :meth:`prepare`."""
-        s = self.shape
-        if self.family == "bn_planar":
-            return t.numpy().reshape(s.n, s.channels, s.spatial)
-        if self.family == "bn_rows":
-            return (t.movedim(1, -1) if self.channels_last else t).numpy().reshape(-1, s.channels)
-        if self.family == "group_cl":
-            flat = t.movedim(1, -1).numpy()
-            return flat.reshape(flat.shape[0], -1, flat.shape[-1])
-        return t.numpy().reshape(s.rows, s.size)
-
-    @property
-    def stat_count(self) -> int:
-        s = self.shape
-        return s.channels if isinstance(s, ChannelShape) else s.rows
-
-    @property
-    def param_count(self) -> int:
-        s = self.shape
-        return s.channels if isinstance(s, ChannelShape) else s.groups * s.per_row
+        a = t.detach().numpy()
+        if self.perm is not None:
+            a = a.transpose(self.perm)
+        return a.reshape(self.array_shape)
 
 
-def _per_row(fixed: torch.Tensor, views: _Views, acc: torch.dtype) -> np.ndarray:
+    def finish(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A result computed in the accumulation dtype, in ``x``'s dtype and memory format."""
+        if t.dtype != x.dtype:
+            t = t.to(x.dtype)
+        if self.out_fmt is not None:
+            t = t.contiguous(memory_format=self.out_fmt)
+        return t
+
+
+def _launch(x: torch.Tensor, plan: Plan) -> _Launch:
+    cl = _is_channels_last(x)
+    return plan.memo(("numba", cl, x.dtype), lambda: _Launch(plan, cl, x.dtype))
+
+
+def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
     """Fixed per-channel statistics, repeated for every row of the plan where each sample has its own
     (InstanceNorm in eval mode)."""
     fixed = fixed.detach()
-    fixed = (fixed if fixed.dtype == acc else fixed.to(acc)).numpy()
-    if isinstance(views.shape, ChannelShape):
+    fixed = (fixed if fixed.dtype == launch.acc else fixed.to(launch.acc)).numpy()
+    if isinstance(launch.shape, ChannelShape):
         return fixed
-    return np.tile(fixed, views.shape.rows // fixed.size)
+    return np.tile(fixed, launch.shape.rows // fixed.size)
 
 
 class NumbaBackend:
@@ -167,55 +186,75 @@ class NumbaBackend:
         """Whether ReLU and a residual add can be fused into the normalization (BatchNorm plans)."""
         return isinstance(classify(plan), ChannelShape)
 
+    def updates_running(self, x: torch.Tensor, plan: Plan, running_mean: torch.Tensor,
+                        running_var: torch.Tensor) -> bool:
+        """Whether :meth:`forward` can update these running statistics itself, as it computes the batch's
+        (BatchNorm plans, running statistics contiguous and in the accumulation dtype of ``x``)."""
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (
+            isinstance(classify(plan), ChannelShape)
+            and running_mean.dtype == acc and running_var.dtype == acc
+            and running_mean.is_contiguous() and running_var.is_contiguous()
+            and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
+        )
+
     def forward(self, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float,
-                residual: torch.Tensor | None = None, relu: bool = False):
-        """``(y, shift, mean_shifted, var, rstd)`` as :func:`normlab.core.engine.forward_torch` returns them.
+                residual: torch.Tensor | None = None, relu: bool = False, running=None):
+        """``(y, shift, mean_shifted, var, rstd)`` as :func:`normlab.core.engine.forward_torch` returns them,
+        the statistics flat (one value per statistic).
 
         ``relu`` (and ``residual``) fuse ``relu(y + residual)`` into the normalizing pass (BatchNorm only).
+        ``running``, ``(running_mean, running_var, momentum)`` where :meth:`updates_running` allows it, is
+        updated in place with the batch's statistics in the same pass.
         """
-        acc = _acc(x)
-        views = _Views(x, plan)
+        launch = _launch(x, plan)
         train = fixed_mean is None
-        xa = views.prepare(x, acc)
+        xa = launch.prepare(x)
         y = buffers.empty_like(xa)
-        stats = torch.empty(4, views.stat_count, dtype=acc)  # shift, mean_shifted, var, rstd
-        arrays = stats.numpy()
+        stats = np.empty((4, launch.stat_count), launch.np_dtype)  # shift, mean_shifted, var, rstd
         if not train:
-            arrays[0] = _per_row(fixed_mean, views, acc)
-            arrays[2] = _per_row(fixed_var, views, acc)
-            arrays[1] = 0.0
+            stats[0] = _per_row(fixed_mean, launch)
+            stats[2] = _per_row(fixed_var, launch)
+            stats[1] = 0.0
         if x.numel():
-            self._forward(views, xa, y, weight, bias, eps, train, arrays, residual, relu)
+            self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, plan.count)
         else:  # an empty batch: the torch engine's statistics of nothing
             if train:
                 stats[:2] = 0.0
                 stats[2] = 1.0
-            torch.rsqrt(stats[2] + eps, out=stats[3])
-        shift, mean_shifted, var, rstd = stats.view(4, *plan.stat_shape).unbind(0)
-        return y if y.dtype == x.dtype else y.to(x.dtype), shift, mean_shifted if train else None, var, rstd
+            stats[3] = 1.0 / np.sqrt(stats[2] + eps)
+        shift, mean_shifted, var, rstd = torch.from_numpy(stats)
+        return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
-    def _forward(self, views, xa, y, weight, bias, eps, train, stats, residual, relu):
+    def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count):
         cpu = _cpu()
         threads = _sync_threads(xa.numel())
-        acc = xa.dtype
-        w = _param(weight, views.param_count, acc, 1.0)
-        b = _param(bias, views.param_count, acc, 0.0)
-        xn, yn = views.array(xa), views.array(y)
-        s = views.shape
-        if views.family in ("bn_planar", "bn_rows"):
+        acc = launch.acc
+        w = _param(weight, launch.param_count, acc, 1.0)
+        b = _param(bias, launch.param_count, acc, 0.0)
+        xn, yn = launch.array(xa), launch.array(y)
+        s = launch.shape
+        family = launch.family
+        if family == "bn_planar" or family == "bn_rows":
             code = epilogue_code(relu, residual)
-            rn = views.array(views.prepare(residual, acc)) if code == 2 else xn
-            if views.family == "bn_planar":
-                cpu.bn_planar_forward(xn, w, b, eps, train, *stats, yn, rn, code)
+            rn = launch.array(launch.prepare(residual)) if code == 2 else xn
+            if running is None:
+                rm = rv = _NO_RUNNING[acc]
+                momentum = unbias = 0.0
+            else:
+                rm, rv = running[0].detach().numpy(), running[1].detach().numpy()
+                momentum, unbias = float(running[2]), count / (count - 1)
+            if family == "bn_planar":
+                cpu.bn_planar_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias)
             else:
                 parts = np.empty((max(1, min(threads, xn.shape[0])), 2, s.channels))
-                cpu.bn_rows_forward(xn, w, b, eps, train, *stats, yn, rn, code, parts)
+                cpu.bn_rows_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, parts)
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
-        elif views.family == "row":
-            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, *stats, yn)
+        elif family == "row":
+            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, stats, yn)
         else:
-            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, *stats, yn)
+            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, stats, yn)
 
     def backward(self, dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool,
                  need: tuple[bool, bool, bool], y: torch.Tensor | None = None, residual: bool = False):
@@ -224,48 +263,46 @@ class NumbaBackend:
         ``y`` is the output of a fused ReLU (its mask), ``residual`` whether a residual was added before
         it; then a fourth result, the residual's gradient, follows.
         """
-        acc = _acc(x)
-        views = _Views(x, plan)
-        nparam = views.param_count
-        xa = views.prepare(x, acc)
-        dya = views.prepare(dy, acc)
+        launch = _launch(x, plan)
+        xa = launch.prepare(x)
+        dya = launch.prepare(dy)
         dx = buffers.empty_like(xa)
         dres = buffers.empty_like(xa) if residual else None
-        dw, db = torch.zeros(2, nparam, dtype=acc).unbind(0)
+        sums = np.zeros((2, launch.param_count), launch.np_dtype)  # dγ, dβ
         if x.numel():
-            self._backward(views, xa, dya, dx, dres, dw, db, weight, shift, mean_shifted, rstd, batch_stats,
+            self._backward(launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, batch_stats,
                            need[0], y)
-        if dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
+        dx = launch.finish(dx, x)
+        dw, db = torch.from_numpy(sums)
         grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
         return grads if y is None else (*grads, dres)
 
-    def _backward(self, views, xa, dya, dx, dres, dw, db, weight, shift, mean_shifted, rstd, train, need_x, y):
+    def _backward(self, launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, train, need_x, y):
         cpu = _cpu()
         threads = _sync_threads(xa.numel())
-        acc = xa.dtype
-        w = _param(weight, views.param_count, acc, 1.0)
-        xn, dyn, dxn = views.array(xa), views.array(dya), views.array(dx)
+        w = _param(weight, launch.param_count, launch.acc, 1.0)
+        xn, dyn, dxn = launch.array(xa), launch.array(dya), launch.array(dx)
         sh = _flat(shift)
         ms = _flat(shift if mean_shifted is None else mean_shifted)
         rs = _flat(rstd)
-        s = views.shape
-        if views.family in ("bn_planar", "bn_rows"):
+        s = launch.shape
+        family = launch.family
+        if family == "bn_planar" or family == "bn_rows":
             code = 0 if y is None else 2 if dres is not None else 1
-            yn = views.array(views.prepare(y, acc)) if y is not None else xn
-            dresn = views.array(dres) if dres is not None else dxn
-            args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, dw.numpy(), db.numpy())
-            if views.family == "bn_planar":
+            yn = launch.array(launch.prepare(y)) if y is not None else xn
+            dresn = launch.array(dres) if dres is not None else dxn
+            args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
+            if family == "bn_planar":
                 cpu.bn_planar_backward(*args)
             else:
                 cpu.bn_rows_backward(*args, np.empty((max(1, min(threads, xn.shape[0])), 2, s.channels)))
             return
-        if views.family == "row":
-            parts = np.empty((max(1, min(threads, s.rows)), 2, views.param_count))
+        if family == "row":
+            parts = np.empty((max(1, min(threads, s.rows)), 2, launch.param_count))
             cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts)
         else:
-            parts = np.empty((xn.shape[0], 2, views.param_count))
+            parts = np.empty((xn.shape[0], 2, launch.param_count))
             cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts)
-        sums = torch.from_numpy(parts).sum(0)
-        db.copy_(sums[0])
-        dw.copy_(sums[1])
+        total = parts.sum(axis=0)  # per block: Σ dy (dβ), Σ dy · x̂ (dγ)
+        sums[0] = total[1]
+        sums[1] = total[0]

@@ -107,7 +107,9 @@ def _compare_step(ours, theirs, shape, dtype, channels_last, gen, tol, train):
     torch.testing.assert_close(ya.detach().double(), y_exact, **tol, msg=lambda m: f"output vs float64: {m}")
     ya.backward(dy)
     yb.backward(dy)
-    torch.testing.assert_close(xa.grad, xb.grad, **_grad_tol(tol, xb.grad, exact[0]))
+    # Against torch.nn: either one's rounding may be the larger (normlab's is bounded as below).
+    torch.testing.assert_close(xa.grad, xb.grad, **_grad_tol(_conditioned_tol(tol, xa.grad, dy, ours), xb.grad,
+                                                               exact[0]))
     torch.testing.assert_close(xa.grad.double(), exact[0], **_conditioned_tol(tol, xa.grad, dy, ours),
                                msg=lambda m: f"input grad vs float64: {m}")
     for ((name, pa), (_, pb)), e in zip(zip(ours.named_parameters(), theirs.named_parameters()), exact[1:]):

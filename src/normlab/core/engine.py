@@ -273,9 +273,9 @@ def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
 
 def finish_param_grads(dw, db, weight, plan: Plan, bias_dtype):
     """dγ and dβ from a backend's flat accumulation-dtype sums to the parameters' shapes and dtypes."""
-    if dw is not None:
+    if dw is not None and (dw.shape != weight.shape or dw.dtype != weight.dtype):
         dw = dw.reshape(weight.shape).to(weight.dtype)
-    if db is not None:
+    if db is not None and (db.shape != plan.param_shape or db.dtype != bias_dtype):
         db = db.reshape(plan.param_shape).to(bias_dtype)
     return dw, db
 

@@ -78,7 +78,9 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(t)`` for a float32/float64 CPU tensor that is contiguous or channels_last,
     served from the pool when it is large enough."""
     nbytes = t.numel() * t.element_size()
-    block = _block(nbytes) if nbytes >= MIN_BYTES and t.dtype in _NUMPY else None
+    if nbytes < MIN_BYTES:
+        return torch.empty_like(t)
+    block = _block(nbytes) if t.dtype in _NUMPY else None
     if block is None:
         return torch.empty_like(t)
     flat = torch.from_numpy(block.view(_NUMPY[t.dtype]))

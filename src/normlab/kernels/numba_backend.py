@@ -68,17 +68,24 @@ def _filled(value: float, n: int, dtype: torch.dtype) -> np.ndarray:
     return torch.full((n,), value, dtype=dtype).numpy()
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """The NumPy view of a CPU tensor's memory (``detach`` only where autograd would refuse it)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _param(p: torch.Tensor | None, n: int, dtype: torch.dtype, default: float) -> np.ndarray:
     if p is None:
         return _filled(default, n, dtype)
     if p.dtype != dtype or not p.is_contiguous():
         p = p.detach().to(dtype).contiguous()
-    return p.detach().numpy().reshape(n)
+    a = _numpy(p)
+    return a if a.ndim == 1 else a.reshape(n)
 
 
 def _flat(stat: torch.Tensor) -> np.ndarray:
     """A saved statistic as the flat array the kernels index (a copy only if it is not contiguous)."""
-    return stat.detach().contiguous().numpy().reshape(-1)
+    a = _numpy(stat if stat.is_contiguous() else stat.contiguous())
+    return a if a.ndim == 1 else a.reshape(-1)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -137,7 +144,7 @@ class _Launch:
 
     def array(self, t: torch.Tensor) -> np.ndarray:
         """The NumPy view a kernel takes of a tensor laid out by :meth:`prepare`."""
-        a = t.detach().numpy()
+        a = _numpy(t)
         if self.perm is not None:
             a = a.transpose(self.perm)
         return a.reshape(self.array_shape)
@@ -160,8 +167,7 @@ def _launch(x: torch.Tensor, plan: Plan) -> _Launch:
 def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
     """Fixed per-channel statistics, repeated for every row of the plan where each sample has its own
     (InstanceNorm in eval mode)."""
-    fixed = fixed.detach()
-    fixed = (fixed if fixed.dtype == launch.acc else fixed.to(launch.acc)).numpy()
+    fixed = _numpy(fixed if fixed.dtype == launch.acc else fixed.to(launch.acc))
     if isinstance(launch.shape, ChannelShape):
         return fixed
     return np.tile(fixed, launch.shape.rows // fixed.size)
@@ -242,7 +248,7 @@ class NumbaBackend:
                 rm = rv = _NO_RUNNING[acc]
                 momentum = unbias = 0.0
             else:
-                rm, rv = running[0].detach().numpy(), running[1].detach().numpy()
+                rm, rv = _numpy(running[0]), _numpy(running[1])
                 momentum, unbias = float(running[2]), count / (count - 1)
             if family == "bn_planar":
                 cpu.bn_planar_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias)

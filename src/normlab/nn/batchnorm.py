@@ -11,6 +11,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.core import checks
+from normlab.core.plan import batch_plan
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -54,21 +55,14 @@ class _BatchNorm(_RunningStatsMixin):
         checks.check_floating(input, name)
         checks.check_ndim(input, name, self._ranks, self._layout)
         checks.check_channels(input, self.num_features, name)
-        updating = self.training and self.track_running_stats
+        training, tracking = self.training, self.track_running_stats
+        updating = training and tracking
         factor = self._update_factor() if updating else 0.0
-        use_batch_stats = self.training or self.running_mean is None
-        keep_stats = not self.training or self.track_running_stats
-        y = F._batch_norm(
-            name,
-            input,
-            self.running_mean if keep_stats else None,
-            self.running_var if keep_stats else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            **epilogue,
+        running_mean = self.running_mean if not training or tracking else None
+        running_var = self.running_var if running_mean is not None else None
+        y = F._run(
+            name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
+            training or running_mean is None, factor, checks.BN_SUGGESTION, **epilogue,
         )
         if updating:
             self._count_batch(input)

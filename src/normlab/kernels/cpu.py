@@ -250,8 +250,10 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     """BatchNorm forward on ``x`` of shape (N, C, S), parallel over channels.
 
     Memory passes per channel (its N·S values): training reads them once for the float64 sums, then
-    again while they are still in cache (a channel of up to about 1 MiB stays in L2) to write ``y``;
-    evaluation reads once and writes once. So every byte of ``x`` and ``y`` crosses main memory once.
+    again while they are still in cache (a channel of up to about 1 MiB stays in L2) to write ``y``.
+    Evaluation reads once and writes once, parallel over the N·C runs of S values rather than over
+    channels (short runs from every channel are evenly split between threads).
+    So every byte of ``x`` and ``y`` crosses main memory once.
 
     ``stats`` is (4, C): shift, mean_shifted, var, rstd. In training all four are written; with fixed
     statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
@@ -261,10 +263,24 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     n, c, s = x.shape
     cast = x.dtype.type
     shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
-    update = train and running_mean.shape[0] > 0
+    if not train:
+        a = np.empty(c, x.dtype)
+        for ch in range(c):
+            _, r = _statistic(ch, shift[ch], 0.0, 0.0, n * s, eps, False, shift, mean_shifted, var, rstd)
+            a[ch] = np.float64(weight[ch]) * r
+        xr, yr = x.reshape(n * c, s), y.reshape(n * c, s)
+        for row in prange(n * c):
+            ch = row % c
+            xrow, yrow, sh, ak, bk = xr[row], yr[row], shift[ch], a[ch], bias[ch]
+            for j in range(s):
+                yrow[j] = (xrow[j] - sh) * ak + bk
+            if epilogue != NONE:
+                _epilogue(yrow, residual[row // c, ch], epilogue)
+        return
+    update = running_mean.shape[0] > 0
     for ch in prange(c):
-        s1, s2 = _channel_sums(x, ch, np.float64(x[0, ch, 0])) if train else (0.0, 0.0)
-        d, r = _statistic(ch, x[0, ch, 0], s1, s2, n * s, eps, train, shift, mean_shifted, var, rstd)
+        s1, s2 = _channel_sums(x, ch, np.float64(x[0, ch, 0]))
+        d, r = _statistic(ch, x[0, ch, 0], s1, s2, n * s, eps, True, shift, mean_shifted, var, rstd)
         if update:
             _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
         a = np.float64(weight[ch]) * r

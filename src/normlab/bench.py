@@ -489,11 +489,13 @@ def train_step(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Time one SGD training step of :func:`normlab.demo.small_cnn` built from ``normlab.nn`` and from
-    ``torch.nn`` (same initial weights, same batch of ``batch`` 1x28x28 images), interleaved.
+    """Time one SGD training step of :func:`normlab.demo.small_cnn` built from ``normlab.nn`` (as a drop-in
+    replacement, and with ``fused=True``: BatchNormReLU2d for each BatchNorm2d + ReLU) and from ``torch.nn``
+    (same initial weights, same batch of ``batch`` 1x28x28 images), interleaved.
 
-    Returns a record with ``op`` ``"small_cnn"``, ``mode`` ``"train_step"``, ``normlab_ms`` and ``torch_ms``
-    (medians) and ``ratio`` (torch ms / normlab ms), besides the fields a case record has.
+    Returns a record with ``op`` ``"small_cnn"``, ``mode`` ``"train_step"``, ``normlab_ms``, ``fused_ms`` and
+    ``torch_ms`` (medians), ``ratio`` (torch ms / normlab ms) and ``ratio_fused`` (torch ms / fused ms),
+    besides the fields a case record has.
     """
     from normlab.demo import small_cnn
 
@@ -503,9 +505,14 @@ def train_step(
     target = torch.randint(0, 10, (batch,), generator=gen).to(device)
     torch.manual_seed(seed)
     ours = small_cnn(normlab.nn).to(device)
+    fused = small_cnn(normlab.nn, fused=True).to(device)
     theirs = small_cnn(torch.nn).to(device)
     theirs.load_state_dict(ours.state_dict())
-    trials = [_StepTrial("normlab", ours, x, target), _StepTrial("torch", theirs, x, target)]
+    with torch.no_grad():  # same weights: the fused variant's parameters and buffers come in the same order
+        for a, b in zip([*fused.parameters(), *fused.buffers()], [*ours.parameters(), *ours.buffers()]):
+            a.copy_(b)
+    trials = [_StepTrial("normlab", ours, x, target), _StepTrial("fused", fused, x, target),
+              _StepTrial("torch", theirs, x, target)]
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads or previous)
@@ -516,8 +523,9 @@ def train_step(
     return {
         "op": "small_cnn", "module": "small_cnn train step", "shape": [batch, 1, 28, 28], "layout": "contiguous",
         "mode": "train_step", "device": device.type, "repeats": repeats, "warmup": warmup, "threads": used,
-        "status": "ok", "normlab_ms": medians["normlab"], "torch_ms": medians["torch"],
-        "ratio": medians["torch"] / medians["normlab"],
+        "status": "ok", "normlab_ms": medians["normlab"], "fused_ms": medians["fused"],
+        "torch_ms": medians["torch"], "ratio": medians["torch"] / medians["normlab"],
+        "ratio_fused": medians["torch"] / medians["fused"],
     }
 
 
@@ -525,8 +533,9 @@ def format_step(record: dict[str, Any]) -> str:
     """The end-to-end line printed under the table."""
     batch = record["shape"][0]
     return (f"End to end, one SGD step of normlab.demo.small_cnn (batch {batch} of 1x28x28, median of "
-            f"{record['repeats']}): normlab {record['normlab_ms']:.2f} ms, torch.nn {record['torch_ms']:.2f} ms, "
-            f"torch/normlab {record['ratio']:.2f}x")
+            f"{record['repeats']}): torch.nn {record['torch_ms']:.2f} ms; normlab drop-in layers "
+            f"{record['normlab_ms']:.2f} ms, torch/normlab {record['ratio']:.2f}x; with BatchNormReLU2d in place "
+            f"of BatchNorm2d + ReLU {record['fused_ms']:.2f} ms, {record['ratio_fused']:.2f}x")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,25 @@ from tqdm import tqdm
 import normlab.nn as nl
 
 
-def small_cnn(norm=nl, num_classes: int = 10) -> torch.nn.Sequential:
-    """conv-BN-ReLU ×2 with pooling, then a BN'd linear head; ``norm`` is ``normlab.nn`` or ``torch.nn``."""
+def small_cnn(norm=nl, num_classes: int = 10, fused: bool = False) -> torch.nn.Sequential:
+    """conv-BN-ReLU ×2 with pooling, then a BN'd linear head; ``norm`` is ``normlab.nn`` or ``torch.nn``.
+
+    ``fused=True`` (``normlab.nn`` only) puts :class:`normlab.nn.BatchNormReLU2d` where BatchNorm2d and
+    ReLU follow each other: the same function with the same parameters, in the same order (so
+    ``parameters()`` and ``buffers()`` of the two variants correspond one to one).
+    """
+    if fused and not hasattr(norm, "BatchNormReLU2d"):
+        raise ValueError(f"fused=True needs normlab.nn (BatchNormReLU2d); {norm.__name__} has no fused layer")
+
+    def bn_relu(channels: int) -> list[torch.nn.Module]:
+        if fused:
+            return [norm.BatchNormReLU2d(channels)]
+        return [norm.BatchNorm2d(channels), torch.nn.ReLU()]
+
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), norm.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), *bn_relu(16),
         torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), norm.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), *bn_relu(32),
         torch.nn.MaxPool2d(2),
         torch.nn.Flatten(),
         torch.nn.Linear(32 * 7 * 7, 64, bias=False), norm.BatchNorm1d(64), torch.nn.ReLU(),

@@ -20,7 +20,10 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
 
-if ! "$PYTHON" -c "import normlab, pytest, hypothesis, matplotlib, tqdm, numba" 2>/dev/null \
+# triton (Linux only) runs the GPU backend's tests on the CPU, under its interpreter.
+MODULES="normlab, pytest, hypothesis, matplotlib, tqdm, numba"
+if [ "$(uname -s)" = Linux ]; then MODULES="$MODULES, triton"; fi
+if ! "$PYTHON" -c "import $MODULES" 2>/dev/null \
    || [ "$("$PYTHON" -c 'import normlab, pathlib; print(pathlib.Path(normlab.__file__).resolve().parent)')" \
         != "$(pwd -P)/src/normlab" ]; then
   echo "[setup] installing normlab (editable) with its test dependencies"

@@ -49,15 +49,12 @@ def test_cpu_float_cases_go_to_numba(monkeypatch, choice):
 
 
 @needs_numba
-def test_auto_leaves_small_eval_inputs_to_the_torch_engine(monkeypatch):
+@pytest.mark.parametrize("shape", [(4, 3), (8, 16, 4, 4), (64, 64, 8, 8)])
+def test_auto_runs_cpu_inputs_of_every_size_on_the_kernels(monkeypatch, shape):
     monkeypatch.setenv("NORMLAB_BACKEND", "auto")
-    small = torch.randn(dispatch.EVAL_TORCH_UP_TO // 64, 64)
-    large = torch.randn(2 * dispatch.EVAL_TORCH_UP_TO // 64, 64)
-    assert select(small, batch_plan(small.shape), batch_stats=False) is None
-    assert select(large, batch_plan(large.shape), batch_stats=False).name == "numba"
-    assert select(small, batch_plan(small.shape), batch_stats=True).name == "numba"
-    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
-    assert select(small, batch_plan(small.shape), batch_stats=False).name == "numba"
+    x = torch.randn(shape)
+    for batch_stats in (True, False):
+        assert select(x, batch_plan(x.shape), batch_stats=batch_stats).name == "numba"
 
 
 @needs_numba

@@ -27,7 +27,8 @@ def layer_cases(draw):
     shape = (n, c) + spatial
     eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
     affine = draw(st.booleans())
-    channels_last = kind in ("bn2d", "in2d", "gn") and len(spatial) == 2 and draw(st.booleans())
+    # channels_last for every 4D input, LayerNorm included (over W, (H, W) or (C, H, W) of NHWC memory).
+    channels_last = kind in ("bn2d", "in2d", "gn", "ln") and len(spatial) == 2 and draw(st.booleans())
     if kind.startswith("bn") or kind.startswith("in"):
         momentum = draw(st.sampled_from([0.1, 0.5, None, 1.0, 0.0]))
         track = draw(st.booleans())
@@ -212,3 +213,19 @@ def test_eval_backward_survives_a_later_running_statistics_update():
     bn(torch.randn(2, 3, 4, 4))
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x) / torch.sqrt(torch.tensor(1.0 + 1e-5)))
+
+
+@pytest.mark.parametrize("normalized", [(7,), (5, 7), (3, 5, 7)])
+def test_layernorm_of_channels_last_input_matches_torch(normalized):
+    """LayerNorm over trailing axes of an NHWC tensor: statistics per (n, c) for (H, W), as InstanceNorm's,
+    but γ and β vary along H and W, not along the channels."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ours, theirs = _pair("LayerNorm", (list(normalized),), {}, torch.float32, 0)
+    ya, yb = ours(x), theirs(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(yb)
+    ga = torch.autograd.grad(ya, (x, *ours.parameters()), dy)
+    gb = torch.autograd.grad(yb, (x, *theirs.parameters()), dy)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,10 @@
   precision (below), else the torch engine;
 * ``torch`` — always the engine's own torch operations (:mod:`normlab.core.engine`);
 * ``numba`` — always the numba CPU kernels (:mod:`normlab.kernels.numba_backend`); a case they cannot
-  run raises :class:`BackendError` instead of falling back.
+  run raises :class:`BackendError` instead of falling back;
+* ``triton`` — always the Triton kernels (:mod:`normlab.kernels.triton_backend`): CUDA tensors, or CPU
+  tensors under Triton's interpreter (``TRITON_INTERPRET=1``); a case they cannot run raises
+  :class:`BackendError`.
 
 A backend is an object with ``unsupported(x, plan) -> str | None`` (why it cannot run a case),
 ``forward`` and ``backward`` with the signatures of :class:`~normlab.kernels.numba_backend.NumbaBackend`.
@@ -41,9 +44,11 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
   from the smallest inputs on (BatchNorm2d (8, 16, 4, 4): 96 µs against 107 µs; (16, 32, 8, 8): 105
   against 225).
 * Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
-* CUDA tensors: the torch engine. A GPU backend would be registered in :data:`BACKENDS` under
-  ``"triton"`` (with the same ``unsupported``/``forward``/``backward``) and picked here for
-  ``x.is_cuda``; none exists yet.
+* CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
+  backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and
+  eval alike), else the torch engine. Its kernels keep the engine's precision guarantees (statistics of
+  ``x − shift``, merged Welford partials). They have not been timed on a GPU yet, against the torch
+  engine or ATen, so no size threshold sends small cases elsewhere as it does on CPU.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ if TYPE_CHECKING:  # normlab.core imports this module: no import back at run tim
 __all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "available"]
 
 ENV = "NORMLAB_BACKEND"
-CHOICES = ("auto", "torch", "numba")
+CHOICES = ("auto", "torch", "numba", "triton")
 
 
 class BackendError(RuntimeError):
@@ -75,9 +80,16 @@ def _numba_backend():
     return NumbaBackend()
 
 
+@functools.cache
+def _triton_backend():
+    from normlab.kernels.triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
 BACKENDS = {
     "numba": _numba_backend,
-    # "triton": a GPU backend for CUDA tensors, with the same forward/backward, would be added here.
+    "triton": _triton_backend,
 }
 """Backend constructors by name (each builds its backend once, on first use)."""
 
@@ -89,6 +101,8 @@ def available(name: str) -> bool:
         return True
     if name == "numba":
         return importlib.util.find_spec("numba") is not None
+    if name == "triton":
+        return importlib.util.find_spec("triton") is not None
     return False
 
 
@@ -100,12 +114,6 @@ def requested_backend() -> str:
     return value
 
 
-EVAL_TORCH_UP_TO = 1 << 17
-"""With fixed statistics (eval), inputs of at most this many values go to the torch engine under ``auto``:
-its three elementwise operations cost less than the kernels' per-call setup there (BatchNorm2d eval,
-(32, 64, 8, 8): 73 µs against 91 µs; at (64, 64, 8, 8), 2^18 values, 1100 µs against 117 µs)."""
-
-
 def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
     """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones), or
     ``None`` for the torch engine."""
@@ -113,7 +121,12 @@ def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
     if choice == "torch":
         return None
     if choice == "auto":
-        if x.is_cuda or not available("numba") or (not batch_stats and x.numel() <= EVAL_TORCH_UP_TO):
+        if x.is_cuda:
+            if not available("triton"):
+                return None
+            backend = _triton_backend()
+            return None if backend.unsupported(x, plan) else backend
+        if not available("numba"):
             return None
         backend = _numba_backend()
         return None if backend.unsupported(x, plan) else backend

@@ -12,6 +12,7 @@ format, statistics in ``plan.stat_shape``, ``(shift, mean_shifted)`` with μ = s
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -112,7 +113,10 @@ class _Launch:
             self.family = "bn_rows" if channels_last or shape.spatial == 1 else "bn_planar"
             self.stat_count = self.param_count = shape.channels
         elif isinstance(shape, RowShape):
-            self.family = "group_cl" if channels_last and shape.lead == 2 else "row"
+            # channels_last rows: statistics per (sample, group of adjacent channels), γ and β per channel
+            # (GroupNorm, InstanceNorm); not LayerNorm over the spatial axes, whose γ varies along them.
+            per_channel = shape.lead == 2 and shape.run == math.prod(plan.input_shape[2:])
+            self.family = "group_cl" if channels_last and per_channel else "row"
             self.stat_count, self.param_count = shape.rows, shape.groups * shape.per_row
         else:
             raise ValueError(f"plan not handled by the numba kernels: {plan}")

@@ -1,0 +1,472 @@
+"""The Triton backend against the torch engine and torch.nn.
+
+Everything but the last class runs the kernels on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set per test; the backend builds its kernels on first use, in whichever mode is
+asked for then). Small tensors, since the interpreter is slow; the "small tiles" runs shrink the tiles and
+raise the program count so that the same small tensors go through the grid-stride loops, the split
+reductions and the long-row kernels. :class:`TestOnCuda` runs only where a CUDA device is present, in a
+subprocess without the interpreter.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if "triton" not in sys.modules:
+    # Triton builds its own library functions for the interpreter only if TRITON_INTERPRET=1 is set when it
+    # is imported (where something imported it before, the tests skip: see the `interpreter` fixture).
+    _before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton", reason="triton is not installed")
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
+
+import normlab.functional as F  # noqa: E402
+import normlab.nn as nl  # noqa: E402
+from normlab.core.plan import batch_plan, layer_plan  # noqa: E402
+from normlab.kernels import BackendError, dispatch, select  # noqa: E402
+from normlab.kernels import triton_backend as tb  # noqa: E402
+
+CL = torch.channels_last
+SMALL_TILES = dict(BLOCK=16, ROW_TILE=8, COLUMNS=4, INTERPRETER_PROGRAMS=64)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """Triton's interpreter on and the triton backend forced, for the length of one test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NORMLAB_BACKEND", "triton")
+    reason = tb.TritonBackend().unsupported(torch.zeros(2, 2), batch_plan((2, 2)))
+    if reason is not None:
+        pytest.skip(f"Triton's interpreter cannot be used in this process: {reason}")
+
+
+@pytest.fixture(params=["default tiles", "small tiles"])
+def tiles(request, monkeypatch):
+    if request.param == "small tiles":
+        for name, value in SMALL_TILES.items():
+            monkeypatch.setattr(tb, name, value)
+    return request.param
+
+
+def _eval_bn(x, w, b):
+    c = x.shape[1]
+    return F.batch_norm(x, torch.linspace(-1, 1, c, dtype=x.dtype), torch.linspace(0.5, 2, c, dtype=x.dtype), w, b,
+                        training=False)
+
+
+CASES = {
+    "bn planar": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 5, 6, 7), 5, None),
+    "bn planar eval": (_eval_bn, (3, 5, 6, 7), 5, None),
+    "bn 1d rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (37, 7), 7, None),
+    "bn 1d (N, C, L)": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (4, 3, 10), 3, None),
+    "bn channels_last": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 6, 5, 4), 6, CL),
+    "bn channels_last eval": (_eval_bn, (3, 6, 5, 4), 6, CL),
+    "gn": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 5, 3), 6, None),
+    "gn channels_last": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 5, 3), 6, CL),
+    "gn 2d": (lambda x, w, b: F.group_norm(x, 2, w, b), (5, 24), 24, None),
+    "instance": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (3, 4, 5, 6), 4, None),
+    "instance eval": (
+        lambda x, w, b: F.instance_norm(x, torch.zeros(4, dtype=x.dtype), torch.full((4,), 2.0, dtype=x.dtype), w, b,
+                                        use_input_stats=False), (3, 4, 5, 6), 4, None),
+    "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
+           (9, 5, 12), 6, None),
+    "ln over (H, W) channels_last": (lambda x, w, b: F.layer_norm(x, (5, 6), w.reshape(5, 6), b.reshape(5, 6)),
+                                     (3, 4, 5, 6), 30, CL),
+}
+
+
+def _run(name, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):
+    fn, shape, pcount, fmt = CASES[name]
+    monkeypatch.setenv("NORMLAB_BACKEND", backend)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x, w, b = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), need))
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y, [t.grad for t in (x, w, b)]
+
+
+def _check_against_engine(name, monkeypatch, need=(True, True, True)):
+    y_ref, grads_ref = _run(name, "torch", monkeypatch, need=need)
+    y, grads = _run(name, "triton", monkeypatch, need=need)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert y.is_contiguous(memory_format=CASES[name][3] or torch.contiguous_format)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
+def test_matches_torch_engine(name, need, monkeypatch):
+    _check_against_engine(name, monkeypatch, need)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_torch_engine_with_small_tiles(name, monkeypatch):
+    for attr, value in SMALL_TILES.items():
+        monkeypatch.setattr(tb, attr, value)
+    _check_against_engine(name, monkeypatch)
+
+
+class _Spy:
+    """Records the grids a kernel is launched with."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("name, kernels", [
+    ("bn planar", ("_moments_planar", "_planar_sums")),
+    ("bn channels_last", ("_moments_cols", "_cols_sums")),
+    ("gn", ("_moments_planar", "_planar_sums")),
+    ("ln", ("_moments_planar", "_planar_sums", "_cols_sums")),
+    ("gn 2d", ("_cols_sums",)),
+])
+def test_small_tiles_split_the_reductions(name, kernels, monkeypatch):
+    """With small tiles the statistics and gradient sums are split across several programs per unit (the
+    second grid axis), and the per-row plans leave the whole-row kernels for the long-row ones."""
+    for attr, value in SMALL_TILES.items():
+        monkeypatch.setattr(tb, attr, value)
+    tb._kernels()  # jitted, so that they can be wrapped
+    grids = {k: [] for k in kernels + ("_row_forward_tile", "_row_backward_tile")}
+    for k in grids:
+        monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
+    _run(name, "triton", monkeypatch)
+    for k in kernels:
+        assert grids[k] and all(len(g) == 2 for g in grids[k]), (k, grids[k])
+        assert max(g[1] for g in grids[k]) > 1, (k, grids[k])
+    assert not grids["_row_forward_tile"] and not grids["_row_backward_tile"]
+
+
+def test_default_tiles_keep_short_rows_whole(monkeypatch):
+    tb._kernels()
+    grids = {k: [] for k in ("_row_forward_tile", "_row_backward_tile", "_moments_planar")}
+    for k in grids:
+        monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
+    _run("ln", "triton", monkeypatch)
+    assert grids["_row_forward_tile"] == [(9,)] and len(grids["_row_backward_tile"]) == 1
+    assert not grids["_moments_planar"]
+
+
+# --- torch.nn -----------------------------------------------------------------------------------------
+
+
+def _compare_modules(ours, theirs, shapes, fmt=None, steps=(True, True, False), dtype=torch.float32, tol=1e-5):
+    gen = torch.Generator().manual_seed(3)
+    theirs.load_state_dict(ours.state_dict())
+    for train, shape in zip(steps, shapes):
+        ours.train(train), theirs.train(train)
+        x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        dy = torch.randn(shape, generator=gen, dtype=dtype)
+        xa, xb = (x.clone().requires_grad_(True) for _ in range(2))
+        ya, yb = ours(xa), theirs(xb)
+        torch.testing.assert_close(ya, yb, rtol=tol, atol=tol)
+        if fmt is not None:
+            assert ya.is_contiguous(memory_format=fmt)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=tol, atol=tol)
+        for pa, pb in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=tol, atol=tol)
+            pa.grad = pb.grad = None
+        for ba, bb in zip(ours.buffers(), theirs.buffers()):
+            torch.testing.assert_close(ba, bb, rtol=tol, atol=tol)
+
+
+def _randomize(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    return module
+
+
+@pytest.mark.parametrize("kind", ["1d (N, C)", "1d (N, C, L)", "2d nchw", "2d channels_last"])
+def test_batchnorm_matches_torch_nn(kind, tiles):
+    """Two training steps (running statistics updated) then one in eval mode, forward and backward."""
+    if kind.startswith("1d"):
+        ours, theirs = _randomize(nl.BatchNorm1d(5)), torch.nn.BatchNorm1d(5)
+        shape = (12, 5) if kind == "1d (N, C)" else (3, 5, 7)
+        fmt = None
+    else:
+        ours, theirs = _randomize(nl.BatchNorm2d(5)), torch.nn.BatchNorm2d(5)
+        shape, fmt = (3, 5, 4, 6), (CL if kind == "2d channels_last" else None)
+    _compare_modules(ours, theirs, [shape] * 3, fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["layer", "group nchw", "group channels_last", "instance"])
+def test_layer_group_instance_match_torch_nn(layer, dtype):
+    if layer == "layer":
+        ours, theirs, shape, fmt = nl.LayerNorm((4, 6)), torch.nn.LayerNorm((4, 6)), (5, 3, 4, 6), None
+    elif layer.startswith("group"):
+        ours, theirs, shape = nl.GroupNorm(2, 6), torch.nn.GroupNorm(2, 6), (3, 6, 4, 5)
+        fmt = CL if layer.endswith("channels_last") else None
+    else:
+        ours = nl.InstanceNorm2d(3, affine=True, track_running_stats=True)
+        theirs = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+        shape, fmt = (4, 3, 5, 6), None
+    ours, theirs = _randomize(ours.to(dtype)), theirs.to(dtype)
+    _compare_modules(ours, theirs, [shape] * 3, fmt, dtype=dtype, tol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_fused_matches_torch_composition(add, fmt, tiles):
+    """BatchNormReLU2d / BatchNormAddReLU2d: the fused kernels (forward epilogue, masked backward, residual
+    gradient) against relu(bn(x) [+ r]) on torch.nn, in training and evaluation."""
+    ours = _randomize((nl.BatchNormAddReLU2d if add else nl.BatchNormReLU2d)(4))
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        x = torch.randn(3, 4, 5, 6, generator=gen).contiguous(memory_format=fmt)
+        r = torch.randn(3, 4, 5, 6, generator=gen).contiguous(memory_format=fmt)
+        dy = torch.randn(3, 4, 5, 6, generator=gen)
+        xa, xb, ra, rb = (t.clone().requires_grad_(True) for t in (x, x, r, r))
+        ya = ours(xa, ra) if add else ours(xa)
+        assert type(ya.grad_fn).__name__ == "NormalizeReLUBackward"
+        yb = torch.relu(theirs(xb) + rb) if add else torch.relu(theirs(xb))
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        assert ya.is_contiguous(memory_format=fmt)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+        if add:
+            torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-5, atol=1e-5)
+        for pa, pb in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-5)
+            pa.grad = pb.grad = None
+        for ba, bb in zip(ours.buffers(), theirs.buffers()):
+            torch.testing.assert_close(ba, bb)
+
+
+def test_fused_residual_gradient_when_the_input_needs_none():
+    """A frozen trunk: x needs no gradient, the residual and the affine parameters do."""
+    ours = _randomize(nl.BatchNormAddReLU2d(3))
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    x, r, dy = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
+    ra, rb = (r.clone().requires_grad_(True) for _ in range(2))
+    ours(x, ra).backward(dy)
+    torch.relu(theirs(x) + rb).backward(dy)
+    torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+# --- precision ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, dtype", [("bn channels_last", torch.float16), ("ln", torch.float16),
+                                         ("gn", torch.bfloat16)])
+def test_half_precision_matches_torch_engine(name, dtype, monkeypatch):
+    y_ref, grads_ref = _run(name, "torch", monkeypatch, dtype)
+    y, grads = _run(name, "triton", monkeypatch, dtype)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("outlier", [False, True], ids=["", "outlier first"])
+@pytest.mark.parametrize("fmt", [None, CL], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+def test_large_mean_tiny_spread(norm, fmt, outlier, tiles):
+    """1e4 + N(0, 1e-2) in float32 keeps its variance in every kernel family, also when the first value
+    (the shift) lies 50 standard deviations out."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = 1e4 + 1e-2 * torch.randn(6, 4, 5, 6, generator=gen, dtype=torch.float64)
+    if outlier:
+        x64[0, 0, 0, 0] += 0.5
+        x64[0, 2, 0, 0] += 0.5
+    x64 = x64.float().double()
+    x32 = x64.float() if fmt is None else x64.float().contiguous(memory_format=fmt)
+    dims = {"batch": (0, 2, 3), "group": (2, 3, 4), "layer": (1, 2, 3)}[norm]
+    xv = x64.reshape(6, 2, 2, 5, 6) if norm == "group" else x64
+    truth = ((xv - xv.mean(dims, keepdim=True)) / xv.std(dims, unbiased=False, keepdim=True)).reshape(x64.shape)
+    y = {"batch": lambda: F.batch_norm(x32, None, None, training=True, eps=1e-12),
+         "group": lambda: F.group_norm(x32, 2, eps=1e-12),
+         "layer": lambda: F.layer_norm(x32, (4, 5, 6), eps=1e-12)}[norm]()
+    assert (y.double() - truth).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_float64_eps_keeps_float64_precision(norm, monkeypatch):
+    """Triton passes Python floats as float32; eps = 1/3 (where it dominates the variance) must still act
+    as the float64 1/3."""
+    x = torch.randn(6, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-2
+    fn = {"batch": lambda: F.batch_norm(x, None, None, training=True, eps=1 / 3),
+          "layer": lambda: F.layer_norm(x, (4, 5), eps=1 / 3)}[norm]
+    y = fn()
+    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
+    torch.testing.assert_close(y, fn(), rtol=1e-12, atol=1e-13)
+
+
+def test_strided_input_and_expanded_gradient():
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64).permute(0, 3, 2, 1).requires_grad_(True)  # (6, 3, 4, 5)
+    y = F.batch_norm(x, None, None, training=True)
+    (y * torch.arange(5.0, dtype=torch.float64)).sum().backward()  # dy is a broadcast view
+    xr = x.detach().clone().requires_grad_(True)
+    yr = torch.nn.functional.batch_norm(xr, None, None, training=True)
+    (yr * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_empty_batch(norm):
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    if norm == "batch":
+        y = F.batch_norm(x, None, None, torch.ones(3), torch.zeros(3), training=True)
+    else:
+        y = F.layer_norm(x, (3, 4, 4), torch.ones(3, 4, 4), torch.zeros(3, 4, 4))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+# --- dispatch -----------------------------------------------------------------------------------------
+
+
+def test_forced_triton_is_selected_under_the_interpreter():
+    x = torch.randn(4, 3)
+    assert select(x, batch_plan(x.shape)).name == "triton"
+    assert select(x, layer_plan(x.shape, (3,)), batch_stats=False).name == "triton"
+    x = torch.randn(5, 3, requires_grad=True)
+    assert type(F.batch_norm(x, None, None, training=True).grad_fn).__name__ == "NormalizeBackward"
+
+
+def test_forced_triton_raises_where_it_cannot_run(monkeypatch):
+    with pytest.raises(BackendError, match=r"NORMLAB_BACKEND=triton: .*dtype torch.int64"):
+        select(torch.ones(4, 3, dtype=torch.int64), batch_plan((4, 3)))
+    with pytest.raises(BackendError, match=r"NORMLAB_BACKEND=triton: .*CUDA tensors, got a tensor on meta"):
+        F.batch_norm(torch.empty(4, 3, device="meta"), None, None, training=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendError, match=r"NORMLAB_BACKEND=triton: .*TRITON_INTERPRET=1"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+def test_forced_triton_not_installed_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "available", lambda name: name != "triton")
+    with pytest.raises(BackendError, match="not installed"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+class _FakeCudaTensor:
+    """Just enough of a CUDA tensor for dispatch to route it (no kernel runs)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+    dtype = torch.float32
+
+    def numel(self):
+        return 12
+
+
+def test_auto_sends_cuda_tensors_to_triton(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "auto")
+    x, plan = _FakeCudaTensor(), batch_plan((4, 3))
+    assert select(x, plan).name == "triton"
+    assert select(x, plan, batch_stats=False).name == "triton"
+    assert getattr(select(torch.randn(4, 3), plan), "name", None) != "triton"  # CPU: numba or the engine
+    monkeypatch.setattr(dispatch, "available", lambda name: name != "triton")
+    assert select(x, plan) is None  # no triton: the torch engine
+
+
+def test_importing_the_backend_imports_no_triton():
+    code = (
+        "import sys, torch, normlab.kernels.triton_backend as tb, normlab.functional as F; "
+        "F.batch_norm(torch.randn(4, 3), None, None, training=True); "
+        "assert tb.TritonBackend().unsupported(torch.randn(2, 2), None) is not None; "
+        "assert 'triton' not in sys.modules"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# --- a real GPU ---------------------------------------------------------------------------------------
+
+_CUDA_CHECK = textwrap.dedent("""
+    import torch
+    import normlab.nn as nl
+    from normlab.core.plan import batch_plan
+    from normlab.kernels import select
+
+    dev = "cuda"
+    x = torch.randn(8, 16, 12, 12, device=dev)
+    assert select(x, batch_plan(x.shape)).name == "triton"
+    torch.manual_seed(0)
+
+    def close(a, b, tol):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+    def compare(ours, theirs, shape, fmt=torch.contiguous_format, tol=1e-4, fused=False):
+        # ours in float32 against the torch.nn layer in float64: two training steps, then one in eval
+        ours, theirs = ours.to(dev), theirs.to(dev).double()
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_()
+        theirs.load_state_dict(ours.state_dict())
+        for train in (True, True, False):
+            ours.train(train), theirs.train(train)
+            x = (torch.randn(shape, device=dev) * 3 + 100).contiguous(memory_format=fmt)
+            dy = torch.randn(shape, device=dev)
+            xa, xb = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+            ya = ours(xa)
+            yb = torch.relu(theirs(xb)) if fused else theirs(xb)
+            assert ya.is_contiguous(memory_format=fmt)
+            close(ya, yb, tol)
+            ya.backward(dy)
+            yb.backward(dy.double())
+            close(xa.grad, xb.grad, tol)
+            for pa, pb in zip(ours.parameters(), theirs.parameters()):
+                close(pa.grad, pb.grad, tol)
+                pa.grad = pb.grad = None
+            for ba, bb in zip(ours.buffers(), theirs.buffers()):
+                close(ba, bb.to(ba.dtype).double(), tol)
+
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        compare(nl.BatchNorm2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), fmt)
+        compare(nl.BatchNormReLU2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), fmt, fused=True)
+        compare(nl.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16), (8, 16, 60, 60), fmt)
+    compare(nl.BatchNorm1d(300), torch.nn.BatchNorm1d(300), (4096, 300))
+    compare(nl.LayerNorm(768), torch.nn.LayerNorm(768), (64, 49, 768))
+    compare(nl.LayerNorm((64, 32, 32)), torch.nn.LayerNorm((64, 32, 32)), (4, 64, 32, 32))
+    compare(nl.InstanceNorm2d(8, affine=True), torch.nn.InstanceNorm2d(8, affine=True), (4, 8, 128, 128))
+    print("cuda ok")
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestOnCuda:
+    """Auto dispatch sends CUDA tensors to the compiled kernels, which match torch.nn."""
+
+    def test_auto_dispatch_and_torch_nn_on_cuda(self):
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+        out = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "cuda ok" in out.stdout

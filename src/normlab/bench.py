@@ -336,19 +336,44 @@ def _max_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tu
     return worst, where
 
 
-def _time_case(trials: list[_Trial], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds per trial, interleaved, the order reversed on every other repeat."""
+SAMPLE_MS = 20.0
+"""A timed sample repeats a call until it has taken at least this long (one call if that call alone does),
+and counts the mean: a single call of a fraction of a millisecond is at the mercy of the timer, the
+scheduler and whatever ran just before it."""
+
+
+def _calls_per_sample(trial, device: torch.device, sample_ms: float) -> int:
+    """How many calls of ``trial`` fill ``sample_ms``, from one timed call."""
+    trial.reset()
+    _synchronize(device)
+    start = time.perf_counter()
+    trial.step()
+    _synchronize(device)
+    once = (time.perf_counter() - start) * 1e3
+    return max(1, min(1000, math.ceil(sample_ms / max(once, 1e-3))))
+
+
+def _time_case(trials: list[_Trial], warmup: int, repeats: int, device: torch.device,
+               sample_ms: float = SAMPLE_MS) -> dict[str, float]:
+    """Median over ``repeats`` samples of each trial's milliseconds per call, trials interleaved, the order
+    reversed on every other sample; a sample is the mean of as many calls as fill ``sample_ms`` (each
+    call timed on its own, after the trial's ``reset``)."""
     samples: dict[str, list[float]] = {t.name: [] for t in trials}
+    calls = {t.name: 1 for t in trials}
     for r in range(warmup + repeats):
+        if r == warmup:  # calibrate on warm caches and compiled kernels
+            calls = {t.name: _calls_per_sample(t, device, sample_ms) for t in trials}
         for trial in trials if r % 2 == 0 else trials[::-1]:
-            trial.reset()
-            _synchronize(device)
-            start = time.perf_counter()
-            trial.step()
-            _synchronize(device)
-            elapsed = time.perf_counter() - start
+            total = 0.0
+            for _ in range(calls[trial.name]):
+                trial.reset()
+                _synchronize(device)
+                start = time.perf_counter()
+                trial.step()
+                _synchronize(device)
+                total += time.perf_counter() - start
             if r >= warmup:
-                samples[trial.name].append(elapsed * 1e3)
+                samples[trial.name].append(total * 1e3 / calls[trial.name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -597,8 +622,9 @@ def header(records: Sequence[dict[str, Any]], implementations: Sequence[Implemen
     return "\n".join([
         f"normlab bench: {subject} vs {', '.join(i.name for i in implementations[1:])}, float32, "
         f"{first['device']}, torch {torch.__version__}, {first['threads']} threads",
-        f"Each case: median of {first['repeats']} timed repeats after {first['warmup']} warmup(s), "
-        f"implementations interleaved, order alternating.",
+        f"Each case: median of {first['repeats']} timed samples after {first['warmup']} warmup(s), a sample "
+        f"being the mean time per call over as many calls as fill {SAMPLE_MS:.0f} ms; implementations "
+        f"interleaved, order alternating.",
         f"{ref}/{subject} = {ref} ms / {subject} ms (\"ratio\" in --json): > 1 means {subject} is faster, "
         f"< 1 means {ref} is faster.",
         f"Answers are checked against {ref} first; a case that disagrees reads MISMATCH and is not timed.",

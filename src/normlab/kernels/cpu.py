@@ -462,9 +462,12 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
             _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
         a[ch] = np.float64(weight[ch]) * r
         b[ch] = np.float64(bias[ch]) - d * np.float64(weight[ch]) * r
-    for k in prange(nb):
-        lo, hi = _block(k, m, nb)
-        _column_affine(x, y, residual, lo, hi, shift, a, b, epilogue)
+    for i in prange(m):
+        xr, yr = x[i], y[i]
+        for ch in range(c):
+            yr[ch] = (xr[ch] - shift[ch]) * a[ch] + b[ch]
+        if epilogue != NONE:
+            _epilogue(yr, residual[i], epilogue)
 
 
 @njit(**_PARALLEL)

@@ -28,43 +28,22 @@ CASES = {
                                         use_input_stats=False), (3, 4, 5, 6), 4, None),
     "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
            (9, 5, 12), 6, None),
+    "ln over (H, W) channels_last": (lambda x, w, b: F.layer_norm(x, (5, 6), w.reshape(5, 6), b.reshape(5, 6)),
+                                     (3, 4, 5, 6), 30, CL),
 }
-
-
-def _run(name, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):
-    fn, shape, pcount, fmt = CASES[name]
-    monkeypatch.setenv("NORMLAB_BACKEND", backend)
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    w = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
-    b = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
-    if fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    x, w, b = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), need))
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y, [t.grad for t in (x, w, b)]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
-def test_numba_matches_torch_engine(name, need, monkeypatch):
-    y_ref, grads_ref = _run(name, "torch", monkeypatch, need=need)
-    y, grads = _run(name, "numba", monkeypatch, need=need)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    assert y.is_contiguous(memory_format=CASES[name][3] or torch.contiguous_format)
-    for g, g_ref in zip(grads, grads_ref):
-        assert (g is None) == (g_ref is None)
-        if g is not None:
-            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+def test_numba_matches_torch_engine(name, need, matches_engine):
+    matches_engine(CASES[name], "numba", need)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["bn planar", "bn channels_last", "gn channels_last", "ln"])
-def test_lower_precision_matches_torch_engine(name, dtype, monkeypatch):
-    y_ref, grads_ref = _run(name, "torch", monkeypatch, dtype)
-    y, grads = _run(name, "numba", monkeypatch, dtype)
+def test_lower_precision_matches_torch_engine(name, dtype, monkeypatch, run_case):
+    y_ref, grads_ref = run_case(CASES[name], "torch", dtype)
+    y, grads = run_case(CASES[name], "numba", dtype)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)

@@ -84,44 +84,17 @@ CASES = {
 }
 
 
-def _run(name, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):
-    fn, shape, pcount, fmt = CASES[name]
-    monkeypatch.setenv("NORMLAB_BACKEND", backend)
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    w = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
-    b = torch.randn(pcount, generator=gen, dtype=torch.float64).to(dtype)
-    if fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    x, w, b = (t.clone().requires_grad_(r) for t, r in zip((x, w, b), need))
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y, [t.grad for t in (x, w, b)]
-
-
-def _check_against_engine(name, monkeypatch, need=(True, True, True)):
-    y_ref, grads_ref = _run(name, "torch", monkeypatch, need=need)
-    y, grads = _run(name, "triton", monkeypatch, need=need)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    assert y.is_contiguous(memory_format=CASES[name][3] or torch.contiguous_format)
-    for g, g_ref in zip(grads, grads_ref):
-        assert (g is None) == (g_ref is None)
-        if g is not None:
-            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
-def test_matches_torch_engine(name, need, monkeypatch):
-    _check_against_engine(name, monkeypatch, need)
+def test_matches_torch_engine(name, need, matches_engine):
+    matches_engine(CASES[name], "triton", need)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_torch_engine_with_small_tiles(name, monkeypatch):
+def test_matches_torch_engine_with_small_tiles(name, monkeypatch, matches_engine):
     for attr, value in SMALL_TILES.items():
         monkeypatch.setattr(tb, attr, value)
-    _check_against_engine(name, monkeypatch)
+    matches_engine(CASES[name], "triton")
 
 
 class _Spy:
@@ -142,7 +115,7 @@ class _Spy:
     ("ln", ("_moments_planar", "_planar_sums", "_cols_sums")),
     ("gn 2d", ("_cols_sums",)),
 ])
-def test_small_tiles_split_the_reductions(name, kernels, monkeypatch):
+def test_small_tiles_split_the_reductions(name, kernels, monkeypatch, run_case):
     """With small tiles the statistics and gradient sums are split across several programs per unit (the
     second grid axis), and the per-row plans leave the whole-row kernels for the long-row ones."""
     for attr, value in SMALL_TILES.items():
@@ -151,19 +124,19 @@ def test_small_tiles_split_the_reductions(name, kernels, monkeypatch):
     grids = {k: [] for k in kernels + ("_row_forward_tile", "_row_backward_tile")}
     for k in grids:
         monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
-    _run(name, "triton", monkeypatch)
+    run_case(CASES[name], "triton")
     for k in kernels:
         assert grids[k] and all(len(g) == 2 for g in grids[k]), (k, grids[k])
         assert max(g[1] for g in grids[k]) > 1, (k, grids[k])
     assert not grids["_row_forward_tile"] and not grids["_row_backward_tile"]
 
 
-def test_default_tiles_keep_short_rows_whole(monkeypatch):
+def test_default_tiles_keep_short_rows_whole(monkeypatch, run_case):
     tb._kernels()
     grids = {k: [] for k in ("_row_forward_tile", "_row_backward_tile", "_moments_planar")}
     for k in grids:
         monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
-    _run("ln", "triton", monkeypatch)
+    run_case(CASES["ln"], "triton")
     assert grids["_row_forward_tile"] == [(9,)] and len(grids["_row_backward_tile"]) == 1
     assert not grids["_moments_planar"]
 
@@ -283,9 +256,9 @@ def test_fused_residual_gradient_when_the_input_needs_none():
 
 @pytest.mark.parametrize("name, dtype", [("bn channels_last", torch.float16), ("ln", torch.float16),
                                          ("gn", torch.bfloat16)])
-def test_half_precision_matches_torch_engine(name, dtype, monkeypatch):
-    y_ref, grads_ref = _run(name, "torch", monkeypatch, dtype)
-    y, grads = _run(name, "triton", monkeypatch, dtype)
+def test_half_precision_matches_torch_engine(name, dtype, monkeypatch, run_case):
+    y_ref, grads_ref = run_case(CASES[name], "torch", dtype)
+    y, grads = run_case(CASES[name], "triton", dtype)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)

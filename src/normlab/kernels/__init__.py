@@ -1,12 +1,13 @@
 """Backends of the engine: the same forward and closed-form backward as :mod:`normlab.core.engine`,
 computed by kernels that move the data fewer times than a sequence of torch operations.
 
-- :mod:`.dispatch` — which backend runs a call (``NORMLAB_BACKEND=auto|torch|numba``), and why.
+- :mod:`.dispatch` — which backend runs a call (``NORMLAB_BACKEND=auto|torch|numba|triton``), and why.
 - :mod:`.numba_backend` — the CPU backend: tensors in, tensors out, on NumPy views of their memory.
 - :mod:`.cpu` — its numba kernels, compiled on first use and cached on disk.
+- :mod:`.triton_backend` — the GPU backend for CUDA tensors, Triton kernels with the same conventions.
 - :mod:`.layout` — how a plan maps onto the kernels' flat views of memory.
 
-Importing this package imports neither numba nor any kernel.
+Importing this package imports neither numba nor triton nor any kernel.
 """
 
 from normlab.kernels.dispatch import BackendError, available, requested_backend, select

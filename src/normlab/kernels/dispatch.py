@@ -19,30 +19,23 @@ What ``auto`` picks, and why (measured with ``normlab bench`` and per-kernel tim
 development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md for the table):
 
 * CPU tensors in float32/float64 (float16/bfloat16 converted to float32 and back, as the torch engine
-  converts them), every plan the kernels handle: **numba**, except small eval inputs (below). Against
-  the torch engine the kernels win by more the larger the input: its separate operations move the
-  data five to eight times, and allocate as many large temporaries (BatchNorm2d (64, 64, 8, 8), train
-  forward: 188 µs against 2363 µs).
+  converts them), every plan the kernels handle, of every size, train and eval: **numba**. Against the
+  torch engine the kernels win by more the larger the input: its separate operations move the data five
+  to eight times and allocate as many temporaries (BatchNorm2d (64, 64, 8, 8) eval: 941 µs against
+  85 µs), and even on the smallest inputs the kernels' per-call set-up costs less than those operations
+  (BatchNorm2d (8, 16, 4, 4) eval: 33 µs against 41 µs).
 * Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
   are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the single pass (three ``normlab bench`` runs): BatchNorm2d NCHW train
-  forward 4.0–5.2x, forward+backward 3.1–3.8x, eval 3.0–4.7x; channels_last 2.0–5.6x; LayerNorm
-  (64, 196, 768) forward+backward 2.6–3.2x; GroupNorm (32, 256, 28, 28) 1.1–1.9x. ATen is faster on
-  small and mid-sized tensors that stay in cache, where normlab's Python per call (50–150 µs against
-  ATen's 5–20 µs) and ATen's tight C++ loops tell: (32, 512, 7, 7) in eval (0.4–0.5x) and
-  channels_last (0.5–0.7x), BatchNorm1d (4096, 1024) in eval (0.65–0.75x), LayerNorm (4096, 1024)
-  (0.8–1.0x); mid-sized training cases swing between 0.8x and 2x from run to run (ATen's time more
-  than the kernels').
-  These cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
+  pages matters as much as the single pass (BatchNorm2d train forward 3–5x, eval 4–8x, LayerNorm
+  (64, 196, 768) forward+backward 2–3x). On small and mid-sized tensors that stay in cache the two are
+  close, and which one is faster swings from run to run: normlab's Python per call (30–60 µs against
+  ATen's 5–20 µs) against ATen's extra passes over memory.
+  Those cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
   with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32 normalizes with errors of 0.04 for
   BatchNorm, 0.10 for LayerNorm, 0.16 for GroupNorm and 4.6e4 — E[x²] − E[x]² — for channels_last
   GroupNorm, where normlab's engine guarantees 1e-3), and in eval, folding the mean into a float32
   offset (x · a + b), ATen's error is twice normlab's (0.038 against 0.018 when the running mean itself
   is rounded to float32). Routing by shape would make that guarantee depend on the shape.
-* Fixed statistics (eval) on at most :data:`EVAL_TORCH_UP_TO` values: **torch** — three elementwise
-  operations, cheaper than the kernels' per-call setup. With statistics of the batch the kernels win
-  from the smallest inputs on (BatchNorm2d (8, 16, 4, 4): 96 µs against 107 µs; (16, 32, 8, 8): 105
-  against 225).
 * Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
 * CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
   backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and
@@ -115,8 +108,8 @@ def requested_backend() -> str:
 
 
 def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
-    """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones), or
-    ``None`` for the torch engine."""
+    """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones:
+    ``batch_stats``, which no current choice depends on), or ``None`` for the torch engine."""
     choice = requested_backend()
     if choice == "torch":
         return None

@@ -20,10 +20,14 @@ into the closed form::
 When the statistics are fixed (inference with running statistics) they are constants and
 ∂L/∂x_i = rstd · g_i.
 
-Backends: :class:`Normalize` asks :func:`normlab.kernels.select` which backend computes a call. The
-torch operations of this module are the reference and the fallback; the CPU kernels of
-:mod:`normlab.kernels` compute the same quantities, with the same precision guarantees, in fewer passes
-over memory.
+Running statistics, in training, are updated by the engine itself (:func:`update_running_stats`, or,
+where the backend can, inside the kernel that computes the batch's statistics), once those are computed:
+a call that raises before that leaves them untouched.
+
+Backends: :func:`run` asks :func:`normlab.kernels.select` which backend computes a call. The
+torch operations of this module are the reference and the fallback; the CPU kernels (numba) and GPU
+kernels (Triton) of :mod:`normlab.kernels` compute the same quantities, with the same precision
+guarantees, in fewer passes over memory.
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
 stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a

@@ -229,3 +229,14 @@ def test_layernorm_of_channels_last_input_matches_torch(normalized):
     gb = torch.autograd.grad(yb, (x, *theirs.parameters()), dy)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_running_statistics_updated_in_a_kernel_are_seen_by_autograd():
+    """A graph that saved a running statistic must refuse to backpropagate after a training step changed
+    it, whichever backend updated it (as torch.nn's in-place update does), not use the new value."""
+    bn = nl.BatchNorm2d(3)
+    w = torch.ones(3, requires_grad=True)
+    z = (w * bn.running_mean).sum()  # saves running_mean for the backward of w
+    bn(torch.randn(4, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from normlab.core.plan import Plan
 from normlab.kernels import buffers
@@ -151,8 +152,10 @@ class _Launch:
         a = _numpy(t)
         if self.perm is not None:
             a = a.transpose(self.perm)
+        if not a.flags.c_contiguous:  # reshape would copy, and a kernel would write into the copy
+            raise RuntimeError(f"numba backend: a {tuple(t.shape)} tensor with strides {t.stride()} is not laid "
+                               f"out as its kernels read it; this is a bug in normlab, please report it")
         return a.reshape(self.array_shape)
-
 
     def finish(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A result computed in the accumulation dtype, in ``x``'s dtype and memory format."""
@@ -259,6 +262,8 @@ class NumbaBackend:
             else:
                 parts = np.empty((max(1, min(threads, xn.shape[0])), 2, s.channels))
                 cpu.bn_rows_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, parts)
+            if running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
+                increment_version((running[0], running[1]))
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
         elif family == "row":

@@ -303,7 +303,7 @@ class Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
         y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
-                                                  backend)
+                                                         backend)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -35,7 +35,7 @@ class NormalizeReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
         y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
-                                                  backend, residual=residual, relu=True)
+                                                         backend, residual=residual, relu=True)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd, y)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.has_residual = residual is not None
@@ -85,4 +85,4 @@ def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan,
     if records_grad(x, residual, weight, bias):
         return NormalizeReLU.apply(x, residual, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
     return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend, residual=residual,
-                    relu=True)[0]
+                           relu=True)[0]

@@ -342,15 +342,19 @@ and counts the mean: a single call of a fraction of a millisecond is at the merc
 scheduler and whatever ran just before it."""
 
 
-def _calls_per_sample(trial, device: torch.device, sample_ms: float) -> int:
-    """How many calls of ``trial`` fill ``sample_ms``, from one timed call."""
+def _timed_ms(trial, device: torch.device) -> float:
+    """Milliseconds of one call of ``trial``, after its ``reset`` (not timed)."""
     trial.reset()
     _synchronize(device)
     start = time.perf_counter()
     trial.step()
     _synchronize(device)
-    once = (time.perf_counter() - start) * 1e3
-    return max(1, min(1000, math.ceil(sample_ms / max(once, 1e-3))))
+    return (time.perf_counter() - start) * 1e3
+
+
+def _calls_per_sample(trial, device: torch.device, sample_ms: float) -> int:
+    """How many calls of ``trial`` fill ``sample_ms``, from one timed call."""
+    return max(1, min(1000, math.ceil(sample_ms / max(_timed_ms(trial, device), 1e-3))))
 
 
 def _time_case(trials: list[_Trial], warmup: int, repeats: int, device: torch.device,
@@ -364,16 +368,9 @@ def _time_case(trials: list[_Trial], warmup: int, repeats: int, device: torch.de
         if r == warmup:  # calibrate on warm caches and compiled kernels
             calls = {t.name: _calls_per_sample(t, device, sample_ms) for t in trials}
         for trial in trials if r % 2 == 0 else trials[::-1]:
-            total = 0.0
-            for _ in range(calls[trial.name]):
-                trial.reset()
-                _synchronize(device)
-                start = time.perf_counter()
-                trial.step()
-                _synchronize(device)
-                total += time.perf_counter() - start
+            total = sum(_timed_ms(trial, device) for _ in range(calls[trial.name]))
             if r >= warmup:
-                samples[trial.name].append(total * 1e3 / calls[trial.name])
+                samples[trial.name].append(total / calls[trial.name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

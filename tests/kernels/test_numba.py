@@ -1,6 +1,7 @@
 """The numba kernels against the torch engine on the shapes and layouts the small equivalence tests miss:
-several blocks of rows per thread, long channels, channels_last GroupNorm, partial gradients, odd strides,
-half precision and the large-mean precision test in every layout."""
+several blocks of rows per thread, long channels, rows of 512 channels or more (summed in lockstep),
+channels_last GroupNorm, fused ReLU on rows, partial gradients, odd strides, half precision and the
+large-mean precision test in every layout."""
 
 import pytest
 import torch
@@ -16,6 +17,11 @@ CASES = {
     "bn planar": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 5, 40, 30), 5, None),
     "bn 2d rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (301, 7), 7, None),
     "bn channels_last": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 6, 9, 11), 6, CL),
+    "bn wide rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (203, 520), 520, None),
+    "bn channels_last relu": (lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True), (3, 6, 9, 11), 6,
+                              CL),
+    "bn wide channels_last relu": (lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True),
+                                   (3, 520, 5, 7), 520, CL),
     "bn 1x1 maps": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (33, 6, 1, 1), 6, None),
     "bn eval channels_last": (
         lambda x, w, b: F.batch_norm(x, torch.linspace(-1, 1, 6, dtype=x.dtype), torch.linspace(0.5, 2, 6, dtype=x.dtype),

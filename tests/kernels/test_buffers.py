@@ -1,5 +1,7 @@
 """The pool that recycles the memory of large kernel outputs."""
 
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +54,29 @@ def test_small_outputs_and_a_full_pool_fall_back_to_torch(monkeypatch):
     monkeypatch.setenv("NORMLAB_BUFFER_POOL_MB", "0")
     buffers.empty_like(x)
     assert not buffers._blocks  # the free block was dropped to respect the new limit
+
+
+def test_large_blocks_start_on_a_huge_page_and_are_recycled_like_the_others():
+    x = torch.empty(buffers.HUGE_BYTES // 4)
+    a = buffers.empty_like(x)
+    if sys.platform.startswith("linux"):
+        assert a.data_ptr() % (2 << 20) == 0
+    a.fill_(3.0)
+    ptr = a.data_ptr()
+    view = a[5:]
+    del a
+    b = buffers.empty_like(x)
+    ptr_b = b.data_ptr()
+    assert ptr_b != ptr  # the view keeps the first block in use
+    del view, b
+    assert buffers.empty_like(x).data_ptr() in (ptr, ptr_b)
+    assert len(buffers._blocks) == 2
+    buffers.release()
+    assert not buffers._blocks and buffers._held[0] == 0
+
+
+def test_the_pool_limit_counts_the_alignment_room(monkeypatch):
+    x = torch.empty(buffers.HUGE_BYTES // 4)
+    monkeypatch.setenv("NORMLAB_BUFFER_POOL_MB", str(buffers.HUGE_BYTES / 2**20 + 0.5))
+    assert buffers.empty_like(x).shape == x.shape
+    assert not buffers._blocks  # a block and its alignment room would not fit: torch's own memory

@@ -15,24 +15,40 @@ tensor or view of it is left. Blocks of the exact size asked for are reused; the
 ``NORMLAB_BUFFER_POOL_MB`` MiB (default 1024; 0 turns it off), dropping free blocks, oldest first, to make
 room, and allocating as torch does when every block is in use and no room is left. :func:`release`
 returns the free blocks to the system.
+
+On Linux, blocks of at least :data:`HUGE_BYTES` start on a 2 MiB boundary and ask the kernel for
+transparent huge pages (``madvise(MADV_HUGEPAGE)``, where the system's THP setting is ``madvise``): a
+16 MiB output then takes 8 TLB entries rather than 4096. Writing a (4096, 1024) float32 BatchNorm
+output from cache-warm data took 0.47 ms into such a block against 0.58-0.70 ms into ordinary pages on
+the benchmark machine; from cold caches the two were the same. Where the kernel refuses, the block
+stays an ordinary one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
 import numpy as np
 import torch
 
-__all__ = ["MIN_BYTES", "empty_like", "pool_limit", "release"]
+__all__ = ["HUGE_BYTES", "MIN_BYTES", "empty_like", "pool_limit", "release"]
 
 MIN_BYTES = 256 << 10
 """Smaller outputs are allocated by torch: glibc recycles them, and the pool's bookkeeping would cost
 more than it could save."""
 
+HUGE_BYTES = 4 << 20
+"""Blocks this large are aligned to a huge page and advised to use huge pages (Linux)."""
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
-_blocks: list[np.ndarray] = []
+# Each entry is (memory, offset, nbytes): the block is memory[offset:offset + nbytes]. Views handed out
+# reference ``memory`` (NumPy's views point at the array that owns the memory), so a block is free when
+# nothing but its entry refers to it.
+_blocks: list[tuple[np.ndarray, int, int]] = []
 _held = [0]  # bytes in _blocks
 
 
@@ -42,8 +58,44 @@ def pool_limit() -> int:
 
 
 def _free(i: int) -> bool:
-    # A free block is referenced by the pool's list and by getrefcount's own argument only.
-    return sys.getrefcount(_blocks[i]) == 2
+    # A free block's memory is referenced by its entry and by getrefcount's own argument only.
+    return sys.getrefcount(_blocks[i][0]) == 2
+
+
+def _view(entry: tuple[np.ndarray, int, int]) -> np.ndarray:
+    memory, offset, nbytes = entry
+    return memory[offset:offset + nbytes]
+
+
+def _madvise():
+    """libc's ``madvise``, or ``None`` where there is none to call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+
+
+def _footprint(nbytes: int) -> int:
+    """The bytes a new block of ``nbytes`` takes: room to align it to a huge page from :data:`HUGE_BYTES` on."""
+    return nbytes + _HUGE_PAGE if nbytes >= HUGE_BYTES and _MADVISE is not None else nbytes
+
+
+def _new_entry(nbytes: int) -> tuple[np.ndarray, int, int]:
+    """Fresh memory for a block of ``nbytes``: huge-page aligned and advised from :data:`HUGE_BYTES` on."""
+    if _footprint(nbytes) == nbytes:
+        return np.empty(nbytes, dtype=np.uint8), 0, nbytes
+    memory = np.empty(_footprint(nbytes), dtype=np.uint8)
+    offset = -memory.ctypes.data % _HUGE_PAGE
+    _MADVISE(memory.ctypes.data + offset, nbytes, _MADV_HUGEPAGE)  # a refusal leaves ordinary pages
+    return memory, offset, nbytes
 
 
 def _block(nbytes: int) -> np.ndarray | None:
@@ -52,14 +104,15 @@ def _block(nbytes: int) -> np.ndarray | None:
     if _held[0] > limit:
         _trim(limit)
     for i in range(len(_blocks)):
-        if _blocks[i].nbytes == nbytes and _free(i):
+        if _blocks[i][2] == nbytes and _free(i):
             _blocks.append(_blocks.pop(i))
-            return _blocks[-1]
-    if _held[0] + nbytes > limit and _trim(limit - nbytes) + nbytes > limit:
+            return _view(_blocks[-1])
+    need = _footprint(nbytes)
+    if _held[0] + need > limit and _trim(limit - need) + need > limit:
         return None
-    _blocks.append(np.empty(nbytes, dtype=np.uint8))
-    _held[0] += nbytes
-    return _blocks[-1]
+    _blocks.append(_new_entry(nbytes))
+    _held[0] += _blocks[-1][0].nbytes
+    return _view(_blocks[-1])
 
 
 def _trim(limit: int) -> int:
@@ -68,7 +121,7 @@ def _trim(limit: int) -> int:
     i = 0
     while _held[0] > limit and i < len(_blocks):
         if _free(i):
-            _held[0] -= _blocks.pop(i).nbytes
+            _held[0] -= _blocks.pop(i)[0].nbytes
         else:
             i += 1
     return _held[0]

@@ -1,5 +1,6 @@
 """The numba kernels against the torch engine on the shapes and layouts the small equivalence tests miss:
-several blocks of rows per thread, long channels, rows of 512 channels or more (summed in lockstep),
+several blocks of rows per thread (LayerNorm's rows are summed four at a time, with the rest one by one),
+long channels, rows of 512 channels or more (summed in lockstep),
 channels_last GroupNorm, fused ReLU on rows, partial gradients, odd strides, half precision and the
 large-mean precision test in every layout."""
 
@@ -34,6 +35,8 @@ CASES = {
                                         use_input_stats=False), (3, 4, 5, 6), 4, None),
     "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
            (9, 5, 12), 6, None),
+    "ln blocks of rows": (lambda x, w, b: F.layer_norm(x, (66,), w, b), (517, 66), 66, None),
+    "gn on (N, C)": (lambda x, w, b: F.group_norm(x, 3, w, b), (37, 6), 6, None),
     "ln over (H, W) channels_last": (lambda x, w, b: F.layer_norm(x, (5, 6), w.reshape(5, 6), b.reshape(5, 6)),
                                      (3, 4, 5, 6), 30, CL),
 }

@@ -599,37 +599,60 @@ def _row_centre(shift, mean_shifted, rstd, r, train):
     return np.float64(shift[r]) + (np.float64(mean_shifted[r]) if train else 0.0), np.float64(rstd[r])
 
 
+@njit(inline="always", **_FLAGS)
+def _row_terms(shift, mean_shifted, rstd, r, train):
+    """(shift, mean_shifted, rstd) of row ``r`` in float64 (mean_shifted 0 for fixed statistics)."""
+    return np.float64(shift[r]), np.float64(mean_shifted[r]) if train else 0.0, np.float64(rstd[r])
+
+
 @njit(**_FLAGS)
-def _row_param_sums(x, dy, lo, hi, shift, mean_shifted, rstd, train, groups, pb, pw):
-    """Add dy and dy · x̂ of rows [lo, hi) into the float64 accumulators of dβ and dγ where each value
-    has its own parameter (row r's value j: parameter (r mod groups) · K + j); with one group four
-    rows at a time, as in :func:`_column_sums`."""
+def _row_param_sums(x, dy, r, shift, mean_shifted, rstd, train, groups, pb, pw):
+    """Add dy and dy · x̂ of row ``r`` into the float64 accumulators of dβ and dγ where each value has its
+    own parameter (row r's value j: parameter (r mod groups) · K + j)."""
     kk = x.shape[1]
-    i = lo
-    while groups == 1 and i + 4 <= hi:
-        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
-        m0, r0 = _row_centre(shift, mean_shifted, rstd, i, train)
-        m1, r1 = _row_centre(shift, mean_shifted, rstd, i + 1, train)
-        m2, r2 = _row_centre(shift, mean_shifted, rstd, i + 2, train)
-        m3, r3 = _row_centre(shift, mean_shifted, rstd, i + 3, train)
-        for j in range(kk):
-            a0 = np.float64(g0[j])
-            a1 = np.float64(g1[j])
-            a2 = np.float64(g2[j])
-            a3 = np.float64(g3[j])
-            pb[j] += (a0 + a1) + (a2 + a3)
-            pw[j] += (a0 * ((np.float64(x0[j]) - m0) * r0) + a1 * ((np.float64(x1[j]) - m1) * r1)) + (
-                a2 * ((np.float64(x2[j]) - m2) * r2) + a3 * ((np.float64(x3[j]) - m3) * r3))
-        i += 4
-    for r in range(i, hi):
-        xr, gr = x[r], dy[r]
-        mu, rs = _row_centre(shift, mean_shifted, rstd, r, train)
-        p0 = (r % groups) * kk
-        for j in range(kk):
-            a = np.float64(gr[j])
-            pb[p0 + j] += a
-            pw[p0 + j] += a * ((np.float64(xr[j]) - mu) * rs)
+    xr, gr = x[r], dy[r]
+    mu, rs = _row_centre(shift, mean_shifted, rstd, r, train)
+    p0 = (r % groups) * kk
+    for j in range(kk):
+        a = np.float64(gr[j])
+        pb[p0 + j] += a
+        pw[p0 + j] += a * ((np.float64(xr[j]) - mu) * rs)
+
+
+@njit(**_SUM_FLAGS)
+def _four_row_sums(x, dy, w, i, shift, mean_shifted, rstd, train, pb, pw, sums):
+    """Rows i to i + 3 of (R, K) ``x`` and ``dy`` where every value has its own parameter ``w[j]`` (LayerNorm)
+    in one read: dy and dy · x̂ added into the float64 accumulators of dβ and dγ (``pb``, ``pw``), and
+    each row's Σ w · dy and Σ w · dy · (x − shift) written to ``sums[k]`` (k = 0..3), all in float64.
+
+    Reading the four rows once for both kinds of sums, rather than once for the parameters' and again per
+    row, made the LayerNorm backward on (4096, 1024) and (12544, 768) 1.1-1.15x faster. In float64 every
+    step is exact enough that reassociating the sums (which vectorizes them) loses nothing:
+    x − shift is exact, and x̂ = ((x − shift) − mean_shifted) · rstd is formed from it."""
+    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+    g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+    h0, d0, r0 = _row_terms(shift, mean_shifted, rstd, i, train)
+    h1, d1, r1 = _row_terms(shift, mean_shifted, rstd, i + 1, train)
+    h2, d2, r2 = _row_terms(shift, mean_shifted, rstd, i + 2, train)
+    h3, d3, r3 = _row_terms(shift, mean_shifted, rstd, i + 3, train)
+    a0 = b0 = a1 = b1 = a2 = b2 = a3 = b3 = 0.0
+    for j in range(x.shape[1]):
+        wj = np.float64(w[j])
+        e0, e1, e2, e3 = np.float64(g0[j]), np.float64(g1[j]), np.float64(g2[j]), np.float64(g3[j])
+        c0, c1 = np.float64(x0[j]) - h0, np.float64(x1[j]) - h1
+        c2, c3 = np.float64(x2[j]) - h2, np.float64(x3[j]) - h3
+        pb[j] += (e0 + e1) + (e2 + e3)
+        pw[j] += (e0 * ((c0 - d0) * r0) + e1 * ((c1 - d1) * r1)) + (e2 * ((c2 - d2) * r2) + e3 * ((c3 - d3) * r3))
+        a0 += wj * e0
+        b0 += wj * e0 * c0
+        a1 += wj * e1
+        b1 += wj * e1 * c1
+        a2 += wj * e2
+        b2 += wj * e2 * c2
+        a3 += wj * e3
+        b3 += wj * e3 * c3
+    sums[0, 0], sums[0, 1], sums[1, 0], sums[1, 1] = a0, b0, a1, b1
+    sums[2, 0], sums[2, 1], sums[3, 0], sums[3, 1] = a2, b2, a3, b3
 
 
 @njit(**_PARALLEL)
@@ -646,6 +669,7 @@ def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups
     cast = x.dtype.type
     for blk in prange(nb):
         pb, pw, lo, hi = _block_parts(parts, blk, rows)
+        four = np.empty((4, 2))  # per-row sums of a group of four rows (LayerNorm)
         for r in range(lo, hi):
             xr = x[r]
             dyr = dy[r]
@@ -656,9 +680,14 @@ def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups
             p0 = (r % groups) * cg
             if hw == 1:
                 wr = weight[p0:p0 + kk]
-                if (r - lo) % 4 == 0:  # dγ, dβ of this row and the next three, while they are in cache
-                    _row_param_sums(x, dy, r, min(r + 4, hi), shift, mean_shifted, rstd, train, groups, pb, pw)
-                sg, sgx = _weighted_grad_sums(xr, dyr, wr, sh)
+                k = (r - lo) % 4
+                if groups == 1 and r - k + 4 <= hi:  # in a group of four rows, summed when it starts
+                    if k == 0:
+                        _four_row_sums(x, dy, wr, r, shift, mean_shifted, rstd, train, pb, pw, four)
+                    sg, sgx = four[k, 0], four[k, 1]
+                else:
+                    _row_param_sums(x, dy, r, shift, mean_shifted, rstd, train, groups, pb, pw)
+                    sg, sgx = _weighted_grad_sums(xr, dyr, wr, sh)
             else:
                 sg = 0.0
                 sgx = 0.0

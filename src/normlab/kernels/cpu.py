@@ -626,7 +626,8 @@ def _four_row_sums(x, dy, w, i, shift, mean_shifted, rstd, train, pb, pw, sums):
     each row's Σ w · dy and Σ w · dy · (x − shift) written to ``sums[k]`` (k = 0..3), all in float64.
 
     Reading the four rows once for both kinds of sums, rather than once for the parameters' and again per
-    row, made the LayerNorm backward on (4096, 1024) and (12544, 768) 1.1-1.15x faster. In float64 every
+    row, made the LayerNorm backward kernel 1.1-1.24x faster on (4096, 1024), (12544, 768), (64, 4096) and
+    (1001, 256) rows (2 threads, interleaved A/B). In float64 every
     step is exact enough that reassociating the sums (which vectorizes them) loses nothing:
     x − shift is exact, and x̂ = ((x − shift) − mean_shifted) · rstd is formed from it."""
     x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]

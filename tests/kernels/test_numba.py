@@ -1,5 +1,5 @@
 """The numba kernels against the torch engine on the shapes and layouts the small equivalence tests miss:
-several blocks of rows per thread (LayerNorm's rows are summed four at a time, with the rest one by one),
+BatchNorm on short and long runs (a run's sums in the input dtype or in float64), several blocks of rows per thread (LayerNorm's rows are summed four at a time, with the rest one by one),
 long channels, rows of 512 channels or more (summed in lockstep),
 channels_last GroupNorm, fused ReLU on rows, partial gradients, odd strides, half precision and the
 large-mean precision test in every layout."""
@@ -16,6 +16,17 @@ CL = torch.channels_last
 
 CASES = {
     "bn planar": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 5, 40, 30), 5, None),
+    "bn planar short runs relu": (lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True), (9, 5, 7, 7),
+                                  5, None),
+    "bn planar short runs add relu": (
+        lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True, residual=0.5 * x - 1), (9, 5, 7, 7), 5,
+        None),
+    "bn planar add relu": (
+        lambda x, w, b: F.batch_norm_relu(x, None, None, w, b, training=True, residual=0.5 * x - 1), (3, 5, 20, 15), 5,
+        None),
+    "bn eval planar short runs": (
+        lambda x, w, b: F.batch_norm(x, torch.linspace(-1, 1, 6, dtype=x.dtype), torch.linspace(0.5, 2, 6, dtype=x.dtype),
+                                     w, b, training=False), (3, 6, 7, 7), 6, None),
     "bn 2d rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (301, 7), 7, None),
     "bn channels_last": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (3, 6, 9, 11), 6, CL),
     "bn wide rows": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), (203, 520), 520, None),
@@ -49,7 +60,8 @@ def test_numba_matches_torch_engine(name, need, matches_engine):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["bn planar", "bn channels_last", "gn channels_last", "ln"])
+@pytest.mark.parametrize("name", ["bn planar", "bn planar short runs add relu", "bn channels_last", "gn channels_last",
+                                  "ln"])
 def test_lower_precision_matches_torch_engine(name, dtype, monkeypatch, run_case):
     y_ref, grads_ref = run_case(CASES[name], "torch", dtype)
     y, grads = run_case(CASES[name], "numba", dtype)

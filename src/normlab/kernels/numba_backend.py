@@ -171,6 +171,13 @@ def _launch(x: torch.Tensor, plan: Plan) -> _Launch:
     return plan.memo(("numba", cl, x.dtype), lambda: _Launch(plan, cl, x.dtype))
 
 
+def _parts(threads: int, launch: _Launch) -> np.ndarray:
+    """The BatchNorm kernels' per-block float64 partial sums, (B, 2, C): one block of rows per thread."""
+    s = launch.shape
+    rows = s.n * s.channels if launch.family == "bn_planar" else s.n * s.spatial
+    return np.empty((max(1, min(threads, rows)), 2, s.channels))
+
+
 def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
     """Fixed per-channel statistics, repeated for every row of the plan where each sample has its own
     (InstanceNorm in eval mode)."""
@@ -257,11 +264,8 @@ class NumbaBackend:
             else:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
                 momentum, unbias = float(running[2]), count / (count - 1)
-            if family == "bn_planar":
-                cpu.bn_planar_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias)
-            else:
-                parts = np.empty((max(1, min(threads, xn.shape[0])), 2, s.channels))
-                cpu.bn_rows_forward(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, parts)
+            kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
+            kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, _parts(threads, launch))
             if running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
                 increment_version((running[0], running[1]))
         elif relu:
@@ -307,10 +311,8 @@ class NumbaBackend:
             yn = launch.array(launch.prepare(y)) if y is not None else xn
             dresn = launch.array(dres) if dres is not None else dxn
             args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
-            if family == "bn_planar":
-                cpu.bn_planar_backward(*args)
-            else:
-                cpu.bn_rows_backward(*args, np.empty((max(1, min(threads, xn.shape[0])), 2, s.channels)))
+            kernel = cpu.bn_planar_backward if family == "bn_planar" else cpu.bn_rows_backward
+            kernel(*args, _parts(threads, launch))
             return
         if family == "row":
             parts = np.empty((max(1, min(threads, s.rows)), 2, launch.param_count))

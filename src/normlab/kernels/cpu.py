@@ -315,7 +315,7 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
       sums (``parts``, (B, 2, C) float64: one block of runs per thread), combined per channel; then read
       again, in order, to write ``y``. Gathering a channel's N short runs, C·S values apart, to normalize
       them while in cache is slower than streaming twice: 1.9-2.3x slower on (32, 512, 7, 7) and
-      (128, 512, 7, 7), 1.25-2.1x on 14x14 maps (2-core benchmark machine, float32).
+      (128, 512, 7, 7), 1.2-2.1x on 14x14 maps (2-core benchmark machine, float32).
     * long runs: parallel over channels, each channel's N runs summed, then normalized while still in
       cache (a channel of up to about 1 MiB stays in L2), so ``x`` and ``y`` cross main memory once.
 

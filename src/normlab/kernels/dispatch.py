@@ -21,21 +21,24 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
 * CPU tensors in float32/float64 (float16/bfloat16 converted to float32 and back, as the torch engine
   converts them), every plan the kernels handle, of every size, train and eval: **numba**. Against the
   torch engine the kernels win by more the larger the input: its separate operations move the data five
-  to eight times and allocate as many temporaries (BatchNorm2d (64, 64, 8, 8) eval: 941 µs against
-  85 µs), and even on the smallest inputs the kernels' per-call set-up costs less than those operations
-  (BatchNorm2d (8, 16, 4, 4) eval: 33 µs against 41 µs).
+  to eight times and allocate as many temporaries (BatchNorm2d (64, 64, 8, 8) eval: 205–222 µs against
+  70 µs), and even on the smallest inputs the kernels' per-call set-up costs less than those operations
+  (BatchNorm2d (8, 16, 4, 4) eval: 37–40 µs against 43–45 µs).
 * Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
   are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the single pass (BatchNorm2d train forward 3–5x, eval 4–8x, LayerNorm
-  (64, 196, 768) forward+backward 2–3x). On small and mid-sized tensors that stay in cache the two are
-  close, and which one is faster swings from run to run: normlab's Python per call (30–60 µs against
-  ATen's 5–20 µs) against ATen's extra passes over memory.
+  pages matters as much as the fewer passes (BatchNorm2d train forward 3.5–5.9x, eval 4.1–5.1x, LayerNorm
+  (64, 196, 768) forward+backward 2.2x; medians of three ``normlab bench`` runs). On small and mid-sized
+  tensors that stay in cache the kernels still win where ATen's statistics pass is slow (contiguous
+  (32, 512, 7, 7) training forward 3.4x), and elsewhere the two are close or ATen is faster (channels_last
+  (32, 512, 7, 7) 0.80–0.88x, BatchNorm1d (4096, 1024) eval 0.82x): normlab's Python per call (38–69 µs
+  on a tiny input against ATen's 10–20 µs) against ATen's extra passes over memory.
   Those cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
-  with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32 normalizes with errors of 0.04 for
-  BatchNorm, 0.10 for LayerNorm, 0.16 for GroupNorm and 4.6e4 — E[x²] − E[x]² — for channels_last
-  GroupNorm, where normlab's engine guarantees 1e-3), and in eval, folding the mean into a float32
-  offset (x · a + b), ATen's error is twice normlab's (0.038 against 0.018 when the running mean itself
-  is rounded to float32). Routing by shape would make that guarantee depend on the shape.
+  with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32, shape (64, 32, 16, 16), normalizes
+  with errors of 0.04 for BatchNorm, 0.09 for LayerNorm, 0.16 for GroupNorm(8) and 11 — E[x²] − E[x]² —
+  for channels_last GroupNorm(8), against at most 4e-7 for normlab's kernels), and in eval, folding the
+  mean into a float32 offset (x · a + b), ATen is off by 0.03 where normlab, subtracting the running mean
+  first, is off by 2e-7 (running mean 1e4 + N(0, 1e-3), running variance 1e-4 to 2e-4). Routing by shape
+  would make that guarantee depend on the shape.
 * Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
 * CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
   backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and

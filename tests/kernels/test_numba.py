@@ -1,13 +1,19 @@
 """The numba kernels against the torch engine on the shapes and layouts the small equivalence tests miss:
-BatchNorm on short and long runs (a run's sums in the input dtype or in float64), several blocks of rows per thread (LayerNorm's rows are summed four at a time, with the rest one by one),
+BatchNorm on short and long runs (a run's sums in the input dtype or in float64) and with any number of
+blocks, several blocks of rows per thread (LayerNorm's rows are summed four at a time, with the rest one by one),
 long channels, rows of 512 channels or more (summed in lockstep),
 channels_last GroupNorm, fused ReLU on rows, partial gradients, odd strides, half precision and the
 large-mean precision test in every layout."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 
 import normlab.functional as F
+from normlab import reference as ref
+from normlab.core.plan import batch_plan
 from normlab.kernels import available
 
 pytestmark = pytest.mark.skipif(not available("numba"), reason="numba is not installed")
@@ -87,6 +93,96 @@ def test_large_mean_tiny_spread_in_every_layout(norm, fmt, monkeypatch):
          "group": lambda: F.group_norm(x32, 2, eps=1e-12),
          "layer": lambda: F.layer_norm(x32, (8, 12, 12), eps=1e-12)}[norm]()
     assert (y.double() - truth).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape", [(5, 7, 49), (2, 3, 256), (2, 3, 257), (4, 3, 27), (1, 13, 4)], ids=str)
+def test_planar_kernels_with_any_block_count(shape, blocks, dtype):
+    """The (N, C, S) BatchNorm kernels split the N·C runs into one block per thread, with block boundaries
+    anywhere in the channel rotation; called directly with 1 to 7 blocks (whatever this machine's thread
+    count), on short runs and long ones (S = 256 and 257), they give the float64 reference's statistics,
+    running statistics, output and gradients, in training and eval, plain and with the fused add + ReLU."""
+    from normlab.kernels import cpu
+
+    n, c, s = shape
+    rng = np.random.default_rng(sum(shape) + blocks)
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    plan = batch_plan((n, c, s))
+    parts = np.full((blocks, 2, c), np.nan)
+    for train, epilogue in itertools.product((True, False), (0, 2)):
+        x, dy, res = ((rng.standard_normal(shape) * 3 + 2).astype(dtype) for _ in range(3))
+        w, b, fixed_mean = (rng.standard_normal(c).astype(dtype) for _ in range(3))
+        fixed_var, rm, rv = ((rng.random(c) + 0.5).astype(dtype) for _ in range(3))
+        rm0, rv0 = rm.copy(), rv.copy()
+        stats = np.zeros((4, c), dtype)
+        if not train:
+            stats[0], stats[2] = fixed_mean, fixed_var
+        y = np.full_like(x, np.nan)
+        cpu.bn_planar_forward(x, w, b, 1e-5, train, stats, y, res, epilogue, rm, rv, 0.1, n * s / (n * s - 1), parts)
+        ref_y, cache = ref.forward(x, plan, w, b, 1e-5, *((None, None) if train else (fixed_mean, fixed_var)))
+        if epilogue:
+            ref_y = np.maximum(ref_y + res, 0.0)
+        scale = max(1.0, np.abs(ref_y).max())
+        np.testing.assert_allclose(y, ref_y, rtol=0, atol=tol * scale)
+        mean = stats[0].astype(np.float64) + stats[1]
+        np.testing.assert_allclose(1.0 / np.sqrt(stats[2] + 1e-5), stats[3], rtol=tol)
+        if train:
+            np.testing.assert_allclose(mean, cache.mean.reshape(c), rtol=0, atol=tol * 10)
+            np.testing.assert_allclose(stats[2], cache.var.reshape(c), rtol=tol * 10)
+            ref_rm, ref_rv, _ = ref.update_running(rm0, rv0, x, plan, 0.1, 0)
+            np.testing.assert_allclose(rm, ref_rm, rtol=tol * 10, atol=tol * 10)
+            np.testing.assert_allclose(rv, ref_rv, rtol=tol * 10)
+        else:
+            np.testing.assert_array_equal(rm, rm0)
+        dx, dres = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        dw, db = np.empty(c, dtype), np.empty(c, dtype)
+        masked = np.where(y > 0, dy, 0.0) if epilogue else dy
+        cpu.bn_planar_backward(x, dy, y, w, stats[0], stats[1], stats[3], train, True, epilogue, dx, dres, dw, db, parts)
+        ref_dx, ref_dw, ref_db = ref.backward(masked, cache)
+        for got, want in ((dx, ref_dx), (dw, ref_dw), (db, ref_db)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
+        if epilogue:
+            np.testing.assert_array_equal(dres, masked)
+
+
+@pytest.mark.parametrize("shape", [(128, 4, 1, 256), (512, 4, 8, 8)], ids=str)
+def test_short_runs_keep_the_variance_when_the_first_value_is_an_outlier(shape, monkeypatch):
+    """A short run is summed in float32 about its own first value, so a channel whose first value (its
+    shift) lies 300σ from the mean of 1e4 + N(0, 1e-2) keeps its variance; summed about the channel's shift,
+    every run would carry an error growing like (300σ / σ)²."""
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    gen = torch.Generator().manual_seed(0)
+    x64 = 1e4 + 1e-2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    x64[0, :, 0, 0] = 1e4 + 3.0
+    x32 = x64.float()
+    x64 = x32.double()
+    rm, rv = torch.zeros(4), torch.zeros(4)
+    y = F.batch_norm(x32, rm, rv, None, None, training=True, momentum=1.0).double()
+    truth = torch.nn.functional.batch_norm(x64, None, None, training=True)
+    rest = torch.ones_like(truth, dtype=torch.bool)
+    rest[0, :, 0, 0] = False
+    assert (y - truth)[rest].abs().max().item() < 1e-4
+    assert ((y - truth).abs().max() / truth.abs().max()).item() < 1e-5
+    var = x64.transpose(0, 1).reshape(4, -1).var(1)
+    assert ((rv.double() - var).abs() / var).max().item() < 1e-4
+
+
+def test_short_runs_whose_squares_overflow_float32_are_summed_in_float64(monkeypatch):
+    """float32 data spread over ±1e20: (x − r0)² overflows float32, so such a run's sums are taken again in
+    float64 and the output is still the normalized data, not zeros."""
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    gen = torch.Generator().manual_seed(0)
+    x32 = (1e20 * torch.randn(8, 4, 7, 7, generator=gen, dtype=torch.float64)).float()
+    x32.requires_grad_(True)
+    dy = torch.randn(8, 4, 7, 7, generator=gen)
+    y = F.batch_norm(x32, None, None, training=True)
+    y.backward(dy)
+    x64 = x32.detach().double().requires_grad_(True)
+    truth = torch.nn.functional.batch_norm(x64, None, None, training=True)
+    truth.backward(dy.double())
+    assert (y.detach().double() - truth.detach()).abs().max().item() < 1e-5
+    assert ((x32.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
 
 
 def test_strided_input_and_expanded_gradient(monkeypatch):

@@ -343,8 +343,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     * short runs (S ≤ :data:`_SHORT_RUN`): ``x`` is read once, in memory order, into per-block partial
       sums (``parts``, (B, 2, C) float64: one block of runs per thread), combined per channel; then read
       again, in order, to write ``y``. Gathering a channel's N short runs, C·S values apart, to normalize
-      them while in cache is slower than streaming twice: 1.9-2.3x slower on (32, 512, 7, 7) and
-      (128, 512, 7, 7), 1.2-2.1x on 14x14 maps (2-core benchmark machine, float32).
+      them while in cache is slower than streaming twice: 1.3-3.0x slower on (32, 512, 7, 7) and
+      (128, 512, 7, 7), 1.3-2.5x on 14x14 maps (2-core benchmark machine, float32).
     * long runs: parallel over channels, each channel's N runs summed, then normalized while still in
       cache (a channel of up to about 1 MiB stays in L2), so ``x`` and ``y`` cross main memory once.
 
@@ -409,7 +409,7 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
     * long runs: parallel over channels, each channel's N runs summed, then written while still in cache,
       so ``x`` and ``dy`` cross main memory once. With two arrays to read, that saves more than streaming
       gains: streaming was 0.85x as fast on (64, 64, 56, 56) and 0.95-1.18x on 28x28 maps, where on 7x7
-      maps it is 1.7-2.2x faster (2-core benchmark machine, float32).
+      maps it is 1.4-2.8x faster (2-core benchmark machine, float32).
     """
     n, c, s = x.shape
     cast = x.dtype.type

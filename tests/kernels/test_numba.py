@@ -168,18 +168,21 @@ def test_short_runs_keep_the_variance_when_the_first_value_is_an_outlier(shape, 
     assert ((rv.double() - var).abs() / var).max().item() < 1e-4
 
 
-def test_short_runs_whose_squares_overflow_float32_are_summed_in_float64(monkeypatch):
-    """float32 data spread over ±1e20: (x − r0)² overflows float32, so such a run's sums are taken again in
-    float64 and the output is still the normalized data, not zeros."""
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_short_runs_whose_products_overflow_float32_are_summed_in_float64(relu, monkeypatch):
+    """float32 data and gradients spread over ±1e20: (x − r0)² and dy · (x − r0) overflow float32, so such
+    a run's sums are taken again in float64, and the output and gradients are still right, not zeros."""
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     gen = torch.Generator().manual_seed(0)
     x32 = (1e20 * torch.randn(8, 4, 7, 7, generator=gen, dtype=torch.float64)).float()
     x32.requires_grad_(True)
-    dy = torch.randn(8, 4, 7, 7, generator=gen)
-    y = F.batch_norm(x32, None, None, training=True)
+    dy = (1e20 * torch.randn(8, 4, 7, 7, generator=gen, dtype=torch.float64)).float()
+    fn = F.batch_norm_relu if relu else F.batch_norm
+    y = fn(x32, None, None, training=True)
     y.backward(dy)
     x64 = x32.detach().double().requires_grad_(True)
     truth = torch.nn.functional.batch_norm(x64, None, None, training=True)
+    truth = truth.relu() if relu else truth
     truth.backward(dy.double())
     assert (y.detach().double() - truth.detach()).abs().max().item() < 1e-5
     assert ((x32.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5

@@ -129,18 +129,6 @@ def _grad_sums(xr, dyr, sh):
 
 
 @njit(**_SUM_FLAGS)
-def _masked_grad_sums(xr, dyr, yr, sh, epilogue):
-    """Σ dy' and Σ dy' · (x − sh) over one run, in float64; dy' is dy masked by y > 0 after a fused ReLU."""
-    s1 = 0.0
-    s2 = 0.0
-    for j in range(xr.shape[0]):
-        g = np.float64(dyr[j]) if epilogue == NONE or yr[j] > 0.0 else 0.0
-        s1 += g
-        s2 += g * (np.float64(xr[j]) - sh)
-    return s1, s2
-
-
-@njit(**_SUM_FLAGS)
 def _weighted_grad_sums(xr, dyr, wr, sh):
     """Σ w · dy and Σ w · dy · (x − sh) over one run, in float64."""
     s1 = 0.0
@@ -288,7 +276,8 @@ def _plane_grad_sums(x, dy, y, lo, hi, c, shift, p1, p2, epilogue):
                 q += g * (x[row, j] - r0)
         a64, q64 = np.float64(a), np.float64(q)
         if not np.isfinite(q64):  # dy' · (x − r0) beyond the input dtype's range (or NaN, inf in the data)
-            a64, q64 = _masked_grad_sums(x[row], dy[row], y[row], np.float64(r0), epilogue)
+            g = dy[row] if epilogue == NONE else np.where(y[row] > 0.0, dy[row], zero)
+            a64, q64 = _grad_sums(x[row], g, np.float64(r0))
         # Σ dy' · (x − shift) = q + δ · Σ dy', with δ = r0 − shift, in float64.
         p1[ch] += a64
         p2[ch] += q64 + (np.float64(r0) - np.float64(shift[ch])) * a64

@@ -105,7 +105,7 @@ class _Launch:
     (:meth:`~normlab.core.plan.Plan.memo`): which kernel family, and which flat views of memory it takes."""
 
     __slots__ = ("family", "channels_last", "shape", "acc", "np_dtype", "stat_count", "param_count",
-                 "array_shape", "perm", "fmt", "out_fmt")
+                 "array_shape", "split_rows", "perm", "fmt", "out_fmt")
 
     def __init__(self, plan: Plan, channels_last: bool, dtype: torch.dtype):
         shape = classify(plan)
@@ -130,14 +130,20 @@ class _Launch:
         self.fmt = _CHANNELS_LAST.get(ndim) if self.channels_last else torch.contiguous_format
         # A channels_last input that a family reads as contiguous rows still gets channels_last results.
         self.out_fmt = _CHANNELS_LAST[ndim] if channels_last and not self.channels_last else None
+        # split_rows: the rows (runs, for bn_planar) a kernel cuts into one block of partial sums per thread;
+        # group_cl keeps one block per sample.
         if self.family == "bn_planar":
             self.array_shape = (shape.n, shape.channels, shape.spatial)
+            self.split_rows = shape.n * shape.channels
         elif self.family == "bn_rows":
             self.array_shape = (-1, shape.channels)
+            self.split_rows = shape.n * shape.spatial
         elif self.family == "group_cl":
             self.array_shape = (plan.input_shape[0], -1, plan.input_shape[1])
+            self.split_rows = plan.input_shape[0]
         else:
             self.array_shape = (shape.rows, shape.size)
+            self.split_rows = shape.rows
 
     def prepare(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` in the accumulation dtype and in the memory layout the kernel family reads."""
@@ -172,10 +178,11 @@ def _launch(x: torch.Tensor, plan: Plan) -> _Launch:
 
 
 def _parts(threads: int, launch: _Launch) -> np.ndarray:
-    """The BatchNorm kernels' per-block float64 partial sums, (B, 2, C): one block of rows per thread."""
-    s = launch.shape
-    rows = s.n * s.channels if launch.family == "bn_planar" else s.n * s.spatial
-    return np.empty((max(1, min(threads, rows)), 2, s.channels))
+    """The kernels' per-block float64 partial sums, (B, 2, P) for P parameters: one block of rows per
+    thread (at most one per row), or one per sample for channels_last GroupNorm."""
+    rows = launch.split_rows
+    blocks = rows if launch.family == "group_cl" else max(1, min(threads, rows))
+    return np.empty((blocks, 2, launch.param_count))
 
 
 def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
@@ -314,11 +321,10 @@ class NumbaBackend:
             kernel = cpu.bn_planar_backward if family == "bn_planar" else cpu.bn_rows_backward
             kernel(*args, _parts(threads, launch))
             return
+        parts = _parts(threads, launch)
         if family == "row":
-            parts = np.empty((max(1, min(threads, s.rows)), 2, launch.param_count))
             cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts)
         else:
-            parts = np.empty((xn.shape[0], 2, launch.param_count))
             cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts)
         total = parts.sum(axis=0)  # per block: Σ dy (dβ), Σ dy · x̂ (dγ)
         sums[0] = total[1]

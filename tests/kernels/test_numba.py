@@ -168,21 +168,49 @@ def test_short_runs_keep_the_variance_when_the_first_value_is_an_outlier(shape, 
     assert ((rv.double() - var).abs() / var).max().item() < 1e-4
 
 
+OVERFLOW_LAYOUTS = {
+    "short runs": ((8, 4, 7, 7), None),
+    "channels_last rows": ((8, 4, 5, 5), CL),
+    "wide channels_last rows": ((2, 520, 3, 5), CL),  # 520 columns: summed in lockstep
+    "(N, C) rows": ((64, 6), None),
+}
+
+
+@pytest.mark.parametrize("layout", OVERFLOW_LAYOUTS)
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_short_runs_whose_products_overflow_float32_are_summed_in_float64(relu, monkeypatch):
-    """float32 data and gradients spread over ±1e20: (x − r0)² and dy · (x − r0) overflow float32, so such
-    a run's sums are taken again in float64, and the output and gradients are still right, not zeros."""
+def test_sums_whose_products_overflow_float32_are_taken_in_float64(layout, relu, monkeypatch):
+    """float32 data and gradients spread over ±1e20: (x − shift)² and dy · (x − shift) overflow float32,
+    so those sums are taken again in float64, and the output and gradients are still right, not zeros,
+    whichever kernel (short runs, narrow or wide rows) sums them."""
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    shape, fmt = OVERFLOW_LAYOUTS[layout]
     gen = torch.Generator().manual_seed(0)
-    x32 = (1e20 * torch.randn(8, 4, 7, 7, generator=gen, dtype=torch.float64)).float()
+    x32 = (1e20 * torch.randn(*shape, generator=gen, dtype=torch.float64)).float()
+    dy = (1e20 * torch.randn(*shape, generator=gen, dtype=torch.float64)).float()
+    if fmt is not None:
+        x32, dy = x32.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     x32.requires_grad_(True)
-    dy = (1e20 * torch.randn(8, 4, 7, 7, generator=gen, dtype=torch.float64)).float()
     fn = F.batch_norm_relu if relu else F.batch_norm
     y = fn(x32, None, None, training=True)
     y.backward(dy)
     x64 = x32.detach().double().requires_grad_(True)
     truth = torch.nn.functional.batch_norm(x64, None, None, training=True)
     truth = truth.relu() if relu else truth
+    truth.backward(dy.double())
+    assert (y.detach().double() - truth.detach()).abs().max().item() < 1e-5
+    assert ((x32.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
+
+
+def test_channels_last_group_norm_sums_that_overflow_float32_are_taken_in_float64(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    gen = torch.Generator().manual_seed(1)
+    x32 = (1e20 * torch.randn(4, 6, 7, 9, generator=gen, dtype=torch.float64)).float().contiguous(memory_format=CL)
+    dy = (1e20 * torch.randn(4, 6, 7, 9, generator=gen, dtype=torch.float64)).float().contiguous(memory_format=CL)
+    x32.requires_grad_(True)
+    y = F.group_norm(x32, 3)
+    y.backward(dy)
+    x64 = x32.detach().double().requires_grad_(True)
+    truth = torch.nn.functional.group_norm(x64, 3)
     truth.backward(dy.double())
     assert (y.detach().double() - truth.detach()).abs().max().item() < 1e-5
     assert ((x32.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5

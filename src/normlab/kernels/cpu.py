@@ -275,7 +275,7 @@ def _plane_grad_sums(x, dy, y, lo, hi, c, shift, p1, p2, epilogue):
                 a += g
                 q += g * (x[row, j] - r0)
         a64, q64 = np.float64(a), np.float64(q)
-        if not np.isfinite(q64):  # dy' · (x − r0) beyond the input dtype's range (or NaN, inf in the data)
+        if not np.isfinite(a64 + q64):  # dy' or dy' · (x − r0) beyond the input dtype's range (or NaN, inf in the data)
             g = dy[row] if epilogue == NONE else np.where(y[row] > 0.0, dy[row], zero)
             a64, q64 = _grad_sums(x[row], g, np.float64(r0))
         # Σ dy' · (x − shift) = q + δ · Σ dy', with δ = r0 − shift, in float64.
@@ -502,13 +502,44 @@ def _spill(a, q, p1, p2):
 
 
 @njit(**_FLAGS)
+def _redo_overflowed_columns(x, dy, y, lo, hi, sh, p1, p2, epilogue):
+    """Sum again in float64, over rows [lo, hi), every column whose sums came out inf or NaN: sums of
+    values whose squares or products overflow the input dtype (|x − sh| beyond about 1.8e19 in
+    float32), or of data holding NaN or inf (which stay NaN or inf). ``dy`` empty: the sums of
+    :func:`_column_sums`, Σ(x − sh) and Σ(x − sh)², else those of :func:`_column_grad_sums`.
+
+    Checked once per column after the fast loops rather than in them, where a branch would stop their
+    vectorization; the accumulators start from zero, so the float64 sums replace them."""
+    for ch in range(p1.shape[0]):
+        if np.isfinite(p1[ch] + p2[ch]):
+            continue
+        s = np.float64(sh[ch])
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(lo, hi):
+            t = np.float64(x[j, ch]) - s
+            if dy.shape[0] == 0:
+                s1 += t
+                s2 += t * t
+            else:
+                g = np.float64(dy[j, ch]) if epilogue == NONE or y[j, ch] > 0.0 else 0.0
+                s1 += g
+                s2 += g * t
+        p1[ch] = s1
+        p2[ch] = s2
+
+
+@njit(**_FLAGS)
 def _column_sums(x, lo, hi, sh, p1, p2):
-    """Add x − sh and (x − sh)² of rows [lo, hi) of ``x`` into the per-column float64 accumulators.
+    """Sum x − sh and (x − sh)² of rows [lo, hi) of ``x`` into the per-column float64 accumulators
+    ``p1`` and ``p2``, which must be zero on entry.
 
     Eight rows at a time: their values are summed in the input dtype (x − sh is exact for values within a
     factor of two of the shift, and eight terms lose at most a few units in the last place), and only
     then added to the float64 accumulators, so that converting and storing those, not memory, does not
     bound the speed. See :data:`_LOCKSTEP_COLUMNS` for the order in which the eight rows are read.
+    Columns whose sums overflow the input dtype are summed again in float64
+    (:func:`_redo_overflowed_columns`).
     """
     c = x.shape[1]
     zero = x.dtype.type(0.0)
@@ -543,12 +574,14 @@ def _column_sums(x, lo, hi, sh, p1, p2):
             t = np.float64(x[j, ch]) - np.float64(sh[ch])
             p1[ch] += t
             p2[ch] += t * t
+    _redo_overflowed_columns(x, x[:0], x, lo, hi, sh, p1, p2, NONE)
 
 
 @njit(**_FLAGS)
 def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
-    """Add dy' and dy' · (x − sh) of rows [lo, hi) into the per-column float64 accumulators, eight rows
-    at a time in the input dtype as in :func:`_column_sums` (in lockstep only without a fused ReLU)."""
+    """Sum dy' and dy' · (x − sh) of rows [lo, hi) into the per-column float64 accumulators (zero on
+    entry), eight rows at a time in the input dtype as in :func:`_column_sums` (in lockstep only without a
+    fused ReLU), columns whose sums overflow the input dtype again in float64."""
     c = x.shape[1]
     zero = x.dtype.type(0.0)
     i = lo
@@ -588,6 +621,7 @@ def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
             g = np.float64(dy[j, ch]) if epilogue == NONE or y[j, ch] > 0.0 else 0.0
             p1[ch] += g
             p2[ch] += g * (np.float64(x[j, ch]) - np.float64(sh[ch]))
+    _redo_overflowed_columns(x, dy, y, lo, hi, sh, p1, p2, epilogue)
 
 
 @njit(**_FLAGS)

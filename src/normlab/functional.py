@@ -49,7 +49,7 @@ def _run(
     """
     checks.check_eps(eps, op)
     if residual is not None:
-        checks.check_floating(residual, op, "residual")
+        checks.check_residual(residual, x, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
     checks.check_param(bias, plan.param_shape, op, "bias")
     if plan.channels is not None:

@@ -45,6 +45,30 @@ def test_missing_data_names_package_and_flag(tmp_path, monkeypatch):
     assert "--data-dir" in message
 
 
+def test_a_data_dir_that_is_missing_or_holds_no_dataset_is_an_error(tmp_path, tiny_fashion):
+    """A typo in --data-dir must not quietly train on Debian's Fashion-MNIST instead."""
+    from normlab.lab.spec import Setup
+
+    with pytest.raises(data.DataError, match="is not a folder"):
+        data.load_fashion(tmp_path / "typo")
+    with pytest.raises(data.DataError, match="is not a folder"):
+        Setup.create("smoke", tmp_path / "typo", 0, "cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="Fashion-MNIST not found") as err:
+        Setup.create("smoke", empty, 0, "cpu")
+    assert str(data.DEFAULT_FASHION_DIR) not in str(err.value).split("(looked in")[1].split(")")[0]
+    assert Setup.create("smoke", tiny_fashion, 0, "cpu").images == "fashion-mnist"
+
+
+def test_a_cifar_data_dir_still_finds_fashion_mnist_for_the_runs_made_for_it(tmp_path, monkeypatch, tiny_fashion):
+    monkeypatch.setattr(data, "DEFAULT_FASHION_DIR", tiny_fashion)
+    for i in range(1, 6):
+        _cifar_batch(tmp_path / f"data_batch_{i}", 4, i)
+    _cifar_batch(tmp_path / "test_batch", 3, 0)
+    assert data.locate_fashion(tmp_path) == tiny_fashion
+
+
 def test_fashion_loader_shapes_and_labels(tiny_fashion):
     ds = data.load_images("fashion-mnist", tiny_fashion, n_train=100, n_test=None, size=16, seed=0)
     assert ds.train_x.shape == (100, 1, 16, 16) and ds.test_x.shape == (160, 1, 16, 16)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import normlab.functional as F
 import normlab.nn as nl
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -80,6 +81,19 @@ def test_broadcast_residual_and_errors():
         layer(torch.randn(2, 3, 4), r)
     with pytest.raises(TypeError, match="residual"):
         layer(x, torch.ones(2, 3, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_residual_of_the_wrong_shape_is_refused_before_the_running_statistics_move(momentum):
+    layer = nl.BatchNormAddReLU2d(4, momentum=momentum)
+    x = torch.randn(8, 4, 5, 5) + 3
+    for residual in (torch.randn(8, 4, 5, 4), torch.randn(8, 4, 1, 5, 5), torch.randn(2, 8, 4, 5, 5)):
+        with pytest.raises(ValueError, match=r"residual has shape .* does not broadcast to the input's shape"):
+            layer(x, residual)
+        with pytest.raises(ValueError, match="residual has shape"):
+            F.batch_norm_relu(x, layer.running_mean, layer.running_var, training=True, residual=residual)
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_var, torch.ones(4))
+    assert layer.num_batches_tracked.item() == 0
 
 
 def test_fused_backward_only_where_the_backend_fuses(backend):

@@ -22,6 +22,28 @@ def check_floating(x: torch.Tensor, op: str, name: str = "input") -> None:
         )
 
 
+def check_residual(residual: torch.Tensor, x: torch.Tensor, op: str) -> None:
+    """``residual`` is added to the normalized ``x``: it must broadcast to ``x``'s shape without changing
+    it, on ``x``'s device. Checked before anything is computed, so a bad residual leaves the running
+    statistics as they were."""
+    check_floating(residual, op, "residual")
+    try:
+        shape = torch.broadcast_shapes(residual.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"{op}: residual has shape {tuple(residual.shape)}, which does not broadcast to the input's shape "
+            f"{tuple(x.shape)}; relu(bn(x) + residual) needs a residual of the input's shape (the other branch "
+            f"of the block must produce the same number of channels and the same spatial size)."
+        )
+    if residual.device != x.device:
+        raise ValueError(
+            f"{op}: residual is on {residual.device} but the input is on {x.device}; move one of them, "
+            f"e.g. residual.to(x.device)."
+        )
+
+
 def check_eps(eps: float, op: str) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(

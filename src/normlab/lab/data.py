@@ -84,13 +84,24 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def check_data_dir(data_dir: Path | None) -> None:
+    """A folder the user named must exist: a typo must not quietly train on the default data instead."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(
+            f"--data-dir {data_dir} is not a folder. Pass the folder that holds the Fashion-MNIST idx files "
+            f"or CIFAR-10's python batches, or leave --data-dir out to use {DEFAULT_FASHION_DIR}."
+        )
+
+
 def fashion_dir_candidates(data_dir: Path | None) -> list[Path]:
-    """Where Fashion-MNIST is looked for: ``data_dir`` (and its ``fashion-mnist`` folder), then
-    Debian's location."""
-    dirs = []
-    if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
-    dirs.append(DEFAULT_FASHION_DIR)
+    """Where Fashion-MNIST is looked for: ``data_dir`` (and its ``fashion-mnist`` folder); Debian's
+    location when no ``data_dir`` is given, or when it holds CIFAR-10 (whose lab runs use it, while the
+    runs made for Fashion-MNIST still find theirs)."""
+    if data_dir is None:
+        return [DEFAULT_FASHION_DIR]
+    dirs = [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+    if locate_cifar(data_dir) is not None:
+        dirs.append(DEFAULT_FASHION_DIR)
     return dirs
 
 
@@ -105,6 +116,7 @@ def missing_fashion_message(searched: list[Path]) -> str:
 
 
 def locate_fashion(data_dir: Path | None) -> Path:
+    check_data_dir(data_dir)
     searched = fashion_dir_candidates(data_dir)
     for directory in searched:
         if all(_find_idx(directory, stem) for stem in FASHION_FILES.values()):

@@ -13,6 +13,7 @@ tensor([-1.4142, -0.7071,  0.0000,  0.7071,  1.4142])
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,7 @@ def _run(
         if running_mean is not None:
             checks.check_momentum(momentum, op)
         if suggestion is not None and x.numel() > 0:
-            checks.check_enough_values(plan.count, op, tuple(x.shape), suggestion)
+            checks.check_enough_values(plan.count, op, tuple(x.shape), suggestion, running_mean is not None)
         fixed_mean = fixed_var = None
     else:
         if running_mean is None:
@@ -177,7 +178,7 @@ def layer_norm(
     γ and β of that shape. Same semantics as :func:`torch.nn.functional.layer_norm`."""
     op = "layer_norm"
     checks.check_floating(input, op)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
         raise ValueError(
             f"layer_norm: normalized_shape={list(shape)} must match the trailing dimensions of the "

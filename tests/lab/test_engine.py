@@ -138,11 +138,17 @@ def test_cli_missing_data_names_package_and_flag(tmp_path, monkeypatch, capsys):
     from normlab.lab import data
 
     monkeypatch.setattr(data, "DEFAULT_FASHION_DIR", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
     args = parse(["run", "ioffe-mnist", "--suite", "smoke", "--out", str(tmp_path / "o"),
                   "--data-dir", str(tmp_path / "empty")])
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "sudo apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
+    args = parse(["run", "ioffe-mnist", "--suite", "smoke", "--out", str(tmp_path / "o"),
+                  "--data-dir", str(tmp_path / "typo")])
+    assert args.func(args) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing run, nothing written
 
 
 def test_cli_unknown_experiment(tmp_path):

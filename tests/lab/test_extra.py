@@ -95,8 +95,37 @@ def test_lp_running_stats_drive_eval():
 def test_lp_input_checks():
     with pytest.raises(ValueError, match="p must be"):
         LpBatchNorm1d(3, p=3)
-    with pytest.raises(ValueError, match="4-d"):
+    with pytest.raises(ValueError, match="p must be 1, 2 or inf.*got 'x'"):
+        LpBatchNorm2d(3, p="x")
+    with pytest.raises(ValueError, match="expected a 4D input"):
         LpBatchNorm2d(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="channels"):
         LpBatchNorm1d(3)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="momentum must be"):
+        LpBatchNorm2d(3, momentum=None)
+    with pytest.raises(ValueError, match="eps must be"):
+        LpBatchNorm2d(3, eps=-1e-5)
+    with pytest.raises(TypeError, match="floating-point"):
+        LpBatchNorm2d(3)(torch.ones(2, 3, 2, 2, dtype=torch.int64))
+    layer = LpBatchNorm2d(3)
+    with pytest.raises(ValueError, match="more than 1 value per statistic"):
+        layer(torch.randn(1, 3, 1, 1))
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_scale, torch.ones(3))
     assert LpBatchNorm1d(3, p="inf").p == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lp_half_precision_is_computed_in_float32(dtype):
+    ours, ref = LpBatchNorm2d(3, p=1), LpBatchNorm2d(3, p=1)
+    x = 5 + torch.randn(8, 3, 4, 4)
+    y = ours(x.to(dtype))
+    assert y.dtype == dtype and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x.to(dtype).float()), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+
+
+def test_lp_layers_are_in_normlab_nn():
+    import normlab.nn as nl
+
+    assert nl.LpBatchNorm2d is LpBatchNorm2d and nl.LpBatchNorm1d is LpBatchNorm1d
+    assert nl.CovariateShiftNoise is CovariateShiftNoise

@@ -135,8 +135,51 @@ def test_single_value_error_explains_why_and_what_to_do():
     nl.BatchNorm1d(5).eval()(torch.randn(1, 5))  # eval mode is fine with one sample
 
 
+def test_single_value_error_fits_the_layer_that_raised_it():
+    """In eval mode without running statistics the advice is not "use eval mode"; where no running
+    statistics are kept, no running variance is said to become inf."""
+    with pytest.raises(ValueError) as info:
+        nl.BatchNorm1d(5, track_running_stats=False).eval()(torch.randn(1, 5))
+    message = str(info.value)
+    assert "track_running_stats=False" in message and "model.eval()" not in message
+    assert "running variance" not in message
+    with pytest.raises(ValueError) as info:
+        nl.InstanceNorm1d(3)(torch.randn(2, 3, 1))
+    assert "running variance" not in str(info.value) and "1x1 maps" in str(info.value)
+    with pytest.raises(ValueError, match="running variance .* would become inf"):
+        nl.InstanceNorm1d(3, track_running_stats=True)(torch.randn(2, 3, 1))
+
+
+def test_numpy_scalars_are_accepted_where_torch_accepts_them():
+    import numpy as np
+
+    x = torch.randn(4, 4, 3, 3)
+    pairs = [
+        (nl.BatchNorm2d(4, eps=np.float32(1e-3), momentum=np.float64(0.2)),
+         torch.nn.BatchNorm2d(4, eps=float(np.float32(1e-3)), momentum=0.2)),
+        (nl.GroupNorm(np.int64(2), 4), torch.nn.GroupNorm(2, 4)),
+        (nl.LayerNorm(np.int64(3)), torch.nn.LayerNorm(3)),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(pairs[0][0].running_var, pairs[0][1].running_var)
+    with pytest.raises(ValueError, match="eps must be"):
+        nl.BatchNorm2d(4, eps=np.bool_(True))
+
+
 def test_expanded_running_statistics_are_refused_before_any_update():
     rm, rv = torch.zeros(3), torch.ones(1).expand(3)
     with pytest.raises(ValueError, match="running_var is an expanded view"):
         F.batch_norm(torch.randn(4, 3), rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(3))
+
+
+def test_running_statistics_that_require_grad_are_refused_not_silently_ignored():
+    x = torch.randn(4, 3, requires_grad=True)
+    for training in (False, True):
+        rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+        with pytest.raises(ValueError, match="running_mean requires grad"):
+            F.batch_norm(x, rm, rv, training=training)
+        with torch.no_grad():
+            F.batch_norm(x, rm, rv, training=training)  # nothing to differentiate: fine
+    F.batch_norm(x, rm.detach(), rv.detach(), training=False).sum().backward()

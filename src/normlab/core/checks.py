@@ -7,6 +7,7 @@ message says what was wrong and what to do about it.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -45,7 +46,7 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, op: str) -> None:
 
 
 def check_eps(eps: float, op: str) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(
             f"{op}: eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite for a channel "
             f"with zero variance), got {eps!r}. The usual value is 1e-5."
@@ -57,7 +58,7 @@ def check_momentum(momentum: float | None, op: str, allow_none: bool = False) ->
         return
     if (
         isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
+        or not isinstance(momentum, numbers.Real)
         or not math.isfinite(momentum)
         or not 0.0 <= momentum <= 1.0
     ):
@@ -118,6 +119,13 @@ def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels:
     check_param(mean, (channels,), op, "running_mean")
     check_param(var, (channels,), op, "running_var")
     for name, t in (("running_mean", mean), ("running_var", var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{op}: {name} requires grad, but normalization does not differentiate with respect to the "
+                f"running statistics (they are constants in eval mode and updated in place in training), so its "
+                f"gradient would silently stay None. Pass {name}.detach(), or normalize with batch statistics "
+                f"if the gradient should flow through the statistics."
+            )
         if t is not None and t.numel() > 1 and 0 in t.stride():
             raise ValueError(
                 f"{op}: {name} is an expanded view (a stride of 0), so its entries share memory and cannot "
@@ -125,14 +133,18 @@ def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels:
             )
 
 
-def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str) -> None:
-    """Statistics over a single value are meaningless: the mean is the value, the variance is 0."""
+def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str, running: bool = True) -> None:
+    """Statistics over a single value are meaningless: the mean is the value, the variance is 0.
+    ``running``: whether running statistics would be updated with them."""
     if count == 1:
+        consequence = (
+            ", and the running variance (unbiased, divides by m - 1 = 0) would become inf" if running else ""
+        )
         raise ValueError(
-            f"{op}: training needs more than 1 value per statistic, got input of shape {shape}, which "
-            f"gives exactly one value per channel. With a single value the batch mean equals the "
-            f"value, the variance is 0, every output would be beta, and the running variance "
-            f"(unbiased, divides by m - 1 = 0) would become inf. {suggestion}"
+            f"{op}: normalizing with the batch's statistics needs more than 1 value per statistic, got input "
+            f"of shape {shape}, which gives exactly one value per statistic. With a single value the batch "
+            f"mean equals the value, the variance is 0 and every output would be beta{consequence}. "
+            f"{suggestion}"
         )
 
 
@@ -141,9 +153,15 @@ BN_SUGGESTION = (
     "batch, or use GroupNorm/LayerNorm, whose statistics do not depend on the batch."
 )
 
+BN_NO_RUNNING_SUGGESTION = (
+    "This layer keeps no running statistics (track_running_stats=False), so it normalizes with the "
+    "batch's even in eval mode: build it with track_running_stats=True and train it, pass a larger "
+    "batch, or use GroupNorm/LayerNorm, whose statistics do not depend on the batch."
+)
+
 
 def check_groups(num_groups: int, channels: int, op: str) -> None:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
         raise ValueError(f"{op}: num_groups must be a positive integer, got {num_groups!r}.")
     if channels % num_groups != 0:
         divisors = [g for g in range(1, channels + 1) if channels % g == 0]

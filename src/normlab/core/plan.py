@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import functools
-from functools import cached_property
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Plan:
         param_view: the shape γ and β are reshaped to so that they broadcast against the view.
         channels: the number of running-statistic entries (``C``), or ``None`` where the layer keeps
             no running statistics (LayerNorm, GroupNorm).
+        count: number of values each statistic is computed from (``m`` in the formulas).
+        param_sum_axes: axes summed over for dγ and dβ: every axis γ does not vary along.
+        stat_shape: shape of the per-statistic tensors (mean, var), the reduced axes kept as size 1.
     """
 
     input_shape: tuple[int, ...]
@@ -51,8 +55,19 @@ class Plan:
     channels: int | None
 
     # A plan is built once per input shape (the constructors below are cached) and asked the same
-    # questions at every call, so the derived quantities are computed once too (``cached_property``
-    # writes to the instance's ``__dict__``, which a frozen dataclass still has).
+    # questions at every call, so the derived quantities (count, param_sum_axes, stat_shape) are
+    # computed once, here, as plain attributes: ``cached_property`` would take a lock at every first
+    # access, which torch.compile cannot trace.
+
+    def __post_init__(self):
+        # list comprehensions, not generators: torch.compile traces this when it builds a plan
+        derived = {
+            "count": math.prod([self.view_shape[d] for d in self.reduce]),
+            "param_sum_axes": tuple([d for d in range(len(self.view_shape)) if d not in self.param_axes]),
+            "stat_shape": tuple([1 if d in self.reduce else s for d, s in enumerate(self.view_shape)]),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def memo(self, key, build):
         """``build()``, computed once per plan and ``key``: the backends keep their per-shape set-up here."""
@@ -63,21 +78,6 @@ class Plan:
             memo[key] = value = build()
             return value
 
-    @cached_property
-    def count(self) -> int:
-        """Number of values each statistic is computed from (``m`` in the formulas)."""
-        return math.prod(self.view_shape[d] for d in self.reduce)
-
-    @cached_property
-    def param_sum_axes(self) -> tuple[int, ...]:
-        """Axes summed over for dγ and dβ: every axis γ does not vary along."""
-        return tuple(d for d in range(len(self.view_shape)) if d not in self.param_axes)
-
-    @cached_property
-    def stat_shape(self) -> tuple[int, ...]:
-        """Shape of the per-statistic tensors (mean, var) with the reduced axes kept as size 1."""
-        return tuple(1 if d in self.reduce else s for d, s in enumerate(self.view_shape))
-
 
 def _cached(build):
     """One :class:`Plan` per distinct arguments: a layer asks for the plan of the same shape at every call."""
@@ -85,6 +85,8 @@ def _cached(build):
 
     @functools.wraps(build)
     def plan(*args):
+        if torch.compiler.is_compiling():  # traced once per graph: no cache for torch.compile to look into
+            return build(*args)
         try:
             hash(args)
         except TypeError:  # a list among the arguments: build it afresh

@@ -41,6 +41,10 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
   first, is off by 2e-7 (running mean 1e4 + N(0, 1e-3), running variance 1e-4 to 2e-4). Routing by shape
   would make that guarantee depend on the shape.
 * Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
+* While ``torch.compile`` or ``torch.export`` traces a model (``torch.compiler.is_compiling()``), whatever
+  ``NORMLAB_BACKEND`` says: **torch**. The tracer records the engine's torch operations (same formulas,
+  same shifted statistics) and its backend generates code for them; numba's and Triton's launches are
+  opaque to it.
 * CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
   backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and
   eval alike), else the torch engine. Its kernels keep the engine's precision guarantees (statistics of
@@ -114,6 +118,8 @@ def requested_backend() -> str:
 def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
     """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones:
     ``batch_stats``, which no current choice depends on), or ``None`` for the torch engine."""
+    if torch.compiler.is_compiling():
+        return None  # torch.compile / torch.export trace the engine's torch operations, not foreign kernels
     choice = requested_backend()
     if choice == "torch":
         return None

@@ -7,6 +7,7 @@
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.convert import convert
+from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -17,10 +18,13 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAddReLU2d",
     "BatchNormReLU2d",
+    "CovariateShiftNoise",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LpBatchNorm1d",
+    "LpBatchNorm2d",
     "convert",
 ]

@@ -62,7 +62,8 @@ class _BatchNorm(_RunningStatsMixin):
         running_var = self.running_var if running_mean is not None else None
         y = F._run(
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
-            training or running_mean is None, factor, checks.BN_SUGGESTION, **epilogue,
+            training or running_mean is None, factor,
+            checks.BN_SUGGESTION if training else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
         )
         if updating:
             self._count_batch(input)

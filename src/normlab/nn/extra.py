@@ -11,9 +11,13 @@ Both work outside the lab like any ``torch.nn`` module.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
+
+from normlab.core import checks
+from normlab.core.engine import accumulation_dtype
 
 __all__ = ["CovariateShiftNoise", "LpBatchNorm1d", "LpBatchNorm2d"]
 
@@ -116,6 +120,14 @@ class CovariateShiftNoise(nn.Module):
         )
 
 
+def _check_lp_eps(eps: float, name: str) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(
+            f"{name}: eps must be a finite number >= 0 (it is added to the ℓp scale, keeping the division "
+            f"finite for a constant channel when > 0), got {eps!r}. The usual value is 1e-5."
+        )
+
+
 class _LpBatchNorm(nn.Module):
     r"""Batch normalization by the batch-average ℓp norm (Santurkar et al. 2018, §3.3).
 
@@ -149,6 +161,7 @@ class _LpBatchNorm(nn.Module):
     """
 
     _expected_dims: tuple[int, ...] = ()
+    _layout = ""
 
     def __init__(
         self,
@@ -160,9 +173,16 @@ class _LpBatchNorm(nn.Module):
         track_running_stats: bool = True,
     ) -> None:
         super().__init__()
-        p = float(p)
-        if p not in (1.0, 2.0, math.inf):
-            raise ValueError(f"p must be 1, 2 or inf, got {p}")
+        name = type(self).__name__
+        try:
+            value = float(p)
+        except (TypeError, ValueError):
+            value = math.nan
+        if value not in (1.0, 2.0, math.inf):
+            raise ValueError(f"{name}: p must be 1, 2 or inf (float('inf')), got {p!r}.")
+        p = value
+        _check_lp_eps(eps, name)
+        checks.check_momentum(momentum, name)
         self.num_features = num_features
         self.p = p
         self.eps = eps
@@ -197,26 +217,30 @@ class _LpBatchNorm(nn.Module):
         return mean, scale
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{type(self).__name__} expects a {' or '.join(map(str, self._expected_dims))}-d input, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
-        _, shape = _channel_view(x)
-        if self.training or not self.track_running_stats:
-            mean, scale = self.batch_statistics(x)
-            if self.training and self.track_running_stats:
+        """Checked as normlab's BatchNorm checks its input; half precision is computed in float32."""
+        name = type(self).__name__
+        _check_lp_eps(self.eps, name)
+        checks.check_momentum(self.momentum, name)
+        checks.check_floating(x, name)
+        checks.check_ndim(x, name, self._expected_dims, self._layout)
+        checks.check_channels(x, self.num_features, name)
+        batch_stats = self.training or not self.track_running_stats
+        if batch_stats and x.numel() > 0:
+            checks.check_enough_values(x.numel() // x.shape[1], name, tuple(x.shape), checks.BN_SUGGESTION)
+        xa = x.to(accumulation_dtype(x.dtype))
+        _, shape = _channel_view(xa)
+        if batch_stats:
+            mean, scale = self.batch_statistics(xa)
+            if self.training and self.track_running_stats and x.numel() > 0:
                 with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach(), self.momentum)
-                    self.running_scale.lerp_(scale.detach(), self.momentum)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                    self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), self.momentum)
         else:
             mean, scale = self.running_mean, self.running_scale
-        y = (x - mean.reshape(shape)) / (scale.reshape(shape) + self.eps)
+        y = (xa - mean.reshape(shape).to(xa.dtype)) / (scale.reshape(shape).to(xa.dtype) + self.eps)
         if self.affine:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y
+            y = y * self.weight.reshape(shape).to(xa.dtype) + self.bias.reshape(shape).to(xa.dtype)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -236,6 +260,7 @@ class LpBatchNorm1d(_LpBatchNorm):
         >>> y = norm(torch.randn(32, 100))
     """
     _expected_dims = (2, 3)
+    _layout = "of shape (N, C) or (N, C, L)"
 
 
 class LpBatchNorm2d(_LpBatchNorm):
@@ -249,3 +274,4 @@ class LpBatchNorm2d(_LpBatchNorm):
         >>> y = norm(torch.randn(8, 16, 10, 10))
     """
     _expected_dims = (4,)
+    _layout = "of shape (N, C, H, W)"

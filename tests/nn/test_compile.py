@@ -22,6 +22,10 @@ LAYERS = {  # name: (constructor, takes a residual, fullgraph)
     "BatchNormAddReLU2d": (lambda: nl.BatchNormAddReLU2d(4), True, True),
 }
 
+# Compiled, the engine's torch operations run; eager, the numba kernels: sums in another order. dγ sums
+# dy · x̂ (dy up to 53 here) over three steps, so float32 rounding reaches a few units of 1e-6 relative.
+GRAD_TOL = dict(atol=1e-4, rtol=1e-5)
+
 
 def _inputs(name, residual):
     gen = torch.Generator().manual_seed(0)
@@ -41,11 +45,11 @@ def test_compiled_layer_matches_eager(name):
         torch.testing.assert_close(y, ye)
         (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
         (ye * torch.arange(ye.numel()).reshape(ye.shape)).sum().backward()
-        torch.testing.assert_close(ours[0].grad, theirs[0].grad)
+        torch.testing.assert_close(ours[0].grad, theirs[0].grad, **GRAD_TOL)
     for (key, a), b in zip(layer.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, msg=key)
     if layer.weight is not None:
-        torch.testing.assert_close(layer.weight.grad, eager.weight.grad)
+        torch.testing.assert_close(layer.weight.grad, eager.weight.grad, **GRAD_TOL)
     layer.eval()
     eager.eval()
     with torch.no_grad():

@@ -10,11 +10,13 @@ Conventions shared by every kernel
 ----------------------------------
 * ``x`` and every output are C-contiguous arrays of one dtype (float32 or float64); ``weight`` and
   ``bias`` are arrays of that dtype (ones and zeros stand in for missing parameters).
-* Statistics are *shifted*: ``shift`` is the first value of each statistic's data, the sums
-  Σ(x − shift) and Σ(x − shift)² are accumulated in float64, ``mean_shifted = mean(x − shift)`` and
+* Statistics are *shifted*: the sums Σ(x − shift) and Σ(x − shift)² are taken about the first value of
+  each statistic's data (short runs and blocks of rows about their own first value, moved to it in
+  float64) and accumulated in float64, ``mean_shifted = mean(x − shift)`` and
   ``var = E[(x − shift)²] − mean_shifted²``. ``x − shift`` is exact for data within a factor of two of
-  the shift, so a large mean with a tiny spread keeps its variance; μ = shift + mean_shifted is never
-  formed in the input dtype.
+  the shift, so a large mean with a tiny spread keeps its variance. The shift then saved, and used to
+  normalize forward and backward, is the mean μ rounded to the input dtype, with ``mean_shifted`` the
+  float64 remainder (see :func:`_statistic`): μ itself is never used in the input dtype.
 * Normalizing computes ``y = (x − shift) · a + b`` with ``a = γ · rstd`` and ``b = β − mean_shifted · a``
   (the per-row kernels keep ``((x − shift) − mean_shifted) · a + β``), the per-statistic constants
   computed in float64 and rounded to the input dtype once. ``x − shift`` and ``mean_shifted`` are of
@@ -71,10 +73,21 @@ def _constants(s1, s2, m, eps):
 def _statistic(k, first, s1, s2, m, eps, train, shift, mean_shifted, var, rstd):
     """Statistic ``k``: in training from the sums ``s1``, ``s2`` shifted by ``first``, written to
     ``shift``, ``mean_shifted`` and ``var``; otherwise from the fixed variance ``var[k]``. Writes
-    ``rstd[k]`` and returns (mean_shifted, rstd) in float64."""
+    ``rstd[k]`` and returns (mean_shifted, rstd) in float64.
+
+    In training the shift saved (and used to normalize, forward and backward) is not ``first`` but the
+    mean μ = first + d rounded to the input dtype, and ``mean_shifted`` the float64 remainder μ − shift:
+    a first value far from the rest (an outlier) then costs ``x − shift`` no digits, as it would if the
+    data were normalized about it.
+    """
     if train:
         d, v, r = _constants(s1, s2, m, eps)
-        shift[k] = first
+        mu = np.float64(first) + d
+        sh = shift.dtype.type(mu)
+        if not np.isfinite(sh):  # μ beyond the input dtype's range, or NaN data: keep the first value
+            sh = first
+        shift[k] = sh
+        d = mu - np.float64(sh)
         mean_shifted[k] = d
         var[k] = v
     else:
@@ -492,11 +505,27 @@ alone over 25 MiB took 1.30 ms row by row against 0.75 ms in lockstep at 2048 co
 
 
 @njit(inline="always", **_FLAGS)
-def _spill(a, q, p1, p2):
-    """Add the input-dtype block sums ``a`` and ``q`` into the float64 accumulators, and zero them."""
+def _spill(a, q, r0, sh, p1, p2):
+    """Move the input-dtype block sums a = Σ(x − r0) and q = Σ(x − r0)² of eight rows to the shift ``sh``
+    in float64 (Σ(x − sh) = a + 8δ, Σ(x − sh)² = q + 2δa + 8δ², δ = r0 − sh), add them into the
+    accumulators, and zero them."""
     for ch in range(a.shape[0]):
-        p1[ch] += np.float64(a[ch])
-        p2[ch] += np.float64(q[ch])
+        a64, q64 = np.float64(a[ch]), np.float64(q[ch])
+        delta = np.float64(r0[ch]) - np.float64(sh[ch])
+        p1[ch] += a64 + _ROWS * delta
+        p2[ch] += q64 + delta * (2.0 * a64 + _ROWS * delta)
+        a[ch] = 0.0
+        q[ch] = 0.0
+
+
+@njit(inline="always", **_FLAGS)
+def _spill_grad(a, q, r0, sh, p1, p2):
+    """Move the block sums a = Σ dy' and q = Σ dy' · (x − r0) to the shift ``sh`` in float64
+    (Σ dy' · (x − sh) = q + δa, δ = r0 − sh), add them into the accumulators, and zero them."""
+    for ch in range(a.shape[0]):
+        a64 = np.float64(a[ch])
+        p1[ch] += a64
+        p2[ch] += np.float64(q[ch]) + (np.float64(r0[ch]) - np.float64(sh[ch])) * a64
         a[ch] = 0.0
         q[ch] = 0.0
 
@@ -534,10 +563,12 @@ def _column_sums(x, lo, hi, sh, p1, p2):
     """Sum x − sh and (x − sh)² of rows [lo, hi) of ``x`` into the per-column float64 accumulators
     ``p1`` and ``p2``, which must be zero on entry.
 
-    Eight rows at a time: their values are summed in the input dtype (x − sh is exact for values within a
-    factor of two of the shift, and eight terms lose at most a few units in the last place), and only
-    then added to the float64 accumulators, so that converting and storing those, not memory, does not
-    bound the speed. See :data:`_LOCKSTEP_COLUMNS` for the order in which the eight rows are read.
+    Eight rows at a time: their values are summed in the input dtype about the block's first row r0
+    (x − r0 is exact for values within a factor of two of it, and eight terms lose at most a few units in
+    the last place), and only then moved to the shift ``sh`` and added to the float64 accumulators (see
+    :func:`_spill`), so that converting and storing those, not memory, does not bound the speed, and an
+    outlier costs precision in its own block only, not in every block summed about it. See
+    :data:`_LOCKSTEP_COLUMNS` for the order in which the eight rows are read.
     Columns whose sums overflow the input dtype are summed again in float64
     (:func:`_redo_overflowed_columns`).
     """
@@ -547,27 +578,30 @@ def _column_sums(x, lo, hi, sh, p1, p2):
     if c >= _LOCKSTEP_COLUMNS:
         while i + _ROWS <= hi:
             for ch in range(c):
-                s = sh[ch]
+                r0 = x[i, ch]
                 a = zero
                 q = zero
                 for k in range(_ROWS):
-                    t = x[i + k, ch] - s
+                    t = x[i + k, ch] - r0
                     a += t
                     q += t * t
-                p1[ch] += np.float64(a)
-                p2[ch] += np.float64(q)
+                a64, q64 = np.float64(a), np.float64(q)
+                delta = np.float64(r0) - np.float64(sh[ch])
+                p1[ch] += a64 + _ROWS * delta
+                p2[ch] += q64 + delta * (2.0 * a64 + _ROWS * delta)
             i += _ROWS
     else:
         a = np.zeros(c, x.dtype)
         q = np.zeros(c, x.dtype)
         while i + _ROWS <= hi:
+            r0 = x[i]
             for j in range(i, i + _ROWS):
                 xr = x[j]
                 for ch in range(c):
-                    t = xr[ch] - sh[ch]
+                    t = xr[ch] - r0[ch]
                     a[ch] += t
                     q[ch] += t * t
-            _spill(a, q, p1, p2)
+            _spill(a, q, r0, sh, p1, p2)
             i += _ROWS
     for j in range(i, hi):
         for ch in range(c):
@@ -588,33 +622,35 @@ def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
     if c >= _LOCKSTEP_COLUMNS:
         while epilogue == NONE and i + _ROWS <= hi:
             for ch in range(c):
-                s = sh[ch]
+                s = x[i, ch]
                 a = zero
                 q = zero
                 for k in range(_ROWS):
                     g = dy[i + k, ch]
                     a += g
                     q += g * (x[i + k, ch] - s)
-                p1[ch] += np.float64(a)
-                p2[ch] += np.float64(q)
+                a64 = np.float64(a)
+                p1[ch] += a64
+                p2[ch] += np.float64(q) + (np.float64(s) - np.float64(sh[ch])) * a64
             i += _ROWS
     else:
         a = np.zeros(c, x.dtype)
         q = np.zeros(c, x.dtype)
         while i + _ROWS <= hi:
+            r0 = x[i]
             for j in range(i, i + _ROWS):
                 xr, gr, yr = x[j], dy[j], y[j]
                 if epilogue == NONE:
                     for ch in range(c):
                         g = gr[ch]
                         a[ch] += g
-                        q[ch] += g * (xr[ch] - sh[ch])
+                        q[ch] += g * (xr[ch] - r0[ch])
                 else:
                     for ch in range(c):
                         g = gr[ch] if yr[ch] > 0.0 else zero
                         a[ch] += g
-                        q[ch] += g * (xr[ch] - sh[ch])
-            _spill(a, q, p1, p2)
+                        q[ch] += g * (xr[ch] - r0[ch])
+            _spill_grad(a, q, r0, sh, p1, p2)
             i += _ROWS
     for j in range(i, hi):
         for ch in range(c):
@@ -937,6 +973,8 @@ def group_cl_forward(x, weight, bias, eps, train, groups, stats, y):
             for ch in range(g * cg, (g + 1) * cg):
                 a[ch] = np.float64(weight[ch]) * rs
                 b[ch] = np.float64(bias[ch]) - dg * np.float64(weight[ch]) * rs
+        if train:  # normalize about the shifts the statistics were saved with (each group's rounded mean)
+            sh = _group_shifts(xs, shift, i, groups, False)
         _column_affine(xs, y[i], xs, 0, s, sh, a, b, NONE)
 
 

@@ -42,3 +42,18 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "normlab.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "lab" in result.stdout
     assert build_parser().prog == "normlab"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
+    """``normlab bench --list | head -1``: the pipe closes early; no BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", stdout)
+    try:
+        assert main(["bench", "--list"]) == 141
+    finally:
+        stdout.close()
+    assert "Traceback" not in capsys.readouterr().err

@@ -54,3 +54,13 @@ def test_convert_keeps_hooks():
     converted = nl.convert(model)
     converted(torch.randn(4, 3))
     assert calls == ["BatchNorm1d"] and type(converted[0]) is nl.BatchNorm1d
+
+
+def test_a_layer_used_twice_stays_one_layer():
+    bn = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(bn, torch.nn.ReLU(), bn, torch.nn.Sequential(bn))
+    model = nl.convert(model)
+    assert model[0] is model[2] is model[3][0]
+    assert isinstance(model[0], nl.BatchNorm2d)
+    back = nl.convert(model, to="torch")
+    assert back[0] is back[2] is back[3][0] and type(back[0]) is torch.nn.BatchNorm2d

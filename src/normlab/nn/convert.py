@@ -76,12 +76,23 @@ def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
     """
     if to not in _TARGETS:
         raise ValueError(f"convert: to must be 'normlab' or 'torch', got {to!r}.")
-    table = _TARGETS[to]
+    return _convert(model, _TARGETS[to], {})
+
+
+def _convert(model: nn.Module, table: dict, done: dict[int, nn.Module]) -> nn.Module:
+    """:func:`convert` with ``done``: each layer already swapped, by ``id``, so that a layer used in
+    several places (weight tying) is swapped once and stays one module."""
+    if id(model) in done:
+        return done[id(model)]
     target = table.get(type(model))
     if target is not None:
-        return _swap(model, target)
-    for name, child in model.named_children():
-        new_child = convert(child, to)
+        done[id(model)] = _swap(model, target)
+        return done[id(model)]
+    done[id(model)] = model
+    for name, child in list(model._modules.items()):  # named_children() would skip a repeated child
+        if child is None:
+            continue
+        new_child = _convert(child, table, done)
         if new_child is not child:
             setattr(model, name, new_child)
     return model

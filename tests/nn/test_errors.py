@@ -143,6 +143,8 @@ def test_single_value_error_fits_the_layer_that_raised_it():
     message = str(info.value)
     assert "track_running_stats=False" in message and "model.eval()" not in message
     assert "running variance" not in message
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        nl.BatchNorm1d(5, track_running_stats=False)(torch.randn(1, 5))  # training: eval mode would not help
     with pytest.raises(ValueError) as info:
         nl.InstanceNorm1d(3)(torch.randn(2, 3, 1))
     assert "running variance" not in str(info.value) and "1x1 maps" in str(info.value)

@@ -288,7 +288,7 @@ def _plane_grad_sums(x, dy, y, lo, hi, c, shift, p1, p2, epilogue):
                 a += g
                 q += g * (x[row, j] - r0)
         a64, q64 = np.float64(a), np.float64(q)
-        if not np.isfinite(a64 + q64):  # dy' or dy' · (x − r0) beyond the input dtype's range (or NaN, inf in the data)
+        if not np.isfinite(a64 + q64):  # dy' or dy' · (x − r0) beyond the input dtype's range, or NaN/inf
             g = dy[row] if epilogue == NONE else np.where(y[row] > 0.0, dy[row], zero)
             a64, q64 = _grad_sums(x[row], g, np.float64(r0))
         # Σ dy' · (x − shift) = q + δ · Σ dy', with δ = r0 − shift, in float64.
@@ -622,16 +622,16 @@ def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
     if c >= _LOCKSTEP_COLUMNS:
         while epilogue == NONE and i + _ROWS <= hi:
             for ch in range(c):
-                s = x[i, ch]
+                r0 = x[i, ch]
                 a = zero
                 q = zero
                 for k in range(_ROWS):
                     g = dy[i + k, ch]
                     a += g
-                    q += g * (x[i + k, ch] - s)
+                    q += g * (x[i + k, ch] - r0)
                 a64 = np.float64(a)
                 p1[ch] += a64
-                p2[ch] += np.float64(q) + (np.float64(s) - np.float64(sh[ch])) * a64
+                p2[ch] += np.float64(q) + (np.float64(r0) - np.float64(sh[ch])) * a64
             i += _ROWS
     else:
         a = np.zeros(c, x.dtype)

@@ -63,7 +63,7 @@ class _BatchNorm(_RunningStatsMixin):
         y = F._run(
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
             training or running_mean is None, factor,
-            checks.BN_SUGGESTION if training else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
+            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
         )
         if updating:
             self._count_batch(input)

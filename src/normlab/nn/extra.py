@@ -226,7 +226,8 @@ class _LpBatchNorm(nn.Module):
         checks.check_channels(x, self.num_features, name)
         batch_stats = self.training or not self.track_running_stats
         if batch_stats and x.numel() > 0:
-            checks.check_enough_values(x.numel() // x.shape[1], name, tuple(x.shape), checks.BN_SUGGESTION)
+            advice = checks.BN_SUGGESTION if self.track_running_stats else checks.BN_NO_RUNNING_SUGGESTION
+            checks.check_enough_values(x.numel() // x.shape[1], name, tuple(x.shape), advice, running=False)
         xa = x.to(accumulation_dtype(x.dtype))
         _, shape = _channel_view(xa)
         if batch_stats:

@@ -26,12 +26,12 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
   (BatchNorm2d (8, 16, 4, 4) eval: 37–40 µs against 43–45 µs).
 * Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
   are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the fewer passes (BatchNorm2d train forward 3.2–8.3x, eval 4.1–8.3x, LayerNorm
-  (64, 196, 768) forward+backward 2.3x; medians of three ``normlab bench`` runs). On small and mid-sized
+  pages matters as much as the fewer passes (BatchNorm2d train forward 3.4–5.8x, eval 4.1–5.1x, LayerNorm
+  (64, 196, 768) forward+backward 3.0x; medians of three ``normlab bench`` runs). On small and mid-sized
   tensors that stay in cache the kernels still win where ATen's statistics pass is slow (contiguous
-  (32, 512, 7, 7) training forward 3.4x), and elsewhere the two are close or ATen is faster (channels_last
-  (32, 512, 7, 7) 0.81–0.90x, BatchNorm1d (4096, 1024) eval 0.76x, GroupNorm on 7x7 maps 0.47–0.83x):
-  normlab's Python per call (38–69 µs on a tiny input against ATen's 10–20 µs) against ATen's extra
+  (32, 512, 7, 7) training forward 3.1x), and elsewhere the two are close or ATen is faster (channels_last
+  (32, 512, 7, 7) 0.81–0.99x, BatchNorm1d (4096, 1024) eval 0.84x, GroupNorm on 7x7 maps 0.47–0.83x):
+  normlab's Python per call (39–75 µs on a tiny input against ATen's 10–19 µs) against ATen's extra
   passes over memory.
   Those cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
   with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32, shape (64, 32, 16, 16), normalizes

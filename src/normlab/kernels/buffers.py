@@ -52,9 +52,16 @@ _blocks: list[tuple[np.ndarray, int, int]] = []
 _held = [0]  # bytes in _blocks
 
 
+_parsed_limit: dict[str, int] = {}
+
+
 def pool_limit() -> int:
     """The pool's capacity in bytes, from ``NORMLAB_BUFFER_POOL_MB`` (read at every allocation)."""
-    return int(float(os.environ.get("NORMLAB_BUFFER_POOL_MB", "1024")) * (1 << 20))
+    raw = os.environ.get("NORMLAB_BUFFER_POOL_MB", "1024")
+    limit = _parsed_limit.get(raw)
+    if limit is None:
+        limit = _parsed_limit[raw] = int(float(raw) * (1 << 20))
+    return limit
 
 
 def _free(i: int) -> bool:
@@ -136,11 +143,8 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     block = _block(nbytes) if t.dtype in _NUMPY else None
     if block is None:
         return torch.empty_like(t)
-    flat = torch.from_numpy(block.view(_NUMPY[t.dtype]))
-    if t.is_contiguous():
-        return flat.view(t.shape)
-    order = (0, *range(2, t.dim()), 1)  # channels_last: N, *spatial, C in memory
-    return flat.view([t.shape[d] for d in order]).permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    # t is dense (contiguous or channels_last): its own strides lay the block out the same way
+    return torch.from_numpy(block.view(_NUMPY[t.dtype])).as_strided(t.shape, t.stride())
 
 
 def release() -> None:

@@ -45,12 +45,17 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, op: str) -> None:
         )
 
 
-def check_eps(eps: float, op: str) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(
-            f"{op}: eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite for a channel "
-            f"with zero variance), got {eps!r}. The usual value is 1e-5."
-        )
+def check_eps(eps: float, op: str, added_to_scale: bool = False) -> None:
+    """eps is a finite number > 0, added to the variance under the square root; ``added_to_scale``: added
+    to a scale the input is divided by (ℓp batch norm), where 0 is allowed too."""
+    number = not isinstance(eps, bool) and isinstance(eps, numbers.Real) and math.isfinite(eps)
+    if added_to_scale:
+        ok, bound, why = number and eps >= 0, ">= 0", (
+            "it is added to the ℓp scale, keeping the division finite for a constant channel when > 0")
+    else:
+        ok, bound, why = number and eps > 0, "> 0", "it keeps 1/sqrt(var + eps) finite for a channel with zero variance"
+    if not ok:
+        raise ValueError(f"{op}: eps must be a finite number {bound} ({why}), got {eps!r}. The usual value is 1e-5.")
 
 
 def check_momentum(momentum: float | None, op: str, allow_none: bool = False) -> None:

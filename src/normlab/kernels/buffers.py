@@ -27,6 +27,7 @@ stays an ordinary one.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -52,16 +53,14 @@ _blocks: list[tuple[np.ndarray, int, int]] = []
 _held = [0]  # bytes in _blocks
 
 
-_parsed_limit: dict[str, int] = {}
-
-
 def pool_limit() -> int:
     """The pool's capacity in bytes, from ``NORMLAB_BUFFER_POOL_MB`` (read at every allocation)."""
-    raw = os.environ.get("NORMLAB_BUFFER_POOL_MB", "1024")
-    limit = _parsed_limit.get(raw)
-    if limit is None:
-        limit = _parsed_limit[raw] = int(float(raw) * (1 << 20))
-    return limit
+    return _mib_to_bytes(os.environ.get("NORMLAB_BUFFER_POOL_MB", "1024"))
+
+
+@functools.lru_cache(maxsize=8)
+def _mib_to_bytes(text: str) -> int:
+    return int(float(text) * (1 << 20))
 
 
 def _free(i: int) -> bool:

@@ -193,16 +193,30 @@ Summing a short run in float64 costs more than reading it: converting every valu
 float64 vector lanes of every run bounded the statistics pass on (32, 512, 7, 7) float32 (105-134 µs for
 the sums against 52 µs in float32, 2 threads).
 
-Each run is summed about its own first value r0 (x − r0 is exact for data within a factor of two of it,
-see the module docstring), and moved to the channel's shift in float64: Σ(x − shift) = Σ(x − r0) + S·δ,
-Σ(x − shift)² = Σ(x − r0)² + 2δ·Σ(x − r0) + S·δ², δ = r0 − shift. A run of at most 256 terms summed in
-vector lanes loses a few units in the last place of its own sums, as :func:`_column_sums` does with its
-eight rows. That error grows like ((r0 − mean) / σ)² for a run whose first value is an outlier: with every
-channel's first value 300σ from the mean of 1e4 + N(0, 1e-2), the variance came out 1e-5 off (float64
-sums: 4e-8) and the other outputs within 2e-5 of float64 (ATen's float32 kernel: 1e-2). Summing every run
-about the channel's shift instead would spread that error to all runs (outputs 1e-3 off on the same
-data). A run whose squares overflow the input dtype (values apart by more than about 1e19 in float32) is
-summed again in float64."""
+Each run is summed about its own first value r0 (x − r0 is exact for data within a factor of two of it, see
+the module docstring), and moved to the channel's shift in float64 (:func:`_moved`). A run of at most 256
+terms summed in vector lanes loses a few units in the last place of its own sums, as :func:`_column_sums`
+does with its eight rows. That error grows like ((r0 − mean) / σ)² for a run whose first value is an
+outlier: with every channel's first value 300σ from the mean of 1e4 + N(0, 1e-2), the variance came out 1e-5
+off (float64 sums: 4e-8) and the other outputs within 2e-5 of float64 (ATen's float32 kernel: 1e-2). Summing
+every run about the channel's shift instead would spread that error to all runs (outputs 1e-3 off on the
+same data). A run whose squares overflow the input dtype (values apart by more than about 1e19 in float32)
+is summed again in float64."""
+
+
+@njit(inline="always", **_FLAGS)
+def _moved(a, q, n, r0, sh):
+    """Float64 sums a = Σ(x − r0) and q = Σ(x − r0)² over ``n`` values, moved to the shift ``sh``:
+    Σ(x − sh) = a + n·δ and Σ(x − sh)² = q + δ·(2a + n·δ), with δ = r0 − sh."""
+    delta = np.float64(r0) - np.float64(sh)
+    return a + n * delta, q + delta * (2.0 * a + n * delta)
+
+
+@njit(inline="always", **_FLAGS)
+def _moved_grad(a, q, r0, sh):
+    """Float64 sums a = Σ dy' and q = Σ dy' · (x − r0), moved to the shift ``sh``:
+    Σ dy' · (x − sh) = q + δ·a, with δ = r0 − sh."""
+    return q + (np.float64(r0) - np.float64(sh)) * a
 
 
 @njit(**_SUM_FLAGS)
@@ -224,10 +238,9 @@ def _plane_sums(x, lo, hi, c, shift, p1, p2):
         a64, q64 = np.float64(a), np.float64(q)
         if not np.isfinite(q64):  # (x − r0)² beyond the input dtype's range (or NaN, inf in the data)
             a64, q64 = _sums(x[row], np.float64(r0))
-        # Σ(x − shift) = a + s·δ and Σ(x − shift)² = q + 2δ·a + s·δ², with δ = r0 − shift, in float64.
-        delta = np.float64(r0) - np.float64(shift[ch])
-        p1[ch] += a64 + s * delta
-        p2[ch] += q64 + delta * (2.0 * a64 + s * delta)
+        m1, m2 = _moved(a64, q64, s, r0, shift[ch])
+        p1[ch] += m1
+        p2[ch] += m2
         ch = ch + 1 if ch + 1 < c else 0
 
 
@@ -291,9 +304,8 @@ def _plane_grad_sums(x, dy, y, lo, hi, c, shift, p1, p2, epilogue):
         if not np.isfinite(a64 + q64):  # dy' or dy' · (x − r0) beyond the input dtype's range, or NaN/inf
             g = dy[row] if epilogue == NONE else np.where(y[row] > 0.0, dy[row], zero)
             a64, q64 = _grad_sums(x[row], g, np.float64(r0))
-        # Σ dy' · (x − shift) = q + δ · Σ dy', with δ = r0 − shift, in float64.
         p1[ch] += a64
-        p2[ch] += q64 + (np.float64(r0) - np.float64(shift[ch])) * a64
+        p2[ch] += _moved_grad(a64, q64, r0, shift[ch])
         ch = ch + 1 if ch + 1 < c else 0
 
 
@@ -506,26 +518,24 @@ alone over 25 MiB took 1.30 ms row by row against 0.75 ms in lockstep at 2048 co
 
 @njit(inline="always", **_FLAGS)
 def _spill(a, q, r0, sh, p1, p2):
-    """Move the input-dtype block sums a = Σ(x − r0) and q = Σ(x − r0)² of eight rows to the shift ``sh``
-    in float64 (Σ(x − sh) = a + 8δ, Σ(x − sh)² = q + 2δa + 8δ², δ = r0 − sh), add them into the
-    accumulators, and zero them."""
+    """Move the input-dtype sums a = Σ(x − r0) and q = Σ(x − r0)² of eight rows to the shift ``sh`` in
+    float64 (:func:`_moved`), add them into the accumulators, and zero them."""
     for ch in range(a.shape[0]):
-        a64, q64 = np.float64(a[ch]), np.float64(q[ch])
-        delta = np.float64(r0[ch]) - np.float64(sh[ch])
-        p1[ch] += a64 + _ROWS * delta
-        p2[ch] += q64 + delta * (2.0 * a64 + _ROWS * delta)
+        m1, m2 = _moved(np.float64(a[ch]), np.float64(q[ch]), _ROWS, r0[ch], sh[ch])
+        p1[ch] += m1
+        p2[ch] += m2
         a[ch] = 0.0
         q[ch] = 0.0
 
 
 @njit(inline="always", **_FLAGS)
 def _spill_grad(a, q, r0, sh, p1, p2):
-    """Move the block sums a = Σ dy' and q = Σ dy' · (x − r0) to the shift ``sh`` in float64
-    (Σ dy' · (x − sh) = q + δa, δ = r0 − sh), add them into the accumulators, and zero them."""
+    """Move the input-dtype sums a = Σ dy' and q = Σ dy' · (x − r0) of eight rows to the shift ``sh`` in
+    float64 (:func:`_moved_grad`), add them into the accumulators, and zero them."""
     for ch in range(a.shape[0]):
         a64 = np.float64(a[ch])
         p1[ch] += a64
-        p2[ch] += np.float64(q[ch]) + (np.float64(r0[ch]) - np.float64(sh[ch])) * a64
+        p2[ch] += _moved_grad(a64, np.float64(q[ch]), r0[ch], sh[ch])
         a[ch] = 0.0
         q[ch] = 0.0
 
@@ -585,10 +595,9 @@ def _column_sums(x, lo, hi, sh, p1, p2):
                     t = x[i + k, ch] - r0
                     a += t
                     q += t * t
-                a64, q64 = np.float64(a), np.float64(q)
-                delta = np.float64(r0) - np.float64(sh[ch])
-                p1[ch] += a64 + _ROWS * delta
-                p2[ch] += q64 + delta * (2.0 * a64 + _ROWS * delta)
+                m1, m2 = _moved(np.float64(a), np.float64(q), _ROWS, r0, sh[ch])
+                p1[ch] += m1
+                p2[ch] += m2
             i += _ROWS
     else:
         a = np.zeros(c, x.dtype)
@@ -631,7 +640,7 @@ def _column_grad_sums(x, dy, y, lo, hi, sh, p1, p2, epilogue):
                     q += g * (x[i + k, ch] - r0)
                 a64 = np.float64(a)
                 p1[ch] += a64
-                p2[ch] += np.float64(q) + (np.float64(r0) - np.float64(sh[ch])) * a64
+                p2[ch] += _moved_grad(a64, np.float64(q), r0, sh[ch])
             i += _ROWS
     else:
         a = np.zeros(c, x.dtype)

@@ -34,10 +34,9 @@ class Setup:
     def create(cls, suite: str, data_dir: Path | None, seed: int, device: str) -> "Setup":
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
-        labdata.check_data_dir(data_dir)
         images = "cifar10" if labdata.locate_cifar(data_dir) is not None else "fashion-mnist"
         if images == "fashion-mnist":
-            labdata.locate_fashion(data_dir)  # a folder with neither dataset: say so before any run starts
+            labdata.locate_fashion(data_dir)  # a missing folder, or one with neither dataset: say so now
         return cls(suite, images, seed, device)
 
 

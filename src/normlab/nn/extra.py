@@ -11,7 +11,6 @@ Both work outside the lab like any ``torch.nn`` module.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
@@ -120,14 +119,6 @@ class CovariateShiftNoise(nn.Module):
         )
 
 
-def _check_lp_eps(eps: float, name: str) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(
-            f"{name}: eps must be a finite number >= 0 (it is added to the ℓp scale, keeping the division "
-            f"finite for a constant channel when > 0), got {eps!r}. The usual value is 1e-5."
-        )
-
-
 class _LpBatchNorm(nn.Module):
     r"""Batch normalization by the batch-average ℓp norm (Santurkar et al. 2018, §3.3).
 
@@ -181,7 +172,7 @@ class _LpBatchNorm(nn.Module):
         if value not in (1.0, 2.0, math.inf):
             raise ValueError(f"{name}: p must be 1, 2 or inf (float('inf')), got {p!r}.")
         p = value
-        _check_lp_eps(eps, name)
+        checks.check_eps(eps, name, added_to_scale=True)
         checks.check_momentum(momentum, name)
         self.num_features = num_features
         self.p = p
@@ -219,7 +210,7 @@ class _LpBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Checked as normlab's BatchNorm checks its input; half precision is computed in float32."""
         name = type(self).__name__
-        _check_lp_eps(self.eps, name)
+        checks.check_eps(self.eps, name, added_to_scale=True)
         checks.check_momentum(self.momentum, name)
         checks.check_floating(x, name)
         checks.check_ndim(x, name, self._expected_dims, self._layout)

@@ -13,6 +13,8 @@ import torch
 
 
 def check_floating(x: torch.Tensor, op: str, name: str = "input") -> None:
+    if type(x) is torch.Tensor and x.is_floating_point():  # the common case, without the isinstance machinery
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}.")
     if not x.dtype.is_floating_point:
@@ -48,6 +50,8 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, op: str) -> None:
 def check_eps(eps: float, op: str, added_to_scale: bool = False) -> None:
     """eps is a finite number > 0, added to the variance under the square root; ``added_to_scale``: added
     to a scale the input is divided by (ℓp batch norm), where 0 is allowed too."""
+    if type(eps) is float and (0.0 <= eps if added_to_scale else 0.0 < eps) and eps < math.inf:
+        return  # the common case; NaN fails every comparison and is refused below
     number = not isinstance(eps, bool) and isinstance(eps, numbers.Real) and math.isfinite(eps)
     if added_to_scale:
         ok, bound, why = number and eps >= 0, ">= 0", (
@@ -59,6 +63,8 @@ def check_eps(eps: float, op: str, added_to_scale: bool = False) -> None:
 
 
 def check_momentum(momentum: float | None, op: str, allow_none: bool = False) -> None:
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return
     if momentum is None and allow_none:
         return
     if (
@@ -107,7 +113,7 @@ def check_param(p: torch.Tensor | None, shape: tuple[int, ...], op: str, name: s
         return
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor or None, got {type(p).__name__}.")
-    if tuple(p.shape) != tuple(shape):
+    if p.shape != shape:
         raise ValueError(
             f"{op}: {name} has shape {tuple(p.shape)}, but this input needs shape {tuple(shape)} "
             f"(one value per normalized feature)."
@@ -121,17 +127,19 @@ def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels:
         raise ValueError(
             f"{op}: running_mean and running_var must be given together (both tensors or both None)."
         )
+    if mean is None:
+        return
     check_param(mean, (channels,), op, "running_mean")
     check_param(var, (channels,), op, "running_var")
     for name, t in (("running_mean", mean), ("running_var", var)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
+        if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 f"{op}: {name} requires grad, but normalization does not differentiate with respect to the "
                 f"running statistics (they are constants in eval mode and updated in place in training), so its "
                 f"gradient would silently stay None. Pass {name}.detach(), or normalize with batch statistics "
                 f"if the gradient should flow through the statistics."
             )
-        if t is not None and t.numel() > 1 and 0 in t.stride():
+        if 0 in t.stride() and t.numel() > 1:
             raise ValueError(
                 f"{op}: {name} is an expanded view (a stride of 0), so its entries share memory and cannot "
                 f"be updated in place. Pass a tensor of its own, e.g. {name}.clone()."

@@ -253,7 +253,12 @@ def compute_forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
 
 def records_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd would record an operation on ``tensors`` (grad mode on, one of them requiring grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):

@@ -88,10 +88,9 @@ def _cached(build):
         if torch.compiler.is_compiling():  # traced once per graph: no cache for torch.compile to look into
             return build(*args)
         try:
-            hash(args)
-        except TypeError:  # a list among the arguments: build it afresh
+            return cached(*args)
+        except TypeError:  # a list among the arguments (unhashable): build it afresh
             return build(*args)
-        return cached(*args)
 
     return plan
 

@@ -48,20 +48,31 @@ save (and, on a busy machine, waits for their time slice)."""
 _threads_set = [0]
 
 
+@functools.cache
+def _numba_max_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _sync_threads(numel: int) -> int:
     """Run numba's parallel loops on as many threads as torch uses (``torch.set_num_threads``), or on
     one for a small input; returns that number."""
+    want = 1 if numel < SERIAL_BELOW else max(1, min(torch.get_num_threads(), _numba_max_threads()))
+    if _threads_set[0] != want:
+        _set_numba_threads(want)
+    return want
+
+
+def _set_numba_threads(want: int) -> None:
     import numba
 
     torch_threads = torch.get_num_threads()
-    want = 1 if numel < SERIAL_BELOW else max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if _threads_set[0] != want:
-        numba.set_num_threads(want)
-        if not _threads_set[0]:
-            # Starting numba's OpenMP pool resets the thread count of the OpenMP runtime torch shares.
-            torch.set_num_threads(torch_threads)
-        _threads_set[0] = want
-    return want
+    numba.set_num_threads(want)
+    if not _threads_set[0]:
+        # Starting numba's OpenMP pool resets the thread count of the OpenMP runtime torch shares.
+        torch.set_num_threads(torch_threads)
+    _threads_set[0] = want
 
 
 @functools.lru_cache(maxsize=256)
@@ -250,7 +261,7 @@ class NumbaBackend:
                 stats[:2] = 0.0
                 stats[2] = 1.0
             stats[3] = 1.0 / np.sqrt(stats[2] + eps)
-        shift, mean_shifted, var, rstd = torch.from_numpy(stats)
+        shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind()
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
     def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count):
@@ -299,7 +310,7 @@ class NumbaBackend:
             self._backward(launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, batch_stats,
                            need[0], y)
         dx = launch.finish(dx, x)
-        dw, db = torch.from_numpy(sums)
+        dw, db = torch.from_numpy(sums).unbind()
         grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
         return grads if y is None else (*grads, dres)
 

@@ -52,6 +52,28 @@ def test_matches_torch_composition(add, dtype, fmt, affine):
             torch.testing.assert_close(ba, bb, **TOL[dtype])
 
 
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("hw", [(3, 3), (17, 17)], ids=["short_runs", "long_runs"])
+def test_nan_and_inf_pass_the_relu_as_in_the_composition(add, fmt, hw):
+    # torch.relu keeps NaN and passes +inf; a fused ReLU must not turn them into 0 (or 0 into NaN).
+    ours, theirs = _layers(add, torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, *hw, generator=gen)
+    r = torch.randn(3, 5, *hw, generator=gen)
+    x[1, 2, 0, 1] = float("nan")
+    r[0, 3, 1, 0] = float("inf")
+    r[2, 4, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=fmt)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        with torch.no_grad():
+            ya = ours(x, r) if add else ours(x)
+            yb = torch.relu(theirs(x) + r) if add else torch.relu(theirs(x))
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert ya.isnan().sum() == yb.isnan().sum() > 0
+
+
 def test_state_dict_is_batchnorm2d():
     layer = nl.BatchNormAddReLU2d(3)
     assert isinstance(layer, nl.BatchNorm2d) and isinstance(layer, torch.nn.BatchNorm2d)

@@ -50,7 +50,7 @@ def test_quick_json_records(quick_json):
 
 
 def test_quick_covers_every_op_layout_and_mode(quick_json):
-    assert {r["op"] for r in quick_json} == {"BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm"}
+    assert {r["op"] for r in quick_json} == {"BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm", "BatchNormReLU2d"}
     assert {r["layout"] for r in quick_json} == {"contiguous", "channels_last"}
     assert {r["mode"] for r in quick_json} == set(bench.MODES)
     assert all(len(r["shape"]) == 4 for r in quick_json if r["layout"] == "channels_last")
@@ -84,6 +84,19 @@ def test_default_suite_matches_the_issue():
     assert any(c.layer == "GroupNorm" and c.layout == "channels_last" for c in cases)
     assert any(c.layer == "LayerNorm" for c in cases)
     assert len({c.key for c in cases}) == len(cases)
+
+
+def test_a_fused_layer_torch_lacks_is_timed_against_its_composition():
+    case = bench.Case("BatchNormReLU2d", (4,), (3, 4, 5, 5), mode="train_fwd_bwd")
+    theirs, ours = case.make(torch.nn), case.make(normlab.nn)
+    assert isinstance(theirs, torch.nn.BatchNorm2d) and type(ours) is normlab.nn.BatchNormReLU2d
+    assert theirs.state_dict().keys() == ours.state_dict().keys()
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(theirs(x), torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True)))
+    rec = bench.run_cases([case], repeats=1, warmup=0)[0]
+    assert rec["status"] == "ok" and rec["op"] == "BatchNormReLU2d" and rec["max_err"] <= 1.0
+    with pytest.raises(AttributeError, match="no layer 'NoSuchNorm'"):
+        bench.Case("NoSuchNorm", (4,), (3, 4)).make(torch.nn)
 
 
 def test_table_has_header_and_rows(capsys):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -53,6 +54,7 @@ import normlab.nn
 
 __all__ = [
     "COMPILE",
+    "COMPOSED",
     "Case",
     "Column",
     "Implementation",
@@ -150,8 +152,34 @@ class Case:
         return f"{self.module} {self.shape_text} {self.layout} {self.mode}"
 
     def make(self, layers: ModuleType) -> nn.Module:
-        """Build this case's layer from a namespace of layer classes (``torch.nn`` or ``normlab.nn``)."""
-        return getattr(layers, self.layer)(*self.args)
+        """Build this case's layer from a namespace of layer classes (``torch.nn`` or ``normlab.nn``); a
+        fused layer the namespace lacks (``BatchNormReLU2d`` in ``torch.nn``) is built as the composition it
+        fuses (see :data:`COMPOSED`)."""
+        cls = getattr(layers, self.layer, None)
+        if cls is None and self.layer in COMPOSED:
+            cls = _composed(self.layer, layers)
+        if cls is None:
+            raise AttributeError(f"{getattr(layers, '__name__', layers)!s} has no layer {self.layer!r}")
+        return cls(*self.args)
+
+
+COMPOSED: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "BatchNormReLU2d": ("BatchNorm2d", torch.relu),
+}
+"""Fused layers by name, as (the layer they start from, what follows it): where a namespace has no such
+layer, its peer is that layer with the rest applied to the output, keeping the layer's parameters,
+buffers and ``state_dict`` keys (torch.nn's BatchNorm2d then ``torch.relu``)."""
+
+
+@functools.cache
+def _composed(name: str, layers: Any) -> type[nn.Module]:
+    base_name, after = COMPOSED[name]
+    base = getattr(layers, base_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return after(base.forward(self, x))
+
+    return type(name, (base,), {"forward": forward, "__doc__": f"{base_name} followed by {after.__name__}."})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +216,10 @@ def _suite(
     bn_shapes: Sequence[tuple[int, ...]],
     gn: tuple[int, tuple[int, ...]],
     ln_shapes: Sequence[tuple[int, ...]],
+    fused_shapes: Sequence[tuple[int, ...]] = (),
 ) -> list[Case]:
-    """BatchNorm in every mode and layout, GroupNorm in both layouts and LayerNorm, train fwd+bwd."""
+    """BatchNorm in every mode and layout, GroupNorm in both layouts and LayerNorm, train fwd+bwd; the
+    fused BatchNormReLU2d (against BatchNorm2d then ReLU) train fwd+bwd and eval."""
     cases: list[Case] = []
     for shape in bn_shapes:
         four_d = len(shape) == 4
@@ -202,16 +232,20 @@ def _suite(
         for layout in ("contiguous", "channels_last")
     ]
     cases += [Case("LayerNorm", (shape[-1],), shape, "contiguous", "train_fwd_bwd") for shape in ln_shapes]
+    cases += [Case("BatchNormReLU2d", (shape[1],), shape, "contiguous", mode)
+              for shape in fused_shapes for mode in ("train_fwd_bwd", "eval")]
     return cases
 
 
 def default_cases() -> list[Case]:
     """The full suite: BatchNorm on (64,64,56,56), (256,256,14,14), (32,512,7,7), (4096,1024); GroupNorm(32)
-    on (32,256,28,28); LayerNorm on (64,196,768) and (4096,1024)."""
+    on (32,256,28,28); LayerNorm on (64,196,768) and (4096,1024); BatchNormReLU2d on (64,64,56,56) and
+    (32,512,7,7)."""
     return _suite(
         bn_shapes=[(64, 64, 56, 56), (256, 256, 14, 14), (32, 512, 7, 7), (4096, 1024)],
         gn=(32, (32, 256, 28, 28)),
         ln_shapes=[(64, 196, 768), (4096, 1024)],
+        fused_shapes=[(64, 64, 56, 56), (32, 512, 7, 7)],
     )
 
 
@@ -221,6 +255,7 @@ def quick_cases() -> list[Case]:
         bn_shapes=[(8, 16, 12, 12), (64, 32)],
         gn=(4, (4, 16, 8, 8)),
         ln_shapes=[(8, 16, 32)],
+        fused_shapes=[(8, 16, 12, 12)],
     )
 
 

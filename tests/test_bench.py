@@ -86,6 +86,18 @@ def test_default_suite_matches_the_issue():
     assert len({c.key for c in cases}) == len(cases)
 
 
+def test_a_peer_that_disagrees_is_named_and_left_out_while_the_case_is_timed():
+    wrong_peer = bench.Implementation("compile", torch.nn, wrap=lambda m: (lambda x: m(x) + 0.01))
+    case = bench.Case("LayerNorm", (32,), (8, 32), mode="eval")
+    (rec,) = bench.run_cases([case], repeats=1, warmup=0, implementations=[*bench.IMPLEMENTATIONS, wrong_peer])
+    assert rec["status"] == "ok" and rec["max_err"] <= 1.0
+    assert rec["normlab_ms"] > 0 and rec["torch_ms"] > 0 and rec["ratio"] > 0
+    assert rec["compile_ms"] is None and rec["ratio_compile"] is None
+    assert "answers differ from torch's (output off by" in rec["compile_error"]
+    table = bench.format_table([rec], [*bench.IMPLEMENTATIONS, wrong_peer])
+    assert "compile failed: answers differ" in table and "MISMATCH" not in table.split("\n", 4)[-1]
+
+
 def test_a_fused_layer_torch_lacks_is_timed_against_its_composition():
     case = bench.Case("BatchNormReLU2d", (4,), (3, 4, 5, 5), mode="train_fwd_bwd")
     theirs, ours = case.make(torch.nn), case.make(normlab.nn)

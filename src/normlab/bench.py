@@ -456,7 +456,8 @@ def _run_case(
     for i in range(len(trials) - 1, 1, -1):
         peer_err, peer_where = errors[i]
         if not peer_err <= 1.0:
-            failed[trials[i].name] = (f"answers differ from {trials[1].name}'s ({peer_where} off by {peer_err:.3g}x "
+            failed[trials[i].name] = (f"answers differ from {trials[1].name}'s on {case.module} {case.shape_text} "
+                                      f"{case.layout} {MODES[case.mode].label} ({peer_where} off by {peer_err:.3g}x "
                                       f"the tolerance), not timed")
             del trials[i], errors[i]
     err, where = max(errors)

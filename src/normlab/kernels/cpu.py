@@ -419,6 +419,9 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     for row in prange(rows):
         ch = row % c
         if epilogue == NONE:
+            # The plain map written out here rather than through _run_affine's own NONE branch: inlined into
+            # this loop, that branch ran at half the speed (interleaved A/B, (32, 512, 7, 7), 66 vs 130 µs
+            # eval), although the loop is the same; _channel_affine's long runs showed no such difference.
             xrow, yrow, sh, ak, bk = xr[row], yr[row], shift[ch], a[ch], b[ch]
             for j in range(s):
                 yrow[j] = (xrow[j] - sh) * ak + bk

@@ -26,11 +26,11 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
   (BatchNorm2d (8, 16, 4, 4) eval: 37–40 µs against 43–45 µs).
 * Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
   are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the fewer passes (BatchNorm2d train forward 3.6–8.0x, eval 5.1–7.5x, LayerNorm
-  (64, 196, 768) forward+backward 3.0x; medians of three ``normlab bench`` runs). On small and mid-sized
+  pages matters as much as the fewer passes (BatchNorm2d train forward 3.2–6.7x, eval 4.3–4.9x, LayerNorm
+  (64, 196, 768) forward+backward 2.85x; medians of three ``normlab bench`` runs). On small and mid-sized
   tensors that stay in cache the kernels still win where ATen's statistics pass is slow (contiguous
-  (32, 512, 7, 7) training forward 3.2x), and elsewhere the two are close or ATen is faster (channels_last
-  (32, 512, 7, 7) 0.93–1.03x, contiguous (32, 512, 7, 7) eval 0.85x, BatchNorm1d (4096, 1024) eval 0.80x,
+  (32, 512, 7, 7) training forward 3.4x), and elsewhere the two are close or ATen is faster (channels_last
+  (32, 512, 7, 7) 0.95–1.04x, contiguous (32, 512, 7, 7) eval 1.03x, BatchNorm1d (4096, 1024) eval 0.74x,
   GroupNorm on 7x7 maps 0.56–0.87x): normlab's Python per call (35–66 µs on a tiny input against ATen's
   14–26 µs) against ATen's extra passes over memory.
   Those cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data

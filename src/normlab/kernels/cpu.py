@@ -467,10 +467,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     """
     n, c, s = x.shape
     rows = n * c
-    cast = x.dtype.type
     xr, yr, rr = x.reshape(rows, s), y.reshape(rows, s), residual.reshape(rows, s)
-    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
-    update = train and running_mean.shape[0] > 0
+    shift = stats[0]
     if train:
         for ch in range(c):
             shift[ch] = x[0, ch, 0]
@@ -479,14 +477,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
             _plane_sums(xr, lo, hi, c, shift, p1, p2)
     a = np.empty(c, x.dtype)
     b = np.empty(c, x.dtype)
-    for ch in range(c):
-        s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
-        d, r = _statistic(ch, shift[ch], s1, s2, n * s, eps, train, shift, mean_shifted, var, rstd)
-        if update:
-            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
-        ak = np.float64(weight[ch]) * r
-        a[ch] = cast(ak)
-        b[ch] = cast(np.float64(bias[ch]) - d * ak)
+    _channel_constants(parts, weight, bias, eps, train, n * s, stats, running_mean, running_var, momentum, unbias,
+                       a, b)
     for row in prange(rows):
         ch = row % c
         if epilogue == NONE:
@@ -535,13 +527,7 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
     cm = np.empty(c, x.dtype)
     k1 = np.empty(c, x.dtype)
     k2 = np.empty(c, x.dtype)
-    for ch in range(c):
-        s1, s2 = _combine(parts, ch)
-        dk = np.float64(mean_shifted[ch]) if train else 0.0
-        dgamma, ck, k1k, k2k = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), dk, s1, s2, n * s, train)
-        db[ch] = s1
-        dw[ch] = dgamma
-        d[ch], cm[ch], k1[ch], k2[ch] = cast(dk), cast(ck), cast(k1k), cast(k2k)
+    _grad_constants(parts, weight, mean_shifted, rstd, train, n * s, dw, db, d, cm, k1, k2)
     if not need_x:
         return
     zero = cast(0.0)
@@ -589,6 +575,42 @@ def _block_parts(parts, k, rows):
     p2[:] = 0.0
     lo, hi = _block(k, rows, parts.shape[0])
     return p1, p2, lo, hi
+
+
+@njit(inline="always", **_FLAGS)
+def _channel_constants(parts, weight, bias, eps, train, count, stats, running_mean, running_var, momentum, unbias,
+                       a, b):
+    """The BatchNorm forward's per-channel step between its two passes: each channel's statistics from the
+    block partials ``parts`` combined (training, ``count`` values per channel) or from the fixed ones in
+    ``stats`` (:func:`_statistic`), the running statistics updated where they are given, and the affine
+    map's factors a = γ · rstd and b = β − mean_shifted · a written to ``a`` and ``b`` in their dtype."""
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    update = train and running_mean.shape[0] > 0
+    for ch in range(a.shape[0]):
+        s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
+        d, r = _statistic(ch, shift[ch], s1, s2, count, eps, train, shift, mean_shifted, var, rstd)
+        if update:
+            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
+        ak = np.float64(weight[ch]) * r
+        a[ch] = ak
+        b[ch] = np.float64(bias[ch]) - d * ak
+
+
+@njit(inline="always", **_FLAGS)
+def _grad_constants(parts, weight, mean_shifted, rstd, train, count, dw, db, d, cm, k1, k2):
+    """The BatchNorm backward's per-channel step between its two passes: dβ and dγ from the block partials
+    ``parts`` combined, and the constants of dx = (dy' − c) · k1 + ((x − shift) − d) · k2
+    (:func:`_closed_form`) written to ``d``, ``cm``, ``k1`` and ``k2`` in their dtype."""
+    for ch in range(d.shape[0]):
+        s1, s2 = _combine(parts, ch)
+        dk = np.float64(mean_shifted[ch]) if train else 0.0
+        dgamma, ck, k1k, k2k = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), dk, s1, s2, count, train)
+        db[ch] = s1
+        dw[ch] = dgamma
+        d[ch] = dk
+        cm[ch] = ck
+        k1[ch] = k1k
+        k2[ch] = k2k
 
 
 _ROWS = 8  # rows summed in the input dtype before a column's float64 accumulators are updated
@@ -805,8 +827,7 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
     """
     m, c = x.shape
     nb = parts.shape[0]
-    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
-    update = train and running_mean.shape[0] > 0
+    shift = stats[0]
     if train:
         shift[:] = x[0]
         for k in prange(nb):
@@ -814,13 +835,7 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
             _column_sums(x, lo, hi, shift, p1, p2)
     a = np.empty(c, x.dtype)
     b = np.empty(c, x.dtype)
-    for ch in range(c):
-        s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
-        d, r = _statistic(ch, shift[ch], s1, s2, m, eps, train, shift, mean_shifted, var, rstd)
-        if update:
-            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
-        a[ch] = np.float64(weight[ch]) * r
-        b[ch] = np.float64(bias[ch]) - d * np.float64(weight[ch]) * r
+    _channel_constants(parts, weight, bias, eps, train, m, stats, running_mean, running_var, momentum, unbias, a, b)
     for i in prange(m):
         _row_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
 
@@ -839,16 +854,11 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
     for k in prange(nb):
         p1, p2, lo, hi = _block_parts(parts, k, m)
         _column_grad_sums(x, dy, y, lo, hi, shift, p1, p2, epilogue)
+    d = np.empty(c, x.dtype)
     cm = np.empty(c, x.dtype)
     k1 = np.empty(c, x.dtype)
     k2 = np.empty(c, x.dtype)
-    d = np.empty(c, x.dtype)
-    for ch in range(c):
-        s1, s2 = _combine(parts, ch)
-        d[ch] = mean_shifted[ch] if train else 0.0
-        dw[ch], cm[ch], k1[ch], k2[ch] = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]),
-                                                      np.float64(d[ch]), s1, s2, m, train)
-        db[ch] = s1
+    _grad_constants(parts, weight, mean_shifted, rstd, train, m, dw, db, d, cm, k1, k2)
     if not need_x:
         return
     unit = np.empty(0, x.dtype)

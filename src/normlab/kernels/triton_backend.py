@@ -101,6 +101,10 @@ PROGRAMS_PER_SM = 4
 """Programs per multiprocessor that the split reductions aim for."""
 INTERPRETER_PROGRAMS = 4
 """The number of programs the split reductions aim for under Triton's interpreter (on CPU tensors)."""
+_OPTIONS = dict(enable_fp_fusion=True)
+"""Compiler options of every launch. Multiply-adds are contracted into FMAs, as in the CPU kernels
+(``fastmath={"contract"}``); set here rather than left to Triton's default, which Triton 3.10 turns off
+(3.9 warns that it will)."""
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -841,7 +845,7 @@ class TritonBackend:
         bu = max(1, min(_pow2(units), 4096 // bs))
         k["_finish_moments"][(_cdiv(units, bu),)](
             xa, part, fm, fv, stats, units, split, s_unit, fm.numel() if not train else 1, *_eps_parts(eps),
-            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, num_warps=4)
+            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, num_warps=_warps(bu * bs), **_OPTIONS)
 
     def _planar_moments(self, k, xa, stats, fm, fv, units, p, q, s_unit, s_p, train, eps, tl_acc):
         """Statistics of ``units`` (p, q) blocks (split reduction, or the fixed statistics)."""
@@ -851,7 +855,7 @@ class TritonBackend:
         if train:
             part = torch.empty(3, units, split, dtype=stats.dtype, device=xa.device)
             k["_moments_planar"][(units, split)](xa, part, units, p, q, s_unit, s_p, split,
-                                                 BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                                                 BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
         self._finish_moments(k, xa, part, fm, fv, stats, units, split, s_unit, train, eps, tl_acc)
 
     def _apply_planar(self, k, xa, res, y, stats, w, has_w, b, has_b, units, p, q, s_unit, s_p, groups, per_row,
@@ -861,7 +865,7 @@ class TritonBackend:
         k["_apply_planar"][(units, split)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, p, q, s_unit, s_p, groups, per_row, split,
             PARAM_P=param_p, HAS_W=has_w, HAS_B=has_b, EPI=epi, BP=bp, BQ=bq, ACC=tl_acc,
-            num_warps=_warps(bp * bq))
+            num_warps=_warps(bp * bq), **_OPTIONS)
 
     def _bn_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, res, epi, tl_acc):
         s: ChannelShape = lay.shape
@@ -882,11 +886,11 @@ class TritonBackend:
             split = _split(col_blocks, _cdiv(m, bm), _target_programs(xa))
             part = torch.empty(3, c, split, dtype=stats.dtype, device=xa.device)
             k["_moments_cols"][(col_blocks, split)](xa, part, m, c, split, BM=bm, BC=bc, ACC=tl_acc,
-                                                    num_warps=_warps(bm * bc))
+                                                    num_warps=_warps(bm * bc), **_OPTIONS)
         self._finish_moments(k, xa, part, fm, fv, stats, c, split, 1, train, eps, tl_acc)
         k["_apply_cols"][(_cdiv(m, bm), col_blocks)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, m, c,
-            HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc))
+            HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
 
     def _rows_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, tl_acc):
         s: RowShape = lay.shape
@@ -895,7 +899,7 @@ class TritonBackend:
             k["_row_forward_tile"][(s.rows,)](
                 xa, y, stats, w, b, fm, fv, s.rows, s.size, s.per_row, s.run, s.groups,
                 1 if train else fm.numel(), *_eps_parts(eps),
-                TRAIN=train, HAS_W=has_w, HAS_B=has_b, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                TRAIN=train, HAS_W=has_w, HAS_B=has_b, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
             return
         self._planar_moments(k, xa, stats, fm, fv, s.rows, s.per_row, s.run, s.size, s.run, train, eps, tl_acc)
         self._apply_planar(k, xa, xa, y, stats, w, has_w, b, has_b, s.rows, s.per_row, s.run, s.size, s.run,
@@ -948,7 +952,7 @@ class TritonBackend:
         bu = max(1, min(_pow2(units), 4096 // bw))
         k["_finish_sums"][(_cdiv(units, bu),)](
             part, half, s_unit, s_part, width, units, w, rstd, out1, out2, consts, count,
-            MODE=mode, TRAIN=train, HAS_W=has_w, BU=bu, BW=bw, ACC=tl_acc, num_warps=4)
+            MODE=mode, TRAIN=train, HAS_W=has_w, BU=bu, BW=bw, ACC=tl_acc, num_warps=_warps(bu * bw), **_OPTIONS)
 
     def _bn_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
                      tl_acc):
@@ -969,7 +973,7 @@ class TritonBackend:
                 k["_planar_sums"][(c, split)](
                     xa, dya, ya, w, sh, ms, rs, part, c, n, sp, 0, sp, c, c * sp, c, 1, split,
                     STAT_P=False, WEIGHT=False, SCALE=True, TRAIN=train, MASK=mask, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
             self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
                               count, 1, train, tl_acc)
             if dx is not None:
@@ -977,7 +981,7 @@ class TritonBackend:
                 k["_dx_planar"][(c, split)](
                     xa, dya, ya, dx, dres if dres is not None else dx, w, sh, ms, consts, c, n, sp, sp, c * sp, c, 1,
                     split, WEIGHT=False, TRAIN=train, MASK=mask, DRES=dres is not None, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
             return
         m = count
         bc = min(_pow2(c), COLUMNS)
@@ -988,13 +992,14 @@ class TritonBackend:
             part = torch.empty(2, c, split, dtype=dw.dtype, device=xa.device)
             k["_cols_sums"][(col_blocks, split)](
                 xa, dya, ya, sh, ms, rs, part, m, c, split, 1, 1,
-                STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc))
+                STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
         self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
                           count, 1, train, tl_acc)
         if dx is not None:
             k["_dx_cols"][(_cdiv(m, bm), col_blocks)](
                 xa, dya, ya, dx, dres if dres is not None else dx, sh, ms, consts, m, c,
-                TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc))
+                TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc),
+                **_OPTIONS)
 
     def _rows_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
                        tl_acc):
@@ -1010,7 +1015,7 @@ class TritonBackend:
             k["_row_backward_tile"][(nprog,)](
                 xa, dya, dx if dx is not None else xa, w, sh, ms, rs, part, s.rows, s.size, s.per_row, s.run,
                 s.groups, nprog, TRAIN=train, NEED_X=need_x, NEED_P=need_p, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc,
-                num_warps=_warps(bp * bq))
+                num_warps=_warps(bp * bq), **_OPTIONS)
             if need_p:
                 self._finish_sums(k, part, nprog * s.per_row, 1, nparam, per_group, nparam, w, has_w, rs, db, dw,
                                   dw, 1, 0, train, tl_acc)
@@ -1026,14 +1031,14 @@ class TritonBackend:
                 k["_planar_sums"][(s.rows, split)](
                     xa, dya, xa, w, sh, ms, rs, part, s.rows, s.per_row, s.run, s.size, 0, 1, s.run,
                     s.groups, s.per_row, split, STAT_P=False, WEIGHT=True, SCALE=False, TRAIN=True, MASK=False,
-                    HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                    HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
             self._finish_sums(k, part, s.rows * max(split, 1), max(split, 1), 1, split, s.rows, w, has_w, rs, dw,
                               dw, consts, s.size, 2, train, tl_acc)
             split = _split(s.rows, tiles, target)
             k["_dx_planar"][(s.rows, split)](
                 xa, dya, xa, dx, dx, w, sh, ms, consts, s.rows, s.per_row, s.run, s.size, s.run, s.groups,
                 s.per_row, split, WEIGHT=True, TRAIN=train, MASK=False, DRES=False, HAS_W=has_w,
-                BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
         if not need_p:
             return
         outer = s.rows // s.groups  # samples: parameter (g, j) has one run of values in each
@@ -1045,7 +1050,7 @@ class TritonBackend:
             part = torch.empty(2, nparam, split, dtype=dw.dtype, device=xa.device)
             k["_cols_sums"][(col_blocks, split)](
                 xa, dya, xa, sh, ms, rs, part, outer, nparam, split, s.groups, s.per_row,
-                STAT_ROW=True, TRAIN=train, MASK=False, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc))
+                STAT_ROW=True, TRAIN=train, MASK=False, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
         else:  # parameter (g, j): an (outer, run) block with rows groups·K apart
             bp, bq = _block2d(outer, s.run, BLOCK)
             split = _split(nparam, _cdiv(outer, bp) * _cdiv(s.run, bq), target)
@@ -1053,6 +1058,6 @@ class TritonBackend:
             k["_planar_sums"][(nparam, split)](
                 xa, dya, xa, w, sh, ms, rs, part, nparam, outer, s.run, s.size, s.run, s.per_row,
                 s.groups * s.size, s.groups, s.per_row, split, STAT_P=True, WEIGHT=False, SCALE=True,
-                TRAIN=train, MASK=False, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq))
+                TRAIN=train, MASK=False, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
         self._finish_sums(k, part, nparam * split, split, 1, split, nparam, w, has_w, rs, db, dw, dw, 1, 0, train,
                           tl_acc)

@@ -67,7 +67,10 @@ Split reductions: a statistic with many values is cut into ``split`` programs so
 a second, small kernel. No kernel loops over channels in Python; every launch covers all of them.
 
 The tile sizes (:data:`BLOCK`, :data:`COLUMNS`, :data:`ROW_TILE`) are module attributes read at every
-call. They have not been tuned on a GPU.
+call. They have not been tuned on a GPU. Every kernel takes one warp per 256 values of its tile (1 to 16):
+:mod:`normlab.kernels.triton_compile` compiles every specialization the benchmark's shapes reach for a
+GPU architecture without a GPU and reports registers and spills from ptxas (none under pressure on
+sm_90).
 """
 
 from __future__ import annotations

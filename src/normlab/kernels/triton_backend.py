@@ -4,7 +4,8 @@ kernels.
 Results follow the engine's conventions (:func:`normlab.core.engine.forward_torch`): ``y`` and ``dx`` in
 the input's dtype, shape and memory format; statistics in ``plan.stat_shape`` and in the accumulation
 dtype (float32 for float32/float16/bfloat16, float64 for float64); ``(shift, mean_shifted)`` with
-μ = shift + mean_shifted, ``shift`` being the first value of each statistic's data; dγ and dβ flat, in the
+μ = shift + mean_shifted, ``shift`` being μ rounded to the accumulation dtype in training (the fixed mean
+otherwise) and ``mean_shifted`` the remainder; dγ and dβ flat, in the
 accumulation dtype. float16 and bfloat16 are loaded as they are and computed in float32 inside the
 kernels; nothing is converted in memory.
 
@@ -15,13 +16,21 @@ interpreter, whichever that first use asked for.
 
 Numerics
 --------
-* Statistics are taken on ``x − shift``, never on ``x``: the difference is exact for data within a
-  factor of two of the shift, so 1e4 + N(0, 1e-2) in float32 keeps its variance. Where a statistic's
+* Statistics are taken on ``x − origin``, never on ``x``: the difference is exact for data within a
+  factor of two of the origin, so 1e4 + N(0, 1e-2) in float32 keeps its variance. The origin is the
+  median of the statistic's first, middle and last values, so that one outlier among them (a first
+  sample far out in the tail) is not what the rest are measured from. Where a statistic's
   values are streamed through several tiles, every lane of a tile keeps a Welford running
-  (count, mean, M2) of the shifted values it sees, and lanes, then programs, are merged with the exact
-  pairwise rule M2 = Σ M2_j + Σ n_j (mean_j − mean)²: no Σx² − (Σx)² cancellation anywhere, even when
-  the first value is far out in the tail. Where a whole row fits in registers it is centred exactly
-  (mean first, then Σ(t − mean)²) in one read.
+  (count, mean, M2) of the shifted values it sees, and lanes, then programs, are merged (in float64)
+  with the exact pairwise rule M2 = Σ M2_j + Σ n_j (mean_j − mean)²: no Σx² − (Σx)² cancellation
+  anywhere. Where a whole row fits in registers it is centred in one read: the mean of x − first value,
+  then, about that mean rounded, the mean and Σ(t − mean)².
+* The shift saved, and normalized about, forward and backward, is the mean rounded to the accumulation
+  dtype, with the exact remainder as ``mean_shifted`` (:func:`_recentre`): x − shift then loses nothing
+  to an outlier either. 1e-2 · N(0, 1) with a first sample of 1e5 (BatchNorm on (8192, 4) rows, on
+  (512, 4, 4, 4) in both layouts; LayerNorm(512) with every row's first value 1e5): off the float64
+  answer by 3e-9 to 4e-8 away from the outlier, where about the first value with float32 merges it was
+  2e-6 to 2.7e-5 (ATen: 4e-7 on the rows); measured under Triton's interpreter.
 * Normalizing computes ``y = (x − shift) · a + b`` with ``a = γ · rstd`` and ``b = β − mean_shifted · a``,
   in the accumulation dtype, then the fused epilogue (ReLU, or add a residual then ReLU) and one
   rounding to the output dtype.
@@ -202,11 +211,38 @@ def _welford_add(v, valid, cnt, mean, m2):
 @_jit
 def _merge_moments(cnt, mean, m2, AXIS: tl.constexpr):
     """Merge (count, mean, M2) partials along ``AXIS``: n = Σn_j, mean = Σ n_j·mean_j / n,
-    M2 = Σ M2_j + Σ n_j·(mean_j − mean)²."""
-    n = tl.sum(cnt, AXIS)
-    mu = tl.sum(cnt * mean, AXIS) / tl.maximum(n, 1.0)
-    dev = mean - tl.expand_dims(mu, AXIS)
-    return n, mu, tl.sum(m2, AXIS) + tl.sum(cnt * dev * dev, AXIS)
+    M2 = Σ M2_j + Σ n_j·(mean_j − mean)², summed in float64 and returned in the partials' dtype.
+
+    float64 because the partial means can differ by orders of magnitude (a few lanes holding outliers):
+    a float32 sum then loses the many small terms once it holds the large ones, by how much depending
+    on the order of the reduction (summed in order, 496 lanes of −0.04 after 16 of 1e5 moved a mean by
+    7e-6 of itself). Products of float32 values are exact in float64."""
+    c = cnt.to(tl.float64)
+    mn = mean.to(tl.float64)
+    n = tl.sum(c, AXIS)
+    mu = tl.sum(c * mn, AXIS) / tl.maximum(n, 1.0)
+    dev = mn - tl.expand_dims(mu, AXIS)
+    m2 = tl.sum(m2.to(tl.float64), AXIS) + tl.sum(c * dev * dev, AXIS)
+    return n.to(mean.dtype), mu.to(mean.dtype), m2.to(mean.dtype)
+
+
+@_jit
+def _median3(a, b, c):
+    """The median of three values (elementwise)."""
+    return tl.maximum(tl.minimum(a, b), tl.minimum(tl.maximum(a, b), c))
+
+
+@_jit
+def _recentre(first, d):
+    """The shift to save and normalize about, and the remainder: μ = first + d rounded to the accumulation
+    dtype, and (first + d) − μ exactly (Knuth's two-sum, additions only), so that μ + remainder is
+    first + d to twice that precision. Where μ is not finite (data beyond the dtype's range, or NaN),
+    ``first`` and ``d`` themselves."""
+    mu = first + d
+    b = mu - first
+    rem = (first - (mu - b)) + (d - b)
+    ok = tl.abs(mu) < float("inf")
+    return tl.where(ok, mu, first), tl.where(ok, rem, d)
 
 
 @_jit
@@ -258,15 +294,18 @@ def _tile(t, tiles_q, P, Q, s_p, BP: tl.constexpr, BQ: tl.constexpr):
 
 
 @_jit
-def _moments_planar(x, part, units, P, Q, s_unit, s_p, split,
+def _moments_planar(x, part, origin, units, P, Q, s_unit, s_p, split, mid, last,
                     BP: tl.constexpr, BQ: tl.constexpr, ACC: tl.constexpr):
-    """Welford partials of unit ``u``'s values (a (P, Q) block at ``u · s_unit``), shifted by its first
-    value; program (u, k) takes tiles k, k + split, ... and writes (count, mean, M2) to
-    ``part[:, u, k]`` ((3, units, split))."""
+    """Welford partials of unit ``u``'s values (a (P, Q) block at ``u · s_unit``), shifted by the median
+    of its first, middle and last values (offsets 0, ``mid`` and ``last``; written to ``origin[u]``);
+    program (u, k) takes tiles k, k + split, ... and writes (count, mean, M2) to ``part[:, u, k]``
+    ((3, units, split))."""
     u = tl.program_id(0)
     k = tl.program_id(1)
     base = x + u.to(tl.int64) * s_unit
-    shift = tl.load(base).to(ACC)
+    shift = _median3(tl.load(base).to(ACC), tl.load(base + mid).to(ACC), tl.load(base + last).to(ACC))
+    if k == 0:
+        tl.store(origin + u, shift)
     tiles_q = tl.cdiv(Q, BQ)
     cnt = tl.zeros([BP, BQ], ACC)
     mean = tl.zeros([BP, BQ], ACC)
@@ -285,13 +324,18 @@ def _moments_planar(x, part, units, P, Q, s_unit, s_p, split,
 
 
 @_jit
-def _moments_cols(x, part, M, C, split, BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """Welford partials per column of (M, C) ``x``, shifted by the column's first value; program (j, k)
-    takes columns [j·BC, (j+1)·BC) and row tiles k, k + split, ...; writes ``part[:, c, k]``."""
+def _moments_cols(x, part, origin, M, C, split, mid, last, BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """Welford partials per column of (M, C) ``x``, shifted by the median of the column's first, middle
+    and last values (rows 0, ``mid`` and ``last``, offsets ``mid`` · C and ``last`` · C given; written to
+    ``origin[c]``); program (j, k) takes columns [j·BC, (j+1)·BC) and row tiles k, k + split, ...;
+    writes ``part[:, c, k]``."""
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     k = tl.program_id(1)
     live = c < C
-    shift = tl.load(x + c, mask=live, other=0.0).to(ACC)
+    shift = _median3(tl.load(x + c, mask=live, other=0.0).to(ACC), tl.load(x + mid + c, mask=live, other=0.0).to(ACC),
+                     tl.load(x + last + c, mask=live, other=0.0).to(ACC))
+    if k == 0:
+        tl.store(origin + c, shift, mask=live)
     cnt = tl.zeros([BM, BC], ACC)
     mean = tl.zeros([BM, BC], ACC)
     m2 = tl.zeros([BM, BC], ACC)
@@ -309,11 +353,12 @@ def _moments_cols(x, part, M, C, split, BM: tl.constexpr, BC: tl.constexpr, ACC:
 
 
 @_jit
-def _finish_moments(x, part, fixed_mean, fixed_var, stats, units, split, s_unit, period, eps_hi, eps_lo,
+def _finish_moments(part, fixed_mean, fixed_var, stats, units, split, period, eps_hi, eps_lo,
                     TRAIN: tl.constexpr, BU: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr):
     """Statistics ``stats`` ((4, units): shift, mean_shifted, var, rstd) of units [pid·BU, (pid+1)·BU):
-    in training from the merged Welford partials (the shift is the unit's first value, at
-    ``u · s_unit``); otherwise from the fixed statistics of entry ``u mod period``."""
+    in training from the merged Welford partials of the values shifted by the origin the moments kernel
+    wrote to ``stats[0]``, the shift saved being their mean, rounded (:func:`_recentre`); otherwise from
+    the fixed statistics of entry ``u mod period``."""
     i = tl.program_id(0) * BU + tl.arange(0, BU)
     live = i < units
     if TRAIN:
@@ -326,7 +371,7 @@ def _finish_moments(x, part, fixed_mean, fixed_var, stats, units, split, s_unit,
         m2 = tl.load(part + 2 * total + idx, mask=valid, other=0.0)
         n, d, m2 = _merge_moments(n, mu, m2, 1)
         var = m2 / tl.maximum(n, 1.0)
-        shift = tl.load(x + i.to(tl.int64) * s_unit, mask=live, other=0.0).to(ACC)
+        shift, d = _recentre(tl.load(stats + i, mask=live, other=0.0), d)
     else:
         shift = tl.load(fixed_mean + i % period, mask=live, other=0.0).to(ACC)
         d = tl.zeros([BU], ACC)
@@ -402,8 +447,10 @@ def _apply_cols(x, res, y, shift, mshift, rstd, w, b, M, C,
 def _row_forward_tile(x, y, stats, w, b, fixed_mean, fixed_var, R, K, per_row, run, groups, period, eps_hi, eps_lo,
                       TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       BP: tl.constexpr, BQ: tl.constexpr, ACC: tl.constexpr):
-    """Row ``r`` of (R, K) ``x`` whole, as a (per_row, run) tile: its statistics (exactly centred: mean
-    of x − shift first, then Σ(t − mean)²) and y, from one read."""
+    """Row ``r`` of (R, K) ``x`` whole, as a (per_row, run) tile: its statistics and y, from one read.
+    Centred twice in registers: the mean of x − first value, rounded, becomes the shift (so that an
+    outlier as the first value costs x − shift no digits), then the mean of x − shift, then
+    Σ(x − shift − mean)²."""
     r = tl.program_id(0)
     p = tl.arange(0, BP)
     q = tl.arange(0, BQ)
@@ -411,7 +458,9 @@ def _row_forward_tile(x, y, stats, w, b, fixed_mean, fixed_var, R, K, per_row, r
     offs = r.to(tl.int64) * K + (p * run)[:, None] + q[None, :]
     xv = tl.load(x + offs, mask=valid, other=0.0).to(ACC)
     if TRAIN:
-        sh = tl.load(x + r.to(tl.int64) * K).to(ACC)
+        first = tl.load(x + r.to(tl.int64) * K).to(ACC)
+        d0 = tl.sum(tl.sum(tl.where(valid, xv - first, 0.0), 1), 0) / K
+        sh, _ = _recentre(first, d0)
         t = tl.where(valid, xv - sh, 0.0)
         d = tl.sum(tl.sum(t, 1), 0) / K
         dev = tl.where(valid, t - d, 0.0)
@@ -711,6 +760,13 @@ def _split(units: int, tiles: int, target: int) -> int:
     return max(1, min(tiles, MAX_SPLIT, _cdiv(target, units)))
 
 
+def _origin_offsets(p: int, q: int, s_p: int) -> tuple[int, int]:
+    """Offsets of the middle and last values of a (p, q) block whose rows are ``s_p`` apart (Python
+    integers: Triton passes them as 64-bit where they need it)."""
+    mid, last = (p * q) // 2, p * q - 1
+    return (mid // q) * s_p + mid % q, (last // q) * s_p + last % q
+
+
 def _eps_parts(eps: float) -> tuple[float, float]:
     """``eps`` as two float32 scalars whose sum is ``eps`` to about 48 bits (Triton passes floats as
     float32), so that float64 statistics use it at float64 precision."""
@@ -843,11 +899,11 @@ class TritonBackend:
         return lay.finish(y), shift, mean_shifted if train else None, var, rstd
 
     @staticmethod
-    def _finish_moments(k, xa, part, fm, fv, stats, units, split, s_unit, train, eps, tl_acc):
+    def _finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc):
         bs = _pow2(split) if train else 1
         bu = max(1, min(_pow2(units), 4096 // bs))
         k["_finish_moments"][(_cdiv(units, bu),)](
-            xa, part, fm, fv, stats, units, split, s_unit, fm.numel() if not train else 1, *_eps_parts(eps),
+            part, fm, fv, stats, units, split, fm.numel() if not train else 1, *_eps_parts(eps),
             TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, num_warps=_warps(bu * bs), **_OPTIONS)
 
     def _planar_moments(self, k, xa, stats, fm, fv, units, p, q, s_unit, s_p, train, eps, tl_acc):
@@ -857,9 +913,10 @@ class TritonBackend:
         part = stats
         if train:
             part = torch.empty(3, units, split, dtype=stats.dtype, device=xa.device)
-            k["_moments_planar"][(units, split)](xa, part, units, p, q, s_unit, s_p, split,
+            k["_moments_planar"][(units, split)](xa, part, stats, units, p, q, s_unit, s_p, split,
+                                                 *_origin_offsets(p, q, s_p),
                                                  BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
-        self._finish_moments(k, xa, part, fm, fv, stats, units, split, s_unit, train, eps, tl_acc)
+        self._finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc)
 
     def _apply_planar(self, k, xa, res, y, stats, w, has_w, b, has_b, units, p, q, s_unit, s_p, groups, per_row,
                       param_p, epi, tl_acc):
@@ -888,9 +945,10 @@ class TritonBackend:
         if train:
             split = _split(col_blocks, _cdiv(m, bm), _target_programs(xa))
             part = torch.empty(3, c, split, dtype=stats.dtype, device=xa.device)
-            k["_moments_cols"][(col_blocks, split)](xa, part, m, c, split, BM=bm, BC=bc, ACC=tl_acc,
+            k["_moments_cols"][(col_blocks, split)](xa, part, stats, m, c, split, (m // 2) * c, (m - 1) * c,
+                                                    BM=bm, BC=bc, ACC=tl_acc,
                                                     num_warps=_warps(bm * bc), **_OPTIONS)
-        self._finish_moments(k, xa, part, fm, fv, stats, c, split, 1, train, eps, tl_acc)
+        self._finish_moments(k, part, fm, fv, stats, c, split, train, eps, tl_acc)
         k["_apply_cols"][(_cdiv(m, bm), col_blocks)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, m, c,
             HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import normlab.functional as F
 from normlab.kernels import available
 
 settings.register_profile(
@@ -24,3 +25,46 @@ def backend(request, monkeypatch):
     """Run the test once per installed backend, forced with NORMLAB_BACKEND (the env var is read per call)."""
     monkeypatch.setenv("NORMLAB_BACKEND", request.param)
     return request.param
+
+
+OUTLIER_SHAPES = {"(N, C) rows": (8192, 4), "(N, C, H, W)": (512, 4, 4, 4), "layer rows": (64, 512)}
+
+
+@pytest.fixture
+def outlier_first_errors():
+    """``errors(layout, shape=None, channels_last=False)``: BatchNorm (LayerNorm for ``"layer rows"``) on
+    1e-2 · N(0, 1) whose first sample (LayerNorm: every row's first value) is 1e5, with γ, forward and
+    backward on whichever backend is selected, against torch.nn in float64. Returns the largest error of
+    y away from the outliers and on them, and the largest relative errors of dx and dγ."""
+
+    def errors(layout, shape=None, channels_last=False):
+        shape = shape or OUTLIER_SHAPES[layout]
+        gen = torch.Generator().manual_seed(0)
+        x = 1e-2 * torch.randn(shape, generator=gen)
+        if layout == "layer rows":
+            x[:, 0] = 1e5
+        else:
+            x[0] = 1e5
+        dy = torch.randn(shape, generator=gen)
+        if channels_last:
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        w = torch.linspace(0.5, 2.0, shape[1])
+        if layout == "layer rows":
+            ours = lambda x, w: F.layer_norm(x, shape[1:], w, None)  # noqa: E731
+            theirs = lambda x, w: torch.nn.functional.layer_norm(x, shape[1:], w, None)  # noqa: E731
+        else:
+            ours = lambda x, w: F.batch_norm(x, None, None, w, None, training=True)  # noqa: E731
+            theirs = lambda x, w: torch.nn.functional.batch_norm(x, None, None, w, None, training=True)  # noqa: E731
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = ours(xs, ws)
+        y.backward(dy)
+        x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        truth = theirs(x64, w64)
+        truth.backward(dy.double())
+        err = (y.detach().double() - truth.detach()).abs()
+        outlier = x == 1e5
+        rel = [((got.double() - want).abs().max() / want.abs().max()).item()
+               for got, want in ((xs.grad, x64.grad), (ws.grad, w64.grad))]
+        return err[~outlier].max().item(), err[outlier].max().item(), *rel
+
+    return errors

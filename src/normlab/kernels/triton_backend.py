@@ -743,6 +743,12 @@ def _warps(elements: int) -> int:
     return max(1, min(16, elements // 256))
 
 
+def _launch(elements: int) -> dict:
+    """The options of a launch whose tile holds ``elements`` values: one warp per 256 of them (1 to 16),
+    and :data:`_OPTIONS`."""
+    return dict(num_warps=_warps(elements), **_OPTIONS)
+
+
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -904,7 +910,7 @@ class TritonBackend:
         bu = max(1, min(_pow2(units), 4096 // bs))
         k["_finish_moments"][(_cdiv(units, bu),)](
             part, fm, fv, stats, units, split, fm.numel() if not train else 1, *_eps_parts(eps),
-            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, num_warps=_warps(bu * bs), **_OPTIONS)
+            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, **_launch(bu * bs))
 
     def _planar_moments(self, k, xa, stats, fm, fv, units, p, q, s_unit, s_p, train, eps, tl_acc):
         """Statistics of ``units`` (p, q) blocks (split reduction, or the fixed statistics)."""
@@ -915,7 +921,7 @@ class TritonBackend:
             part = torch.empty(3, units, split, dtype=stats.dtype, device=xa.device)
             k["_moments_planar"][(units, split)](xa, part, stats, units, p, q, s_unit, s_p, split,
                                                  *_origin_offsets(p, q, s_p),
-                                                 BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                                                 BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
         self._finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc)
 
     def _apply_planar(self, k, xa, res, y, stats, w, has_w, b, has_b, units, p, q, s_unit, s_p, groups, per_row,
@@ -925,7 +931,7 @@ class TritonBackend:
         k["_apply_planar"][(units, split)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, p, q, s_unit, s_p, groups, per_row, split,
             PARAM_P=param_p, HAS_W=has_w, HAS_B=has_b, EPI=epi, BP=bp, BQ=bq, ACC=tl_acc,
-            num_warps=_warps(bp * bq), **_OPTIONS)
+            **_launch(bp * bq))
 
     def _bn_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, res, epi, tl_acc):
         s: ChannelShape = lay.shape
@@ -945,13 +951,13 @@ class TritonBackend:
         if train:
             split = _split(col_blocks, _cdiv(m, bm), _target_programs(xa))
             part = torch.empty(3, c, split, dtype=stats.dtype, device=xa.device)
-            k["_moments_cols"][(col_blocks, split)](xa, part, stats, m, c, split, (m // 2) * c, (m - 1) * c,
+            k["_moments_cols"][(col_blocks, split)](xa, part, stats, m, c, split, *_origin_offsets(m, 1, c),
                                                     BM=bm, BC=bc, ACC=tl_acc,
-                                                    num_warps=_warps(bm * bc), **_OPTIONS)
+                                                    **_launch(bm * bc))
         self._finish_moments(k, part, fm, fv, stats, c, split, train, eps, tl_acc)
         k["_apply_cols"][(_cdiv(m, bm), col_blocks)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, m, c,
-            HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
+            HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
 
     def _rows_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, tl_acc):
         s: RowShape = lay.shape
@@ -960,7 +966,7 @@ class TritonBackend:
             k["_row_forward_tile"][(s.rows,)](
                 xa, y, stats, w, b, fm, fv, s.rows, s.size, s.per_row, s.run, s.groups,
                 1 if train else fm.numel(), *_eps_parts(eps),
-                TRAIN=train, HAS_W=has_w, HAS_B=has_b, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                TRAIN=train, HAS_W=has_w, HAS_B=has_b, BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
             return
         self._planar_moments(k, xa, stats, fm, fv, s.rows, s.per_row, s.run, s.size, s.run, train, eps, tl_acc)
         self._apply_planar(k, xa, xa, y, stats, w, has_w, b, has_b, s.rows, s.per_row, s.run, s.size, s.run,
@@ -1013,7 +1019,7 @@ class TritonBackend:
         bu = max(1, min(_pow2(units), 4096 // bw))
         k["_finish_sums"][(_cdiv(units, bu),)](
             part, half, s_unit, s_part, width, units, w, rstd, out1, out2, consts, count,
-            MODE=mode, TRAIN=train, HAS_W=has_w, BU=bu, BW=bw, ACC=tl_acc, num_warps=_warps(bu * bw), **_OPTIONS)
+            MODE=mode, TRAIN=train, HAS_W=has_w, BU=bu, BW=bw, ACC=tl_acc, **_launch(bu * bw))
 
     def _bn_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
                      tl_acc):
@@ -1034,7 +1040,7 @@ class TritonBackend:
                 k["_planar_sums"][(c, split)](
                     xa, dya, ya, w, sh, ms, rs, part, c, n, sp, 0, sp, c, c * sp, c, 1, split,
                     STAT_P=False, WEIGHT=False, SCALE=True, TRAIN=train, MASK=mask, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                    BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
             self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
                               count, 1, train, tl_acc)
             if dx is not None:
@@ -1042,7 +1048,7 @@ class TritonBackend:
                 k["_dx_planar"][(c, split)](
                     xa, dya, ya, dx, dres if dres is not None else dx, w, sh, ms, consts, c, n, sp, sp, c * sp, c, 1,
                     split, WEIGHT=False, TRAIN=train, MASK=mask, DRES=dres is not None, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                    BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
             return
         m = count
         bc = min(_pow2(c), COLUMNS)
@@ -1053,14 +1059,13 @@ class TritonBackend:
             part = torch.empty(2, c, split, dtype=dw.dtype, device=xa.device)
             k["_cols_sums"][(col_blocks, split)](
                 xa, dya, ya, sh, ms, rs, part, m, c, split, 1, 1,
-                STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
+                STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
         self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
                           count, 1, train, tl_acc)
         if dx is not None:
             k["_dx_cols"][(_cdiv(m, bm), col_blocks)](
                 xa, dya, ya, dx, dres if dres is not None else dx, sh, ms, consts, m, c,
-                TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc),
-                **_OPTIONS)
+                TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
 
     def _rows_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
                        tl_acc):
@@ -1076,7 +1081,7 @@ class TritonBackend:
             k["_row_backward_tile"][(nprog,)](
                 xa, dya, dx if dx is not None else xa, w, sh, ms, rs, part, s.rows, s.size, s.per_row, s.run,
                 s.groups, nprog, TRAIN=train, NEED_X=need_x, NEED_P=need_p, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc,
-                num_warps=_warps(bp * bq), **_OPTIONS)
+                **_launch(bp * bq))
             if need_p:
                 self._finish_sums(k, part, nprog * s.per_row, 1, nparam, per_group, nparam, w, has_w, rs, db, dw,
                                   dw, 1, 0, train, tl_acc)
@@ -1092,14 +1097,14 @@ class TritonBackend:
                 k["_planar_sums"][(s.rows, split)](
                     xa, dya, xa, w, sh, ms, rs, part, s.rows, s.per_row, s.run, s.size, 0, 1, s.run,
                     s.groups, s.per_row, split, STAT_P=False, WEIGHT=True, SCALE=False, TRAIN=True, MASK=False,
-                    HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                    HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
             self._finish_sums(k, part, s.rows * max(split, 1), max(split, 1), 1, split, s.rows, w, has_w, rs, dw,
                               dw, consts, s.size, 2, train, tl_acc)
             split = _split(s.rows, tiles, target)
             k["_dx_planar"][(s.rows, split)](
                 xa, dya, xa, dx, dx, w, sh, ms, consts, s.rows, s.per_row, s.run, s.size, s.run, s.groups,
                 s.per_row, split, WEIGHT=True, TRAIN=train, MASK=False, DRES=False, HAS_W=has_w,
-                BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
         if not need_p:
             return
         outer = s.rows // s.groups  # samples: parameter (g, j) has one run of values in each
@@ -1111,7 +1116,7 @@ class TritonBackend:
             part = torch.empty(2, nparam, split, dtype=dw.dtype, device=xa.device)
             k["_cols_sums"][(col_blocks, split)](
                 xa, dya, xa, sh, ms, rs, part, outer, nparam, split, s.groups, s.per_row,
-                STAT_ROW=True, TRAIN=train, MASK=False, BM=bm, BC=bc, ACC=tl_acc, num_warps=_warps(bm * bc), **_OPTIONS)
+                STAT_ROW=True, TRAIN=train, MASK=False, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
         else:  # parameter (g, j): an (outer, run) block with rows groups·K apart
             bp, bq = _block2d(outer, s.run, BLOCK)
             split = _split(nparam, _cdiv(outer, bp) * _cdiv(s.run, bq), target)
@@ -1119,6 +1124,6 @@ class TritonBackend:
             k["_planar_sums"][(nparam, split)](
                 xa, dya, xa, w, sh, ms, rs, part, nparam, outer, s.run, s.size, s.run, s.per_row,
                 s.groups * s.size, s.groups, s.per_row, split, STAT_P=True, WEIGHT=False, SCALE=True,
-                TRAIN=train, MASK=False, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, num_warps=_warps(bp * bq), **_OPTIONS)
+                TRAIN=train, MASK=False, HAS_W=has_w, BP=bp, BQ=bq, ACC=tl_acc, **_launch(bp * bq))
         self._finish_sums(k, part, nparam * split, split, 1, split, nparam, w, has_w, rs, db, dw, dw, 1, 0, train,
                           tl_acc)

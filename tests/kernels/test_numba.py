@@ -95,16 +95,18 @@ def test_large_mean_tiny_spread_in_every_layout(norm, fmt, monkeypatch):
     assert (y.double() - truth).abs().max().item() < 1e-3
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["stores", "streaming"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("blocks", [1, 2, 3, 7])
 @pytest.mark.parametrize("shape", [(5, 7, 49), (2, 3, 256), (2, 3, 257), (4, 3, 27), (1, 13, 4), (2, 3, 2049),
                                    (1, 2, 5000)], ids=str)
-def test_planar_kernels_with_any_block_count(shape, blocks, dtype):
+def test_planar_kernels_with_any_block_count(shape, blocks, dtype, streaming):
     """The (N, C, S) BatchNorm kernels split the N·C runs into one block per thread, with block boundaries
     anywhere in the channel rotation; called directly with 1 to 7 blocks (whatever this machine's thread
     count), on short runs and long ones (S = 256; 257, one piece; 2049 and 5000, two and three pieces),
     they give the float64 reference's statistics, running statistics, output and gradients, in training
-    and eval, plain and with the fused add + ReLU."""
+    and eval, plain and with the fused add + ReLU, with ordinary and with streaming stores (runs starting
+    anywhere against the vector boundaries)."""
     from normlab.kernels import cpu
 
     n, c, s = shape
@@ -121,7 +123,8 @@ def test_planar_kernels_with_any_block_count(shape, blocks, dtype):
         if not train:
             stats[0], stats[2] = fixed_mean, fixed_var
         y = np.full_like(x, np.nan)
-        cpu.bn_planar_forward(x, w, b, 1e-5, train, stats, y, res, epilogue, rm, rv, 0.1, n * s / (n * s - 1), parts)
+        cpu.bn_planar_forward(x, w, b, 1e-5, train, stats, y, res, epilogue, rm, rv, 0.1, n * s / (n * s - 1), parts,
+                              streaming)
         ref_y, cache = ref.forward(x, plan, w, b, 1e-5, *((None, None) if train else (fixed_mean, fixed_var)))
         if epilogue:
             ref_y = np.maximum(ref_y + res, 0.0)
@@ -140,7 +143,8 @@ def test_planar_kernels_with_any_block_count(shape, blocks, dtype):
         dx, dres = np.full_like(x, np.nan), np.full_like(x, np.nan)
         dw, db = np.empty(c, dtype), np.empty(c, dtype)
         masked = np.where(y > 0, dy, 0.0) if epilogue else dy
-        cpu.bn_planar_backward(x, dy, y, w, stats[0], stats[1], stats[3], train, True, epilogue, dx, dres, dw, db, parts)
+        cpu.bn_planar_backward(x, dy, y, w, stats[0], stats[1], stats[3], train, True, epilogue, dx, dres, dw, db, parts,
+                               streaming)
         ref_dx, ref_dw, ref_db = ref.backward(masked, cache)
         for got, want in ((dx, ref_dx), (dw, ref_dw), (db, ref_db)):
             np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
@@ -199,10 +203,11 @@ def test_long_runs_keep_their_precision_when_first_values_are_outliers(shape, mo
     assert ((w.grad.double() - w64.grad).abs().max() / w64.grad.abs().max()).item() < 2e-6
 
 
-def test_backward_on_a_large_tensor_with_long_runs_goes_channel_by_channel():
+@pytest.mark.parametrize("streaming", [False, True], ids=["stores", "streaming"])
+def test_backward_on_a_large_tensor_with_long_runs_goes_channel_by_channel(streaming):
     """From 32 MiB on, with runs longer than 256 values, the backward visits one channel at a time
     (``cpu._CHANNEL_BACKWARD_BYTES``); it gives the float64 reference's gradients, plain and after the
-    fused add + ReLU, with and without the batch's statistics."""
+    fused add + ReLU, with and without the batch's statistics, with ordinary and streaming stores."""
     from normlab.kernels import cpu
 
     n, c, s = 2, 2, (cpu._CHANNEL_BACKWARD_BYTES // 16) + 3  # float32: just over the threshold
@@ -218,13 +223,13 @@ def test_backward_on_a_large_tensor_with_long_runs_goes_channel_by_channel():
         if not train:
             stats[0], stats[2] = np.array([1.5, 2.5], np.float32), np.array([8.0, 10.0], np.float32)
         y = np.empty_like(x)
-        cpu.bn_planar_forward(x, w, b, 1e-5, train, stats, y, dy, epilogue, empty, empty, 0.0, 0.0, parts)
+        cpu.bn_planar_forward(x, w, b, 1e-5, train, stats, y, dy, epilogue, empty, empty, 0.0, 0.0, parts, streaming)
         _, cache = ref.forward(x, plan, w, b, 1e-5, *((None, None) if train else (stats[0], stats[2])))
         dx, dres = np.full_like(x, np.nan), np.full_like(x, np.nan)
         dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
         masked = np.where(y > 0, dy, 0.0) if epilogue else dy
         cpu.bn_planar_backward(x, dy, y, w, stats[0], stats[1], stats[3], train, True, epilogue, dx, dres, dw, db,
-                               parts)
+                               parts, streaming)
         ref_dx, ref_dw, ref_db = ref.backward(masked, cache)
         for got, want in ((dx, ref_dx), (dw, ref_dw), (db, ref_db)):
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()))

@@ -39,7 +39,10 @@ Conventions shared by every kernel
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
+
+from normlab.kernels import stream
 
 # The GIL stays held: numba's fallback threading layer (workqueue, where OpenMP and TBB are missing)
 # aborts the process when two threads launch parallel kernels at once.
@@ -204,6 +207,89 @@ def _grad_affine(xr, dyr, dxr, sh, d, w, c, k1, k2):
     """dx = (w · dy − c) · k1 + ((x − sh) − d) · k2 over one run."""
     for j in range(xr.shape[0]):
         dxr[j] = (dyr[j] * w - c) * k1 + ((xr[j] - sh) - d) * k2
+
+
+def _at(v, j):
+    """``v[j]`` for an array, ``v`` itself for a scalar: one loop body for per-run and per-value factors."""
+    raise NotImplementedError("numba only")
+
+
+@overload(_at, inline="always")
+def _at_overload(v, j):
+    if isinstance(v, types.Array):
+        return lambda v, j: v[j]
+    return lambda v, j: v
+
+
+@njit(inline="always", **_FLAGS)
+def _affine_values(xr, yr, rr, sh, a, b, epilogue, lo, hi):
+    """:func:`_run_affine` on values [lo, hi) of a run, ``sh``, ``a``, ``b`` scalars or arrays over the run."""
+    zero = yr.dtype.type(0.0)
+    for j in range(lo, hi):
+        v = (xr[j] - _at(sh, j)) * _at(a, j) + _at(b, j)
+        if epilogue == ADD_RELU:
+            v = v + rr[j]
+        yr[j] = v if epilogue == NONE or not v < zero else zero
+
+
+@njit(inline="always", **_FLAGS)
+def _stream_affine(xr, yr, rr, sh, a, b, epilogue):
+    """:func:`_run_affine` (``sh``, ``a``, ``b`` scalars) or :func:`_row_affine` (arrays over the run)
+    written with streaming stores (:mod:`normlab.kernels.stream`): the values before the output's first
+    32-byte boundary and after its last whole vector ordinarily, the rest a vector at a time. The caller
+    ends its block with :func:`stream.fence`."""
+    n = xr.shape[0]
+    w = stream.lanes(yr)
+    lo = stream.head(yr)
+    hi = lo + (n - lo) // w * w
+    _affine_values(xr, yr, rr, sh, a, b, epilogue, 0, lo)
+    if epilogue == NONE:
+        for j in range(lo, hi, w):
+            stream.affine(yr, j, xr, sh, a, b)
+    elif epilogue == RELU:
+        for j in range(lo, hi, w):
+            stream.affine_relu(yr, j, xr, sh, a, b)
+    else:
+        for j in range(lo, hi, w):
+            stream.affine_add_relu(yr, j, xr, sh, a, b, rr)
+    _affine_values(xr, yr, rr, sh, a, b, epilogue, hi, n)
+
+
+@njit(inline="always", **_FLAGS)
+def _grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, lo, hi):
+    """dx = (dy' − c) · k1 + ((x − sh) − d) · k2 on values [lo, hi) of a run (and dres = dy' after a fused
+    add), the factors scalars or arrays over the run."""
+    zero = dxr.dtype.type(0.0)
+    for j in range(lo, hi):
+        g = dyr[j] if epilogue == NONE or yr[j] > 0.0 else zero
+        dxr[j] = (g - _at(c, j)) * _at(k1, j) + ((xr[j] - _at(sh, j)) - _at(d, j)) * _at(k2, j)
+        if epilogue == ADD_RELU:
+            dresr[j] = g
+
+
+@njit(inline="always", **_FLAGS)
+def _stream_grad(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue):
+    """:func:`_grad_values` over a whole run with streaming stores, as :func:`_stream_affine`. ``dxr`` and
+    ``dresr`` are runs of arrays laid out alike, so one head fits both."""
+    n = xr.shape[0]
+    w = stream.lanes(dxr)
+    lo = stream.head(dxr)
+    hi = lo + (n - lo) // w * w
+    _grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, 0, lo)
+    if epilogue == NONE:
+        for j in range(lo, hi, w):
+            stream.grad(dxr, j, dyr, xr, sh, d, c, k1, k2)
+    else:
+        for j in range(lo, hi, w):
+            stream.grad_relu(dxr, j, yr, dyr, xr, sh, d, c, k1, k2)
+        if epilogue == ADD_RELU and stream.head(dresr) == lo:
+            for j in range(lo, hi, w):
+                stream.mask(dresr, j, yr, dyr)
+        elif epilogue == ADD_RELU:  # laid out unlike dx: written ordinarily
+            zero = dresr.dtype.type(0.0)
+            for j in range(lo, hi):
+                dresr[j] = dyr[j] if yr[j] > 0.0 else zero
+    _grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, hi, n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,7 +531,7 @@ def _update_running(k, shift, d, v, rm, rv, momentum, unbias):
 
 @njit(**_PARALLEL)
 def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                      unbias, parts):
+                      unbias, parts, streaming):
     """BatchNorm forward on ``x`` of shape (N, C, S).
 
     In training ``x`` is read twice, in memory order: once into per-block partial sums (``parts``,
@@ -463,7 +549,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     ``stats`` is (4, C): shift, mean_shifted, var, rstd. In training all four are written; with fixed
     statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
     ``rstd`` is written. In training, ``running_mean`` and ``running_var`` ((C,), in ``x``'s dtype) are
-    updated with ``momentum``; empty arrays in their place leave them alone.
+    updated with ``momentum``; empty arrays in their place leave them alone. ``streaming`` writes ``y``
+    with streaming stores (see :mod:`normlab.kernels.stream`).
     """
     n, c, s = x.shape
     rows = n * c
@@ -479,6 +566,15 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     b = np.empty(c, x.dtype)
     _channel_constants(parts, weight, bias, eps, train, n * s, stats, running_mean, running_var, momentum, unbias,
                        a, b)
+    if streaming:
+        nb = parts.shape[0]
+        for k in prange(nb):
+            lo, hi = _block(k, rows, nb)
+            for row in range(lo, hi):
+                ch = row % c
+                _stream_affine(xr[row], yr[row], rr[row], shift[ch], a[ch], b[ch], epilogue)
+            stream.fence()
+        return
     for row in prange(rows):
         ch = row % c
         if epilogue == NONE:
@@ -494,7 +590,7 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
 
 @njit(**_PARALLEL)
 def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
-                       parts):
+                       parts, streaming):
     """BatchNorm backward on (N, C, S).
 
     Per channel, the sums Σ dy' and Σ dy' · (x − shift) give dβ and dγ; a second read of ``x`` and ``dy``
@@ -502,7 +598,8 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
     after a fused add). Both passes stream through memory in order, parallel over the N·C runs, the sums
     into per-block partials (``parts`` as in :func:`bn_planar_forward`, each run summed in pieces); on
     large tensors with long runs (see :data:`_CHANNEL_BACKWARD_BYTES`) the work is parallel over
-    channels instead, each channel's runs summed and then written while still in cache.
+    channels instead, each channel's runs summed and then written while still in cache. ``streaming``
+    writes ``dx`` (and ``dres``) with streaming stores (see :mod:`normlab.kernels.stream`).
     """
     n, c, s = x.shape
     cast = x.dtype.type
@@ -513,7 +610,12 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
             dgamma, ck, k1k, k2k = _closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), dk, s1, s2, n * s, train)
             db[ch] = s1
             dw[ch] = dgamma
-            if need_x:
+            if need_x and streaming:
+                for i in range(n):
+                    _stream_grad(x[i, ch], dy[i, ch], y[i, ch], dx[i, ch], dres[i, ch], shift[ch], cast(dk), cast(ck),
+                                 cast(k1k), cast(k2k), epilogue)
+                stream.fence()
+            elif need_x:
                 _channel_grad_affine(x, dy, y, dx, dres, ch, shift[ch], cast(dk), cast(ck), cast(k1k), cast(k2k),
                                      epilogue)
         return
@@ -529,6 +631,16 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
     k2 = np.empty(c, x.dtype)
     _grad_constants(parts, weight, mean_shifted, rstd, train, n * s, dw, db, d, cm, k1, k2)
     if not need_x:
+        return
+    if streaming:
+        nb = parts.shape[0]
+        for k in prange(nb):
+            lo, hi = _block(k, rows, nb)
+            for row in range(lo, hi):
+                ch = row % c
+                _stream_grad(xr[row], dyr[row], yr[row], dxr[row], dresr[row], shift[ch], d[ch], cm[ch], k1[ch],
+                             k2[ch], epilogue)
+            stream.fence()
         return
     zero = cast(0.0)
     for row in prange(rows):
@@ -814,7 +926,7 @@ def _column_grad_affine(x, dy, y, dx, dres, lo, hi, sh, d, w, cm, k1, k2, epilog
 
 @njit(**_PARALLEL)
 def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                    unbias, parts):
+                    unbias, parts, streaming):
     """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
 
     Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
@@ -822,8 +934,8 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
     :func:`_column_sums`), combines them per channel, then reads ``x`` again and writes ``y``;
     evaluation reads once and writes once. The second
     read comes from cache only when the tensor fits in it: no value can be normalized before the
-    statistics, which need every row, are complete. ``stats`` and the running statistics as in
-    :func:`bn_planar_forward`.
+    statistics, which need every row, are complete. ``stats``, the running statistics and ``streaming``
+    as in :func:`bn_planar_forward`.
     """
     m, c = x.shape
     nb = parts.shape[0]
@@ -836,18 +948,25 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
     a = np.empty(c, x.dtype)
     b = np.empty(c, x.dtype)
     _channel_constants(parts, weight, bias, eps, train, m, stats, running_mean, running_var, momentum, unbias, a, b)
+    if streaming:
+        for k in prange(nb):
+            lo, hi = _block(k, m, nb)
+            for i in range(lo, hi):
+                _stream_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
+            stream.fence()
+        return
     for i in prange(m):
         _row_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
 
 
 @njit(**_PARALLEL)
 def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
-                     parts):
+                     parts, streaming):
     """BatchNorm backward on (M, C) rows.
 
     Memory passes: one read of ``x`` and ``dy`` (and ``y`` after a fused ReLU) into per-block partial
     sums Σ dy' and Σ dy' · (x − shift) per channel, combined into dβ and dγ; then a second read of the
-    same and one write of ``dx`` (and ``dres``).
+    same and one write of ``dx`` (and ``dres``), with streaming stores where ``streaming`` is set.
     """
     m, c = x.shape
     nb = parts.shape[0]
@@ -864,7 +983,12 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
     unit = np.empty(0, x.dtype)
     for k in prange(nb):
         lo, hi = _block(k, m, nb)
-        _column_grad_affine(x, dy, y, dx, dres, lo, hi, shift, d, unit, cm, k1, k2, epilogue)
+        if streaming:
+            for i in range(lo, hi):
+                _stream_grad(x[i], dy[i], y[i], dx[i], dres[i], shift, d, cm, k1, k2, epilogue)
+            stream.fence()
+        else:
+            _column_grad_affine(x, dy, y, dx, dres, lo, hi, shift, d, unit, cm, k1, k2, epilogue)
 
 
 # ---------------------------------------------------------------------------------------------------

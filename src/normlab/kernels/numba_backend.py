@@ -196,6 +196,14 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
     return np.empty((blocks, 2, launch.param_count))
 
 
+def _streams(out: torch.Tensor) -> bool:
+    """Whether a BatchNorm kernel writes ``out`` with streaming stores: from
+    :func:`normlab.kernels.stream.threshold` bytes on (half the last-level cache)."""
+    from normlab.kernels import stream
+
+    return out.numel() * out.element_size() >= stream.threshold()
+
+
 def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
     """Fixed per-channel statistics, repeated for every row of the plan where each sample has its own
     (InstanceNorm in eval mode)."""
@@ -283,7 +291,8 @@ class NumbaBackend:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
                 momentum, unbias = float(running[2]), count / (count - 1)
             kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
-            kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, _parts(threads, launch))
+            kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, _parts(threads, launch),
+                   _streams(y))
             if running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
                 increment_version((running[0], running[1]))
         elif relu:
@@ -330,7 +339,7 @@ class NumbaBackend:
             dresn = launch.array(dres) if dres is not None else dxn
             args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
             kernel = cpu.bn_planar_backward if family == "bn_planar" else cpu.bn_rows_backward
-            kernel(*args, _parts(threads, launch))
+            kernel(*args, _parts(threads, launch), _streams(dx))
             return
         parts = _parts(threads, launch)
         if family == "row":

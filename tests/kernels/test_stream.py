@@ -1,0 +1,149 @@
+"""Streaming stores (normlab.kernels.stream): when the BatchNorm kernels use them, that they do, and that
+they change no bit of any result."""
+
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+import normlab.nn as nl
+
+pytest.importorskip("numba")
+
+from normlab.kernels import cpu, stream  # noqa: E402  (numba first)
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def test_threshold_is_half_the_last_level_cache_unless_set(monkeypatch):
+    monkeypatch.delenv("NORMLAB_STREAM_MB", raising=False)
+    assert stream.threshold() == stream._cache_bytes() // 2 > 0
+    for text, expected in (("16", 16 << 20), ("0", 0), ("0.5", 1 << 19), (" 2 ", 2 << 20)):
+        monkeypatch.setenv("NORMLAB_STREAM_MB", text)
+        assert stream.threshold() == expected
+    monkeypatch.setenv("NORMLAB_STREAM_MB", "inf")
+    assert stream.threshold() >= 1 << 62
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "nan"])
+def test_a_bad_threshold_says_what_to_set(monkeypatch, text):
+    monkeypatch.setenv("NORMLAB_STREAM_MB", text)
+    with pytest.raises(ValueError, match="NORMLAB_STREAM_MB"):
+        stream.threshold()
+
+
+def _run(make, shape, fmt, dtype, train, residual, stream_mb, monkeypatch):
+    """Output, input and parameter gradients (and the residual's), running statistics, and the
+    ``streaming`` flags the kernels were called with, for one layer call under NORMLAB_STREAM_MB."""
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    monkeypatch.setenv("NORMLAB_STREAM_MB", stream_mb)
+    flags = []
+    for name in ("bn_rows_forward", "bn_planar_forward", "bn_rows_backward", "bn_planar_backward"):
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel: (flags.append(a[-1]), _k(*a))[1])
+    gen = torch.Generator().manual_seed(sum(shape))
+    layer = make(shape[1]).to(dtype).train(train)
+    with torch.no_grad():
+        layer.weight.normal_(generator=gen)
+        layer.bias.normal_(generator=gen)
+        layer.running_mean.normal_(generator=gen)
+        layer.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = (3 * torch.randn(shape, generator=gen, dtype=dtype) + 1).contiguous(memory_format=fmt).requires_grad_()
+    args = [x]
+    if residual:
+        args.append(torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt).requires_grad_())
+    y = layer(*args)
+    y.backward(torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt))
+    results = [y.detach(), layer.running_mean, layer.running_var, layer.weight.grad, layer.bias.grad]
+    results += [a.grad for a in args]
+    return results, list(flags)
+
+
+CASES = {
+    "BatchNorm1d rows 8 columns": (nl.BatchNorm1d, (64, 8), torch.contiguous_format, False),
+    "BatchNorm1d rows 37 columns": (nl.BatchNorm1d, (50, 37), torch.contiguous_format, False),
+    "BatchNorm2d 7x7": (nl.BatchNorm2d, (6, 5, 7, 7), torch.contiguous_format, False),
+    "BatchNorm2d 45x45 (two pieces)": (nl.BatchNorm2d, (2, 3, 45, 45), torch.contiguous_format, False),
+    "BatchNorm2d channels_last 11 channels": (nl.BatchNorm2d, (4, 11, 5, 3), torch.channels_last, False),
+    "BatchNormReLU2d": (nl.BatchNormReLU2d, (3, 4, 9, 9), torch.contiguous_format, False),
+    "BatchNormReLU2d channels_last": (nl.BatchNormReLU2d, (3, 16, 5, 5), torch.channels_last, False),
+    "BatchNormAddReLU2d": (nl.BatchNormAddReLU2d, (3, 4, 13, 13), torch.contiguous_format, True),
+    "BatchNormAddReLU2d channels_last": (nl.BatchNormAddReLU2d, (2, 13, 6, 6), torch.channels_last, True),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_streaming_gives_the_same_results(case, dtype, train, monkeypatch):
+    """Forced on (NORMLAB_STREAM_MB=0) and off (inf), the BatchNorm kernels give bit-identical outputs,
+    running statistics and parameter gradients, and input gradients within a few units in the last
+    place (the compiler may pair the backward's two multiply-adds the other way), on rows and runs of
+    every length against the vector width (heads and tails written ordinarily), plain, with the fused
+    ReLU and with the fused add + ReLU."""
+    make, shape, fmt, residual = case
+    on, flags_on = _run(make, shape, fmt, dtype, train, residual, "0", monkeypatch)
+    off, flags_off = _run(make, shape, fmt, dtype, train, residual, "inf", monkeypatch)
+    assert flags_on == [True, True] and flags_off == [False, False]
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert a.dtype == b.dtype
+        if i < 5:  # y, running mean and variance, dγ, dβ
+            assert torch.equal(a, b)
+        else:  # dx (and the residual's gradient)
+            ulp = torch.finfo(dtype).eps * max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a, b, rtol=0, atol=4 * ulp)
+
+
+def test_small_outputs_are_not_streamed(monkeypatch):
+    """With the default threshold, a small layer's kernels store ordinarily (the next layer finds its
+    output in cache)."""
+    monkeypatch.delenv("NORMLAB_STREAM_MB", raising=False)
+    _, flags = _run(nl.BatchNorm2d, (4, 3, 8, 8), torch.contiguous_format, torch.float32, True, False, "",
+                    monkeypatch)
+    assert flags == [False, False]
+
+
+@pytest.mark.skipif(not X86, reason="the x86 instruction names are checked")
+def test_the_streaming_kernels_store_non_temporally():
+    """The BatchNorm kernels, compiled afresh (numba shows no code loaded from its cache), hold
+    non-temporal vector stores and the fence that orders them."""
+    from numba import njit
+
+    rng = np.random.default_rng(1)
+    m, c = 64, 16
+    x, dy = (rng.standard_normal((m, c)).astype(np.float32) for _ in range(2))
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    stats, y, dx = np.zeros((4, c), np.float32), np.empty_like(x), np.empty_like(x)
+    empty, parts = np.empty(0, np.float32), np.empty((2, 2, c))
+    fresh = dict(cpu._PARALLEL, cache=False)
+    forward = njit(**fresh)(cpu.bn_rows_forward.py_func)
+    backward = njit(**fresh)(cpu.bn_rows_backward.py_func)
+    forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
+    backward(x, dy, y, w, stats[0], stats[1], stats[3], True, True, 0, dx, dx, np.empty(c, np.float32),
+             np.empty(c, np.float32), parts, True)
+    for kernel in (forward, backward):
+        asm = "\n".join(kernel.inspect_asm().values())
+        assert "movntps" in asm and "sfence" in asm
+
+
+def test_an_output_not_aligned_to_its_elements_is_written_ordinarily():
+    """An output whose address is not a multiple of its element size (a NumPy view at an odd byte
+    offset) gets no streaming store, which would fault there, and the right values."""
+    rng = np.random.default_rng(0)
+    m, c = 40, 24
+    x = rng.standard_normal((m, c)).astype(np.float32)
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    empty = np.empty(0, np.float32)
+    results = []
+    for offset in (0, 4, 2):  # aligned, one element off, two bytes off
+        raw = np.zeros(m * c * 4 + 64, np.uint8)
+        y = raw[offset:offset + m * c * 4].view(np.float32).reshape(m, c) if offset % 4 == 0 else \
+            np.ndarray((m, c), np.float32, buffer=raw.data, offset=offset)
+        stats = np.zeros((4, c), np.float32)
+        cpu.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, np.empty((2, 2, c)), True)
+        results.append(np.array(y))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * w + b
+    np.testing.assert_allclose(results[0], ref, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Streaming stores (normlab.kernels.stream): when the BatchNorm kernels use them, that they do, and that
+"""Streaming stores (normlab.kernels.stream): when the kernels use them, that they do, and that
 they change no bit of any result."""
 
 import platform
@@ -33,43 +33,58 @@ def test_a_bad_threshold_says_what_to_set(monkeypatch, text):
         stream.threshold()
 
 
+KERNELS = ("bn_rows_forward", "bn_planar_forward", "row_forward", "group_cl_forward",
+           "bn_rows_backward", "bn_planar_backward", "row_backward", "group_cl_backward")
+
+
 def _run(make, shape, fmt, dtype, train, residual, stream_mb, monkeypatch):
-    """Output, input and parameter gradients (and the residual's), running statistics, and the
-    ``streaming`` flags the kernels were called with, for one layer call under NORMLAB_STREAM_MB."""
+    """Output, running statistics (BatchNorm), parameter gradients, input gradients (and the residual's),
+    and the ``streaming`` flags the kernels were called with, for one layer call under NORMLAB_STREAM_MB."""
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     monkeypatch.setenv("NORMLAB_STREAM_MB", stream_mb)
     flags = []
-    for name in ("bn_rows_forward", "bn_planar_forward", "bn_rows_backward", "bn_planar_backward"):
+    for name in KERNELS:
         kernel = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _k=kernel: (flags.append(a[-1]), _k(*a))[1])
     gen = torch.Generator().manual_seed(sum(shape))
-    layer = make(shape[1]).to(dtype).train(train)
+    layer = make(shape).to(dtype).train(train)
+    stats = [b for n, b in layer.named_buffers() if n in ("running_mean", "running_var")]
     with torch.no_grad():
         layer.weight.normal_(generator=gen)
         layer.bias.normal_(generator=gen)
-        layer.running_mean.normal_(generator=gen)
-        layer.running_var.uniform_(0.5, 2.0, generator=gen)
+        for b in stats:
+            b.uniform_(0.5, 2.0, generator=gen)
     x = (3 * torch.randn(shape, generator=gen, dtype=dtype) + 1).contiguous(memory_format=fmt).requires_grad_()
     args = [x]
     if residual:
         args.append(torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt).requires_grad_())
     y = layer(*args)
     y.backward(torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt))
-    results = [y.detach(), layer.running_mean, layer.running_var, layer.weight.grad, layer.bias.grad]
-    results += [a.grad for a in args]
-    return results, list(flags)
+    exact = [y.detach(), *stats, layer.weight.grad, layer.bias.grad]
+    return exact, [a.grad for a in args], list(flags)
 
 
+def _bn(cls):
+    return lambda shape: cls(shape[1])
+
+
+CL = torch.channels_last
 CASES = {
-    "BatchNorm1d rows 8 columns": (nl.BatchNorm1d, (64, 8), torch.contiguous_format, False),
-    "BatchNorm1d rows 37 columns": (nl.BatchNorm1d, (50, 37), torch.contiguous_format, False),
-    "BatchNorm2d 7x7": (nl.BatchNorm2d, (6, 5, 7, 7), torch.contiguous_format, False),
-    "BatchNorm2d 45x45 (two pieces)": (nl.BatchNorm2d, (2, 3, 45, 45), torch.contiguous_format, False),
-    "BatchNorm2d channels_last 11 channels": (nl.BatchNorm2d, (4, 11, 5, 3), torch.channels_last, False),
-    "BatchNormReLU2d": (nl.BatchNormReLU2d, (3, 4, 9, 9), torch.contiguous_format, False),
-    "BatchNormReLU2d channels_last": (nl.BatchNormReLU2d, (3, 16, 5, 5), torch.channels_last, False),
-    "BatchNormAddReLU2d": (nl.BatchNormAddReLU2d, (3, 4, 13, 13), torch.contiguous_format, True),
-    "BatchNormAddReLU2d channels_last": (nl.BatchNormAddReLU2d, (2, 13, 6, 6), torch.channels_last, True),
+    "BatchNorm1d rows 8 columns": (_bn(nl.BatchNorm1d), (64, 8), torch.contiguous_format, False),
+    "BatchNorm1d rows 37 columns": (_bn(nl.BatchNorm1d), (50, 37), torch.contiguous_format, False),
+    "BatchNorm2d 7x7": (_bn(nl.BatchNorm2d), (6, 5, 7, 7), torch.contiguous_format, False),
+    "BatchNorm2d 45x45 (two pieces)": (_bn(nl.BatchNorm2d), (2, 3, 45, 45), torch.contiguous_format, False),
+    "BatchNorm2d channels_last 11 channels": (_bn(nl.BatchNorm2d), (4, 11, 5, 3), CL, False),
+    "BatchNormReLU2d": (_bn(nl.BatchNormReLU2d), (3, 4, 9, 9), torch.contiguous_format, False),
+    "BatchNormReLU2d channels_last": (_bn(nl.BatchNormReLU2d), (3, 16, 5, 5), CL, False),
+    "BatchNormAddReLU2d": (_bn(nl.BatchNormAddReLU2d), (3, 4, 13, 13), torch.contiguous_format, True),
+    "BatchNormAddReLU2d channels_last": (_bn(nl.BatchNormAddReLU2d), (2, 13, 6, 6), CL, True),
+    "GroupNorm 5x5": (lambda s: nl.GroupNorm(3, s[1]), (4, 6, 5, 5), torch.contiguous_format, False),
+    "GroupNorm channels_last": (lambda s: nl.GroupNorm(4, s[1]), (3, 12, 5, 3), CL, False),
+    "InstanceNorm2d 9x9": (lambda s: nl.InstanceNorm2d(s[1], affine=True), (2, 3, 9, 9), torch.contiguous_format,
+                           False),
+    "LayerNorm 37": (lambda s: nl.LayerNorm(s[-1]), (4, 6, 37), torch.contiguous_format, False),
+    "LayerNorm 3x64 (rows of four)": (lambda s: nl.LayerNorm(s[-2:]), (9, 3, 64), torch.contiguous_format, False),
 }
 
 
@@ -77,37 +92,34 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_streaming_gives_the_same_results(case, dtype, train, monkeypatch):
-    """Forced on (NORMLAB_STREAM_MB=0) and off (inf), the BatchNorm kernels give bit-identical outputs,
-    running statistics and parameter gradients, and input gradients within a few units in the last
-    place (the compiler may pair the backward's two multiply-adds the other way), on rows and runs of
-    every length against the vector width (heads and tails written ordinarily), plain, with the fused
-    ReLU and with the fused add + ReLU."""
+    """Forced on (NORMLAB_STREAM_MB=0) and off (inf), the kernels give bit-identical outputs, running
+    statistics and parameter gradients, and input gradients within a few units in the last place (the
+    compiler may pair the backward's two multiply-adds the other way), on rows and runs of every length
+    against the vector width (heads and tails written ordinarily): BatchNorm plain, with the fused ReLU
+    and with the fused add + ReLU, GroupNorm, InstanceNorm and LayerNorm."""
     make, shape, fmt, residual = case
-    on, flags_on = _run(make, shape, fmt, dtype, train, residual, "0", monkeypatch)
-    off, flags_off = _run(make, shape, fmt, dtype, train, residual, "inf", monkeypatch)
+    exact_on, grads_on, flags_on = _run(make, shape, fmt, dtype, train, residual, "0", monkeypatch)
+    exact_off, grads_off, flags_off = _run(make, shape, fmt, dtype, train, residual, "inf", monkeypatch)
     assert flags_on == [True, True] and flags_off == [False, False]
-    for i, (a, b) in enumerate(zip(on, off)):
-        assert a.dtype == b.dtype
-        if i < 5:  # y, running mean and variance, dγ, dβ
-            assert torch.equal(a, b)
-        else:  # dx (and the residual's gradient)
-            ulp = torch.finfo(dtype).eps * max(1.0, b.abs().max().item())
-            torch.testing.assert_close(a, b, rtol=0, atol=4 * ulp)
+    for a, b in zip(exact_on, exact_off):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(grads_on, grads_off):
+        ulp = torch.finfo(dtype).eps * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * ulp)
 
 
 def test_small_outputs_are_not_streamed(monkeypatch):
     """With the default threshold, a small layer's kernels store ordinarily (the next layer finds its
     output in cache)."""
-    monkeypatch.delenv("NORMLAB_STREAM_MB", raising=False)
-    _, flags = _run(nl.BatchNorm2d, (4, 3, 8, 8), torch.contiguous_format, torch.float32, True, False, "",
-                    monkeypatch)
+    _, _, flags = _run(_bn(nl.BatchNorm2d), (4, 3, 8, 8), torch.contiguous_format, torch.float32, True, False, "",
+                       monkeypatch)
     assert flags == [False, False]
 
 
 @pytest.mark.skipif(not X86, reason="the x86 instruction names are checked")
 def test_the_streaming_kernels_store_non_temporally():
-    """The BatchNorm kernels, compiled afresh (numba shows no code loaded from its cache), hold
-    non-temporal vector stores and the fence that orders them."""
+    """The BatchNorm and LayerNorm kernels, compiled afresh (numba shows no code loaded from its cache),
+    hold non-temporal vector stores and the fence that orders them."""
     from numba import njit
 
     rng = np.random.default_rng(1)
@@ -122,7 +134,13 @@ def test_the_streaming_kernels_store_non_temporally():
     forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
     backward(x, dy, y, w, stats[0], stats[1], stats[3], True, True, 0, dx, dx, np.empty(c, np.float32),
              np.empty(c, np.float32), parts, True)
-    for kernel in (forward, backward):
+    # LayerNorm's row kernels
+    row_forward = njit(**fresh)(cpu.row_forward.py_func)
+    row_backward = njit(**fresh)(cpu.row_backward.py_func)
+    row_stats = np.zeros((4, m), np.float32)
+    row_forward(x, w, b, 1e-5, True, 1, 1, row_stats, y, 2, True)
+    row_backward(x, dy, w, row_stats[0], row_stats[1], row_stats[3], True, True, 1, 1, dx, np.empty((2, 2, c)), True)
+    for kernel in (forward, backward, row_forward, row_backward):
         asm = "\n".join(kernel.inspect_asm().values())
         assert "movntps" in asm and "sfence" in asm
 

@@ -292,6 +292,62 @@ def _stream_grad(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue):
     _grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, hi, n)
 
 
+@njit(inline="always", **_FLAGS)
+def _stream_centred(xr, yr, sh, d, a, b):
+    """:func:`_affine` over one run (y = ((x − sh) − d) · a + b, scalars) with streaming stores, as
+    :func:`_stream_affine`."""
+    n = xr.shape[0]
+    w = stream.lanes(yr)
+    lo = stream.head(yr)
+    hi = lo + (n - lo) // w * w
+    _affine(xr[:lo], yr[:lo], sh, d, a, b)
+    for j in range(lo, hi, w):
+        stream.centred_affine(yr, j, xr, sh, d, a, b)
+    _affine(xr[hi:], yr[hi:], sh, d, a, b)
+
+
+@njit(inline="always", **_FLAGS)
+def _layer_values(xr, yr, sh, d, r, wr, br, lo, hi):
+    """y = ((x − sh) − d) · (r · w) + b on values [lo, hi) of a row whose every value has its own
+    parameters ``wr``, ``br`` (LayerNorm)."""
+    for j in range(lo, hi):
+        yr[j] = ((xr[j] - sh) - d) * (r * wr[j]) + br[j]
+
+
+@njit(inline="always", **_FLAGS)
+def _stream_layer(xr, yr, sh, d, r, wr, br):
+    """:func:`_layer_values` over a whole row with streaming stores, as :func:`_stream_affine`."""
+    n = xr.shape[0]
+    w = stream.lanes(yr)
+    lo = stream.head(yr)
+    hi = lo + (n - lo) // w * w
+    _layer_values(xr, yr, sh, d, r, wr, br, 0, lo)
+    for j in range(lo, hi, w):
+        stream.centred_scaled_affine(yr, j, xr, sh, d, r, wr, br)
+    _layer_values(xr, yr, sh, d, r, wr, br, hi, n)
+
+
+@njit(inline="always", **_FLAGS)
+def _weighted_grad_values(xr, dyr, dxr, wt, sh, d, c, k1, k2, lo, hi):
+    """dx = (dy · w − c) · k1 + ((x − sh) − d) · k2 on values [lo, hi) of a run, every factor a scalar or
+    an array over the run."""
+    for j in range(lo, hi):
+        dxr[j] = (dyr[j] * _at(wt, j) - _at(c, j)) * _at(k1, j) + ((xr[j] - _at(sh, j)) - _at(d, j)) * _at(k2, j)
+
+
+@njit(inline="always", **_FLAGS)
+def _stream_weighted_grad(xr, dyr, dxr, wt, sh, d, c, k1, k2):
+    """:func:`_weighted_grad_values` over a whole run with streaming stores, as :func:`_stream_affine`."""
+    n = xr.shape[0]
+    w = stream.lanes(dxr)
+    lo = stream.head(dxr)
+    hi = lo + (n - lo) // w * w
+    _weighted_grad_values(xr, dyr, dxr, wt, sh, d, c, k1, k2, 0, lo)
+    for j in range(lo, hi, w):
+        stream.weighted_grad(dxr, j, dyr, wt, xr, sh, d, c, k1, k2)
+    _weighted_grad_values(xr, dyr, dxr, wt, sh, d, c, k1, k2, hi, n)
+
+
 # ---------------------------------------------------------------------------------------------------
 # BatchNorm on (N, C, S) contiguous data: one statistic per channel, from N runs of S values. The kernels
 # see the data as N·C runs (row r is channel r mod C) and stream through them in memory order.
@@ -999,34 +1055,57 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
 # ---------------------------------------------------------------------------------------------------
 
 
+@njit(inline="always", **_FLAGS)
+def _forward_row(x, weight, bias, eps, train, groups, hw, stats, y, r, streaming):
+    """Row ``r`` of :func:`row_forward`: its statistics, then its output."""
+    kk = x.shape[1]
+    cg = kk // hw
+    cast = x.dtype.type
+    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    xr = x[r]
+    yr = y[r]
+    s1, s2 = _sums(xr, np.float64(xr[0])) if train else (0.0, 0.0)
+    d, rs = _statistic(r, xr[0], s1, s2, kk, eps, train, shift, mean_shifted, var, rstd)
+    p0 = (r % groups) * cg
+    sh_x, d_x, r_x = shift[r], cast(d), cast(rs)
+    if hw == 1:
+        wr = weight[p0:p0 + kk]
+        br = bias[p0:p0 + kk]
+        if streaming:
+            _stream_layer(xr, yr, sh_x, d_x, r_x, wr, br)
+        else:
+            for j in range(kk):
+                yr[j] = ((xr[j] - sh_x) - d_x) * (r_x * wr[j]) + br[j]
+    else:
+        for k in range(cg):
+            lo = k * hw
+            a = cast(np.float64(weight[p0 + k]) * rs)
+            if streaming:
+                _stream_centred(xr[lo:lo + hw], yr[lo:lo + hw], sh_x, d_x, a, bias[p0 + k])
+            else:
+                _affine(xr[lo:lo + hw], yr[lo:lo + hw], sh_x, d_x, a, bias[p0 + k])
+
+
 @njit(**_PARALLEL)
-def row_forward(x, weight, bias, eps, train, groups, hw, stats, y):
+def row_forward(x, weight, bias, eps, train, groups, hw, stats, y, blocks, streaming):
     """Forward with one statistic per row of ``x`` ((R, K)), parallel over rows.
 
     Memory passes: each row is read once for its float64 sums and once more from cache (a row is at
     most a few hundred KiB for the usual shapes) to write ``y``: x and y cross main memory once.
+    ``streaming`` writes ``y`` with streaming stores (see :mod:`normlab.kernels.stream`), parallel over
+    ``blocks`` blocks of rows (one per thread), each ended by a fence.
     """
-    rows, kk = x.shape
-    cg = kk // hw
-    cast = x.dtype.type
-    shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    rows = x.shape[0]
+    if streaming:
+        nb = max(1, min(blocks, rows))
+        for k in prange(nb):
+            lo, hi = _block(k, rows, nb)
+            for r in range(lo, hi):
+                _forward_row(x, weight, bias, eps, train, groups, hw, stats, y, r, True)
+            stream.fence()
+        return
     for r in prange(rows):
-        xr = x[r]
-        yr = y[r]
-        s1, s2 = _sums(xr, np.float64(xr[0])) if train else (0.0, 0.0)
-        d, rs = _statistic(r, xr[0], s1, s2, kk, eps, train, shift, mean_shifted, var, rstd)
-        p0 = (r % groups) * cg
-        sh_x, d_x, r_x = shift[r], cast(d), cast(rs)
-        if hw == 1:
-            wr = weight[p0:p0 + kk]
-            br = bias[p0:p0 + kk]
-            for j in range(kk):
-                yr[j] = ((xr[j] - sh_x) - d_x) * (r_x * wr[j]) + br[j]
-        else:
-            for k in range(cg):
-                lo = k * hw
-                _affine(xr[lo:lo + hw], yr[lo:lo + hw], sh_x, d_x, cast(np.float64(weight[p0 + k]) * rs),
-                        bias[p0 + k])
+        _forward_row(x, weight, bias, eps, train, groups, hw, stats, y, r, False)
 
 
 @njit(inline="always", **_FLAGS)
@@ -1093,12 +1172,13 @@ def _four_row_sums(x, dy, w, i, shift, mean_shifted, rstd, train, pb, pw, sums):
 
 
 @njit(**_PARALLEL)
-def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, hw, dx, parts):
+def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, hw, dx, parts, streaming):
     """Backward with one statistic per row, parallel over blocks of rows.
 
     Memory passes: each row of ``x`` and ``dy`` is read once for the sums Σ g and Σ g · x̂ of the closed
     form (g = γ · dy) and for the block's partial dγ and dβ (``parts``, (B, 2, P) float64, summed by
-    the caller), then once more from cache to write ``dx``.
+    the caller), then once more from cache to write ``dx``, with streaming stores where ``streaming``
+    is set.
     """
     rows, kk = x.shape
     cg = kk // hw
@@ -1141,13 +1221,22 @@ def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups
             # Per row, g = γ · dy: its mean is sg / K, and Σ g · x̂ = rs · (sgx − d · sg).
             _, cm, _, k2 = _closed_form(1.0, rs, d, sg, sgx, kk, train)
             sh_x, d_x, c_x, r_x, k2_x = shift[r], cast(d), cast(cm), cast(rs), cast(k2)
-            if hw == 1:
+            if hw == 1 and streaming:
+                _stream_weighted_grad(xr, dyr, dxr, wr, sh_x, d_x, c_x, r_x, k2_x)
+            elif hw == 1:
                 for j in range(kk):
                     dxr[j] = (dyr[j] * wr[j] - c_x) * r_x + ((xr[j] - sh_x) - d_x) * k2_x
             else:
                 for k in range(cg):
                     s = k * hw
-                    _grad_affine(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], sh_x, d_x, weight[p0 + k], c_x, r_x, k2_x)
+                    if streaming:
+                        _stream_weighted_grad(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], weight[p0 + k], sh_x, d_x,
+                                              c_x, r_x, k2_x)
+                    else:
+                        _grad_affine(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], sh_x, d_x, weight[p0 + k], c_x, r_x,
+                                     k2_x)
+        if streaming:
+            stream.fence()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1169,12 +1258,12 @@ def _group_shifts(xs, shift, i, groups, from_data):
 
 
 @njit(**_PARALLEL)
-def group_cl_forward(x, weight, bias, eps, train, groups, stats, y):
+def group_cl_forward(x, weight, bias, eps, train, groups, stats, y, streaming):
     """Forward on (N, S, C), parallel over samples; statistics per (sample, group), written at n·G + g.
 
     Memory passes per sample (its S·C values): one read into per-channel float64 sums (C contiguous
     accumulators per spatial row), combined per group; then a second read, from cache for samples up to
-    about 1 MiB, to write ``y``.
+    about 1 MiB, to write ``y`` (with streaming stores where ``streaming`` is set).
     """
     n, s, c = x.shape
     cg = c // groups
@@ -1197,16 +1286,22 @@ def group_cl_forward(x, weight, bias, eps, train, groups, stats, y):
                 b[ch] = np.float64(bias[ch]) - dg * np.float64(weight[ch]) * rs
         if train:  # normalize about the shifts the statistics were saved with (each group's rounded mean)
             sh = _group_shifts(xs, shift, i, groups, False)
-        _column_affine(xs, y[i], xs, 0, s, sh, a, b, NONE)
+        if streaming:
+            ys = y[i]
+            for j in range(s):
+                _stream_affine(xs[j], ys[j], xs[j], sh, a, b, NONE)
+            stream.fence()
+        else:
+            _column_affine(xs, y[i], xs, 0, s, sh, a, b, NONE)
 
 
 @njit(**_PARALLEL)
-def group_cl_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, dx, parts):
+def group_cl_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups, dx, parts, streaming):
     """Backward on (N, S, C), parallel over samples.
 
     Memory passes per sample: one read of ``x`` and ``dy`` into per-channel sums Σ dy and Σ dy·(x − shift)
     (the sample's share of dβ and dγ goes to ``parts[n]``, (N, 2, C) float64, summed by the caller), then
-    a second read, from cache, to write ``dx``.
+    a second read, from cache, to write ``dx`` (with streaming stores where ``streaming`` is set).
     """
     n, s, c = x.shape
     cg = c // groups
@@ -1236,5 +1331,10 @@ def group_cl_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, g
                 cm[ch] = cg_mean
                 k1[ch] = rs
                 k2[ch] = kb
-        if need_x:
+        if need_x and streaming:
+            dxs = dx[i]
+            for j in range(s):
+                _stream_weighted_grad(xs[j], dys[j], dxs[j], weight, sh, d, cm, k1, k2)
+            stream.fence()
+        elif need_x:
             _column_grad_affine(xs, dys, xs, dx[i], dx[i], 0, s, sh, d, weight, cm, k1, k2, NONE)

@@ -197,7 +197,7 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
 
 
 def _streams(out: torch.Tensor) -> bool:
-    """Whether a BatchNorm kernel writes ``out`` with streaming stores: from
+    """Whether a kernel writes ``out`` with streaming stores: from
     :func:`normlab.kernels.stream.threshold` bytes on (half the last-level cache)."""
     from normlab.kernels import stream
 
@@ -298,9 +298,9 @@ class NumbaBackend:
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
         elif family == "row":
-            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, stats, yn)
+            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
         else:
-            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, stats, yn)
+            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
 
     def backward(self, dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool,
                  need: tuple[bool, bool, bool], y: torch.Tensor | None = None, residual: bool = False):
@@ -343,9 +343,9 @@ class NumbaBackend:
             return
         parts = _parts(threads, launch)
         if family == "row":
-            cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts)
+            cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
         else:
-            cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts)
+            cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
         total = parts.sum(axis=0)  # per block: Σ dy (dβ), Σ dy · x̂ (dγ)
         sums[0] = total[1]
         sums[1] = total[0]

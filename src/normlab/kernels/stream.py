@@ -36,8 +36,8 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-__all__ = ["VECTOR_BYTES", "threshold", "fence", "head", "lanes",
-           "affine", "affine_relu", "affine_add_relu", "grad", "grad_relu", "mask"]
+__all__ = ["VECTOR_BYTES", "threshold", "fence", "head", "lanes", "affine", "affine_relu", "affine_add_relu",
+           "centred_affine", "centred_scaled_affine", "grad", "grad_relu", "weighted_grad", "mask"]
 
 VECTOR_BYTES = 32
 _CONTRACT = ("contract",)
@@ -135,7 +135,7 @@ def _affine_ir(builder, vec, x, sh, a, b):
 
 
 def _grad_ir(builder, vec, g, x, sh, d, c, k1, k2):
-    first = builder.fmul(builder.fsub(g, c), k1, flags=_CONTRACT)
+    first = builder.fmul(builder.fsub(g, c, flags=_CONTRACT), k1, flags=_CONTRACT)
     second = builder.fmul(builder.fsub(builder.fsub(x, sh), d), k2, flags=_CONTRACT)
     return builder.fadd(first, second, flags=_CONTRACT)
 
@@ -174,6 +174,38 @@ def grad_relu(typingctx, dx, j, y, dy, x, sh, d, c, k1, k2):
         return _grad_ir(bd, vec, _positive(bd, vec, y, dy), *rest)
 
     return _store("grad_relu", formula, dx, (y, dy, x, sh, d, c, k1, k2))
+
+
+def _centred_ir(builder, vec, x, sh, d):
+    return builder.fsub(builder.fsub(x, sh), d)
+
+
+@intrinsic
+def centred_affine(typingctx, y, j, x, sh, d, a, b):
+    """``centred_affine(y, j, x, sh, d, a, b)``: y = ((x − sh) − d) · a + b."""
+    def formula(bd, vec, x, sh, d, a, b):
+        return bd.fadd(bd.fmul(_centred_ir(bd, vec, x, sh, d), a, flags=_CONTRACT), b, flags=_CONTRACT)
+
+    return _store("centred_affine", formula, y, (x, sh, d, a, b))
+
+
+@intrinsic
+def centred_scaled_affine(typingctx, y, j, x, sh, d, r, w, b):
+    """``centred_scaled_affine(y, j, x, sh, d, r, w, b)``: y = ((x − sh) − d) · (r · w) + b."""
+    def formula(bd, vec, x, sh, d, r, w, b):
+        scale = bd.fmul(r, w)
+        return bd.fadd(bd.fmul(_centred_ir(bd, vec, x, sh, d), scale, flags=_CONTRACT), b, flags=_CONTRACT)
+
+    return _store("centred_scaled_affine", formula, y, (x, sh, d, r, w, b))
+
+
+@intrinsic
+def weighted_grad(typingctx, dx, j, dy, w, x, sh, d, c, k1, k2):
+    """``weighted_grad(dx, j, dy, w, x, sh, d, c, k1, k2)``: dx = (dy · w − c) · k1 + ((x − sh) − d) · k2."""
+    def formula(bd, vec, dy, w, *rest):
+        return _grad_ir(bd, vec, bd.fmul(dy, w, flags=_CONTRACT), *rest)
+
+    return _store("weighted_grad", formula, dx, (dy, w, x, sh, d, c, k1, k2))
 
 
 @intrinsic

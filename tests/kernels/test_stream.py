@@ -156,8 +156,7 @@ def test_an_output_not_aligned_to_its_elements_is_written_ordinarily():
     results = []
     for offset in (0, 4, 2):  # aligned, one element off, two bytes off
         raw = np.zeros(m * c * 4 + 64, np.uint8)
-        y = raw[offset:offset + m * c * 4].view(np.float32).reshape(m, c) if offset % 4 == 0 else \
-            np.ndarray((m, c), np.float32, buffer=raw.data, offset=offset)
+        y = np.ndarray((m, c), np.float32, buffer=raw.data, offset=offset)
         stats = np.zeros((4, c), np.float32)
         cpu.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, np.empty((2, 2, c)), True)
         results.append(np.array(y))

@@ -202,13 +202,6 @@ def _row_affine(xr, yr, rr, sh, a, b, epilogue):
             yr[j] = zero if v < zero else v
 
 
-@njit(inline="always", **_FLAGS)
-def _grad_affine(xr, dyr, dxr, sh, d, w, c, k1, k2):
-    """dx = (w · dy − c) · k1 + ((x − sh) − d) · k2 over one run."""
-    for j in range(xr.shape[0]):
-        dxr[j] = (dyr[j] * w - c) * k1 + ((xr[j] - sh) - d) * k2
-
-
 def _at(v, j):
     """``v[j]`` for an array, ``v`` itself for a scalar: one loop body for per-run and per-value factors."""
     raise NotImplementedError("numba only")
@@ -240,8 +233,7 @@ def _stream_affine(xr, yr, rr, sh, a, b, epilogue):
     ends its block with :func:`stream.fence`."""
     n = xr.shape[0]
     w = stream.lanes(yr)
-    lo = stream.head(yr)
-    hi = lo + (n - lo) // w * w
+    lo, hi = stream.span(yr)
     _affine_values(xr, yr, rr, sh, a, b, epilogue, 0, lo)
     if epilogue == NONE:
         for j in range(lo, hi, w):
@@ -273,8 +265,7 @@ def _stream_grad(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue):
     ``dresr`` are runs of arrays laid out alike, so one head fits both."""
     n = xr.shape[0]
     w = stream.lanes(dxr)
-    lo = stream.head(dxr)
-    hi = lo + (n - lo) // w * w
+    lo, hi = stream.span(dxr)
     _grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, 0, lo)
     if epilogue == NONE:
         for j in range(lo, hi, w):
@@ -296,10 +287,8 @@ def _stream_grad(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue):
 def _stream_centred(xr, yr, sh, d, a, b):
     """:func:`_affine` over one run (y = ((x − sh) − d) · a + b, scalars) with streaming stores, as
     :func:`_stream_affine`."""
-    n = xr.shape[0]
     w = stream.lanes(yr)
-    lo = stream.head(yr)
-    hi = lo + (n - lo) // w * w
+    lo, hi = stream.span(yr)
     _affine(xr[:lo], yr[:lo], sh, d, a, b)
     for j in range(lo, hi, w):
         stream.centred_affine(yr, j, xr, sh, d, a, b)
@@ -319,8 +308,7 @@ def _stream_layer(xr, yr, sh, d, r, wr, br):
     """:func:`_layer_values` over a whole row with streaming stores, as :func:`_stream_affine`."""
     n = xr.shape[0]
     w = stream.lanes(yr)
-    lo = stream.head(yr)
-    hi = lo + (n - lo) // w * w
+    lo, hi = stream.span(yr)
     _layer_values(xr, yr, sh, d, r, wr, br, 0, lo)
     for j in range(lo, hi, w):
         stream.centred_scaled_affine(yr, j, xr, sh, d, r, wr, br)
@@ -340,8 +328,7 @@ def _stream_weighted_grad(xr, dyr, dxr, wt, sh, d, c, k1, k2):
     """:func:`_weighted_grad_values` over a whole run with streaming stores, as :func:`_stream_affine`."""
     n = xr.shape[0]
     w = stream.lanes(dxr)
-    lo = stream.head(dxr)
-    hi = lo + (n - lo) // w * w
+    lo, hi = stream.span(dxr)
     _weighted_grad_values(xr, dyr, dxr, wt, sh, d, c, k1, k2, 0, lo)
     for j in range(lo, hi, w):
         stream.weighted_grad(dxr, j, dyr, wt, xr, sh, d, c, k1, k2)
@@ -1074,8 +1061,7 @@ def _forward_row(x, weight, bias, eps, train, groups, hw, stats, y, r, streaming
         if streaming:
             _stream_layer(xr, yr, sh_x, d_x, r_x, wr, br)
         else:
-            for j in range(kk):
-                yr[j] = ((xr[j] - sh_x) - d_x) * (r_x * wr[j]) + br[j]
+            _layer_values(xr, yr, sh_x, d_x, r_x, wr, br, 0, kk)
     else:
         for k in range(cg):
             lo = k * hw
@@ -1224,17 +1210,15 @@ def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups
             if hw == 1 and streaming:
                 _stream_weighted_grad(xr, dyr, dxr, wr, sh_x, d_x, c_x, r_x, k2_x)
             elif hw == 1:
-                for j in range(kk):
-                    dxr[j] = (dyr[j] * wr[j] - c_x) * r_x + ((xr[j] - sh_x) - d_x) * k2_x
+                _weighted_grad_values(xr, dyr, dxr, wr, sh_x, d_x, c_x, r_x, k2_x, 0, kk)
             else:
                 for k in range(cg):
                     s = k * hw
+                    xs, dys, dxs, wk = xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], weight[p0 + k]
                     if streaming:
-                        _stream_weighted_grad(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], weight[p0 + k], sh_x, d_x,
-                                              c_x, r_x, k2_x)
+                        _stream_weighted_grad(xs, dys, dxs, wk, sh_x, d_x, c_x, r_x, k2_x)
                     else:
-                        _grad_affine(xr[s:s + hw], dyr[s:s + hw], dxr[s:s + hw], sh_x, d_x, weight[p0 + k], c_x, r_x,
-                                     k2_x)
+                        _weighted_grad_values(xs, dys, dxs, wk, sh_x, d_x, c_x, r_x, k2_x, 0, hw)
         if streaming:
             stream.fence()
 

@@ -36,13 +36,13 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-__all__ = ["VECTOR_BYTES", "threshold", "fence", "head", "lanes", "affine", "affine_relu", "affine_add_relu",
+__all__ = ["VECTOR_BYTES", "threshold", "fence", "head", "lanes", "span", "affine", "affine_relu", "affine_add_relu",
            "centred_affine", "centred_scaled_affine", "grad", "grad_relu", "weighted_grad", "mask"]
 
 VECTOR_BYTES = 32
 _CONTRACT = ("contract",)
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-_DEFAULT_BYTES = 16 << 20
+_FALLBACK_CACHE_BYTES = 32 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +55,7 @@ def _cache_bytes() -> int:
             continue
         if size and size > 0:
             return int(size)
-    return 2 * _DEFAULT_BYTES
+    return _FALLBACK_CACHE_BYTES
 
 
 def threshold() -> int:
@@ -250,3 +250,12 @@ def head(out):
     if address % size:
         return out.shape[0]
     return min(((VECTOR_BYTES - address % VECTOR_BYTES) % VECTOR_BYTES) // size, out.shape[0])
+
+
+@njit(inline="always", cache=True)
+def span(out):
+    """``(lo, hi)``: the elements of ``out`` to stream a vector at a time, from its first 32-byte boundary
+    (:func:`head`) to the end of its last whole vector; those before ``lo`` and from ``hi`` on are written
+    ordinarily."""
+    lo = head(out)
+    return lo, lo + (out.shape[0] - lo) // lanes(out) * lanes(out)

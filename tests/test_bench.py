@@ -6,6 +6,10 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +254,45 @@ def test_compile_peer_and_cnn_step_defaults(argv, compiled, cnn):
     implementations, with_cnn = bench.peers(parser.parse_args(argv))
     assert (bench.COMPILE in implementations) == compiled and with_cnn == cnn
     assert implementations[:2] == bench.IMPLEMENTATIONS
+
+
+def test_render_prints_saved_records_as_the_run_did(capsys, tmp_path, quick_json):
+    """``--render`` turns what ``--json`` saved (here with a CNN step record and as if measured on another
+    machine) into the table and the end-to-end line, naming the machine and the torch that measured them."""
+    step = bench.train_step(batch=8, repeats=1, warmup=0, threads=1)
+    records = [dict(r, torch="9.9.9+elsewhere", device_name="Some GPU") for r in quick_json + [step]]
+    assert {"torch", "device_name"} <= quick_json[0].keys() and quick_json[0]["torch"] == torch.__version__
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(records))
+    code, out, err = run_cli(capsys, "--render", str(path))
+    assert code == 0 and err == ""
+    assert "cpu (Some GPU), torch 9.9.9+elsewhere, 1 threads" in out.splitlines()[0]
+    rows = [line for line in out.splitlines() if line.rstrip().endswith("x") and not line.startswith("End to end")]
+    assert len(rows) == len(quick_json)
+    assert out.rstrip().splitlines()[-1] == bench.format_step(records[-1])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "No such file"),
+        ("not json", "not JSON"),
+        ("{}", "expected the non-empty list of records"),
+        ('[{"op": "BatchNorm2d"}]', "lacks a field"),
+    ],
+)
+def test_render_refuses_what_is_not_saved_records(capsys, tmp_path, content, message):
+    path = tmp_path / "bench.json"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = run_cli(capsys, "--render", str(path))
+    assert code == 2 and out == "" and message in err and str(path) in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu.sh"
+    out = subprocess.run(["bash", str(script), str(tmp_path / "results")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
+    assert not (tmp_path / "results").exists()

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import json
 import math
+import platform
 import statistics
 import sys
 import time
@@ -445,6 +446,8 @@ def _run_case(
         "layout": case.layout,
         "mode": case.mode,
         "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
         "repeats": repeats,
         "warmup": warmup,
     }
@@ -588,7 +591,8 @@ def train_step(
         torch.set_num_threads(previous)
     return {
         "op": "small_cnn", "module": "small_cnn train step", "shape": [batch, 1, 28, 28], "layout": "contiguous",
-        "mode": "train_step", "device": device.type, "repeats": repeats, "warmup": warmup, "threads": used,
+        "mode": "train_step", "device": device.type, "device_name": device_name(device),
+        "torch": torch.__version__, "repeats": repeats, "warmup": warmup, "threads": used,
         "status": "ok", "normlab_ms": medians["normlab"], "fused_ms": medians["fused"],
         "torch_ms": medians["torch"], "ratio": medians["torch"] / medians["normlab"],
         "ratio_fused": medians["torch"] / medians["fused"],
@@ -655,14 +659,30 @@ def columns(implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> list
     ]
 
 
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The processor or GPU the benchmark ran on, as the records name it (``""`` where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def header(records: Sequence[dict[str, Any]], implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> str:
     """The lines above the table: what ran, where, and how to read the ratio."""
     subject, ref = implementations[0].name, implementations[1].name
     first = records[0] if records else {"threads": torch.get_num_threads(), "device": "cpu",
                                         "repeats": 0, "warmup": 0}
+    where = first["device"] if not first.get("device_name") else f"{first['device']} ({first['device_name']})"
     return "\n".join([
         f"normlab bench: {subject} vs {', '.join(i.name for i in implementations[1:])}, float32, "
-        f"{first['device']}, torch {torch.__version__}, {first['threads']} threads",
+        f"{where}, torch {first.get('torch', torch.__version__)}, {first['threads']} threads",
         f"Each case: median of {first['repeats']} timed samples after {first['warmup']} warmup(s), a sample "
         f"being the mean time per call over as many calls as fill {SAMPLE_MS:.0f} ms; implementations "
         f"interleaved, order alternating.",
@@ -730,6 +750,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the raw records as a JSON list instead of the table")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--render", metavar="FILE",
+                        help="print the table of records saved earlier with --json (from any machine) and exit; "
+                             "nothing is timed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the tensors live (default cpu); cuda needs a GPU build of torch and a GPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -749,8 +772,41 @@ def peers(args: argparse.Namespace) -> tuple[tuple[Implementation, ...], bool]:
     return ((*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS), cnn
 
 
+def render(path: str) -> int:
+    """Print the table (and the CNN line) of the records ``normlab bench --json`` saved in ``path``, as the
+    run that measured them would have printed it; 2 if the file cannot be read as such records."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except OSError as exc:
+        print(f"normlab bench: --render {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        print(f"normlab bench: --render {path}: not JSON ({exc}); it takes what normlab bench --json printed",
+              file=sys.stderr)
+        return 2
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "op" in r for r in records):
+        print(f"normlab bench: --render {path}: expected the non-empty list of records that normlab bench --json "
+              f"prints", file=sys.stderr)
+        return 2
+    cases = [r for r in records if r["op"] != "small_cnn"]
+    compiled = any("compile_ms" in r or "compile_error" in r for r in cases)
+    try:
+        if cases:
+            print(format_table(cases, (*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS))
+        for step in (r for r in records if r["op"] == "small_cnn"):
+            print(("\n" if cases else "") + format_step(step))
+    except (KeyError, TypeError) as exc:
+        print(f"normlab bench: --render {path}: a record lacks a field the table needs ({exc}); was it written "
+              f"by normlab bench --json?", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``normlab bench``; returns 1 if any case gave a MISMATCH (or none was selected), else 0."""
+    if args.render:
+        return render(args.render)
     cases = select(quick_cases() if args.quick else default_cases(), args.filter)
     if not cases:
         print(f"normlab bench: no case matches {args.filter}", file=sys.stderr)

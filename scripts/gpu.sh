@@ -6,8 +6,9 @@
 #
 # Writes into OUTDIR (default gpu-results/):
 #   env.txt     the GPU, torch, triton and Python versions
-#   tests.txt   pytest on tests/kernels/test_triton_backend.py: the CUDA checks against torch.nn in
-#               float64 (TestOnCuda) and the interpreter tests
+#   tests.txt   pytest of TestOnCuda (tests/kernels/test_triton_backend.py): every layer the backend runs,
+#               in float32, float64, float16 and bfloat16, both layouts, train and eval, against torch.nn in
+#               float64 (the interpreter tests are CI's, on the CPU)
 #   bench.json  `normlab bench --device cuda --json` (default options: --no-compile; pass others after --)
 #   bench.txt   the same records as a table
 # Exits 2 where torch sees no CUDA device, 1 if the tests or the benchmark failed, else 0.
@@ -42,9 +43,9 @@ except ImportError:
 EOF
 cat "$OUTDIR/env.txt"
 
-echo "[gpu] tests: tests/kernels/test_triton_backend.py"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_backend.py 2>&1 | tee "$OUTDIR/tests.txt" \
-  || status=1
+echo "[gpu] tests: TestOnCuda"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_backend.py -k TestOnCuda 2>&1 \
+  | tee "$OUTDIR/tests.txt" || status=1
 
 echo "[gpu] normlab bench --device cuda ${BENCH_ARGS[*]}"
 "$PYTHON" -m normlab.cli bench --device cuda --json "${BENCH_ARGS[@]}" > "$OUTDIR/bench.json.part" || status=1

@@ -399,63 +399,94 @@ def test_importing_the_backend_imports_no_triton():
 
 # --- a real GPU ---------------------------------------------------------------------------------------
 
-_CUDA_CHECK = textwrap.dedent("""
+_DEVICE_CHECK = textwrap.dedent("""
+    import sys
     import torch
     import normlab.nn as nl
     from normlab.core.plan import batch_plan
     from normlab.kernels import select
 
-    dev = "cuda"
+    dev, expected = sys.argv[1], sys.argv[2]
+    if sys.argv[3:] == ["perturb"]:  # a backend off by 1e-3 (relative) in BatchNorm2d's output, to be caught
+        forward = nl.BatchNorm2d.forward
+        nl.BatchNorm2d.forward = lambda self, x: forward(self, x) * 1.001
     x = torch.randn(8, 16, 12, 12, device=dev)
-    assert select(x, batch_plan(x.shape)).name == "triton"
+    assert select(x, batch_plan(x.shape)).name == expected
     torch.manual_seed(0)
+    # float64 kernels against float64; the others, computed in float32, to their own dtype's precision
+    TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
-    def close(a, b, tol):
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+    def close(a, b, tol, what):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"{what}: {m}")
 
-    def compare(ours, theirs, shape, fmt=torch.contiguous_format, tol=1e-4, fused=False):
-        # ours in float32 against the torch.nn layer in float64: two training steps, then one in eval
+    def compare(ours, theirs, shape, dtype, fmt=torch.contiguous_format, fused=False):
+        # ours in dtype against the torch.nn layer in float64 on the same (rounded) values: two training
+        # steps, then one in eval
+        tol, name = TOL[dtype], f"{type(ours).__name__} {shape} {dtype} {fmt}"
         ours, theirs = ours.to(dev), theirs.to(dev).double()
         with torch.no_grad():
             for p in ours.parameters():
                 p.normal_()
         theirs.load_state_dict(ours.state_dict())
+        ours.to(dtype)
+        theirs.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in ours.state_dict().items()})
         for train in (True, True, False):
             ours.train(train), theirs.train(train)
-            x = (torch.randn(shape, device=dev) * 3 + 100).contiguous(memory_format=fmt)
-            dy = torch.randn(shape, device=dev)
+            x = (torch.randn(shape, device=dev) * 3 + 100).to(dtype).contiguous(memory_format=fmt)
+            dy = torch.randn(shape, device=dev).to(dtype)
             xa, xb = x.clone().requires_grad_(True), x.double().requires_grad_(True)
             ya = ours(xa)
             yb = torch.relu(theirs(xb)) if fused else theirs(xb)
-            assert ya.is_contiguous(memory_format=fmt)
-            close(ya, yb, tol)
+            assert ya.dtype == dtype and ya.is_contiguous(memory_format=fmt), name
+            close(ya, yb, tol, f"{name} output")
             ya.backward(dy)
             yb.backward(dy.double())
-            close(xa.grad, xb.grad, tol)
+            close(xa.grad, xb.grad, tol, f"{name} input gradient")
             for pa, pb in zip(ours.parameters(), theirs.parameters()):
-                close(pa.grad, pb.grad, tol)
+                close(pa.grad, pb.grad, tol, f"{name} parameter gradient")
                 pa.grad = pb.grad = None
             for ba, bb in zip(ours.buffers(), theirs.buffers()):
-                close(ba, bb.to(ba.dtype).double(), tol)
+                close(ba, bb.to(ba.dtype).double(), tol, f"{name} buffer")
 
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        compare(nl.BatchNorm2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), fmt)
-        compare(nl.BatchNormReLU2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), fmt, fused=True)
-        compare(nl.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16), (8, 16, 60, 60), fmt)
-    compare(nl.BatchNorm1d(300), torch.nn.BatchNorm1d(300), (4096, 300))
-    compare(nl.LayerNorm(768), torch.nn.LayerNorm(768), (64, 49, 768))
-    compare(nl.LayerNorm((64, 32, 32)), torch.nn.LayerNorm((64, 32, 32)), (4, 64, 32, 32))
-    compare(nl.InstanceNorm2d(8, affine=True), torch.nn.InstanceNorm2d(8, affine=True), (4, 8, 128, 128))
-    print("cuda ok")
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            compare(nl.BatchNorm2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), dtype, fmt)
+            compare(nl.BatchNormReLU2d(16), torch.nn.BatchNorm2d(16), (32, 16, 28, 28), dtype, fmt, fused=True)
+            compare(nl.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16), (8, 16, 60, 60), dtype, fmt)
+        compare(nl.BatchNorm1d(300), torch.nn.BatchNorm1d(300), (4096, 300), dtype)
+        compare(nl.LayerNorm(768), torch.nn.LayerNorm(768), (64, 49, 768), dtype)
+        compare(nl.LayerNorm((64, 32, 32)), torch.nn.LayerNorm((64, 32, 32)), (4, 64, 32, 32), dtype)
+        compare(nl.InstanceNorm2d(8, affine=True), torch.nn.InstanceNorm2d(8, affine=True), (4, 8, 128, 128), dtype)
+    print(f"{dev} ok")
 """)
+
+
+def _device_check(device: str, backend: str, *flags: str) -> subprocess.CompletedProcess:
+    """Run :data:`_DEVICE_CHECK` in a fresh process (no interpreter, dispatch left to ``auto``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+    return subprocess.run([sys.executable, "-c", _DEVICE_CHECK, device, backend, *flags], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_the_device_check_passes_on_cpu_kernels():
+    """The check :class:`TestOnCuda` runs on a GPU, run here against the numba kernels: it is a check that
+    passes on a correct backend, in every dtype it tries (and it fails on a wrong one, below)."""
+    if not dispatch.available("numba"):
+        pytest.skip("numba is not installed")
+    out = _device_check("cpu", "numba")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cpu ok" in out.stdout
+    wrong = _device_check("cpu", "numba", "perturb")
+    assert wrong.returncode != 0 and "cpu ok" not in wrong.stdout
+    assert "BatchNorm2d (32, 16, 28, 28) torch.float32" in wrong.stderr and "output" in wrong.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestOnCuda:
-    """Auto dispatch sends CUDA tensors to the compiled kernels, which match torch.nn."""
+    """Auto dispatch sends CUDA tensors to the compiled kernels, which match torch.nn in every dtype."""
 
     def test_auto_dispatch_and_torch_nn_on_cuda(self):
-        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
-        out = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True, text=True)
+        out = _device_check("cuda", "triton")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "cuda ok" in out.stdout

@@ -365,25 +365,48 @@ def test_forced_triton_not_installed_raises(monkeypatch):
         F.batch_norm(torch.randn(4, 3), None, None, training=True)
 
 
-class _FakeCudaTensor:
-    """Just enough of a CUDA tensor for dispatch to route it (no kernel runs)."""
+_FAKE_CUDA = textwrap.dedent("""
+    import torch
+    from normlab.core.plan import batch_plan
+    from normlab.kernels import dispatch, select
 
-    is_cuda = True
-    device = torch.device("cuda", 0)
-    dtype = torch.float32
+    class FakeCudaTensor:  # just enough of a CUDA tensor for dispatch to route it (no kernel runs)
+        is_cuda = True
+        device = torch.device("cuda", 0)
+        dtype = torch.float32
 
-    def numel(self):
-        return 12
+        def numel(self):
+            return 12
+""")
 
 
-def test_auto_sends_cuda_tensors_to_triton(monkeypatch):
+def test_auto_sends_cuda_tensors_to_triton():
+    code = _FAKE_CUDA + textwrap.dedent("""
+        x, plan = FakeCudaTensor(), batch_plan((4, 3))
+        assert select(x, plan).name == "triton"
+        assert select(x, plan, batch_stats=False).name == "triton"
+        assert getattr(select(torch.randn(4, 3), plan), "name", None) != "triton"  # CPU: numba or the engine
+        dispatch.available = lambda name: name != "triton"
+        assert select(x, plan) is None  # no triton: the torch engine
+        print("routed")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_BACKEND")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "routed" in out.stdout, out.stdout + out.stderr
+
+
+def test_cuda_tensors_are_refused_where_the_kernels_are_interpreted(monkeypatch):
+    """Under the interpreter (this module's processes) a CUDA tensor would be copied to the host and back at
+    every launch: auto sends it to the torch engine, forcing triton says why."""
+    namespace: dict = {}
+    exec(_FAKE_CUDA, namespace)
+    x, plan = namespace["FakeCudaTensor"](), batch_plan((4, 3))
+    reason = tb.TritonBackend().unsupported(x, plan)
+    assert reason is not None and "TRITON_INTERPRET" in reason and "GPU" in reason
+    with pytest.raises(BackendError, match=r"NORMLAB_BACKEND=triton: .*TRITON_INTERPRET"):
+        select(x, plan)
     monkeypatch.setenv("NORMLAB_BACKEND", "auto")
-    x, plan = _FakeCudaTensor(), batch_plan((4, 3))
-    assert select(x, plan).name == "triton"
-    assert select(x, plan, batch_stats=False).name == "triton"
-    assert getattr(select(torch.randn(4, 3), plan), "name", None) != "triton"  # CPU: numba or the engine
-    monkeypatch.setattr(dispatch, "available", lambda name: name != "triton")
-    assert select(x, plan) is None  # no triton: the torch engine
+    assert select(x, plan) is None
 
 
 def test_importing_the_backend_imports_no_triton():

@@ -161,6 +161,20 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+def _gpu_problem() -> str | None:
+    """Why CUDA tensors cannot run compiled kernels in this process, or ``None``: where the kernels were (or
+    would now be) built for Triton's interpreter, which would copy every tensor to the host and back at
+    every launch."""
+    if _built["interpret"] or (_built["interpret"] is None and _interpret_requested()):
+        return ("TRITON_INTERPRET=1: this process builds the triton kernels for Triton's interpreter, which "
+                "would run CUDA tensors on the host; unset TRITON_INTERPRET to run them on the GPU")
+    triton = sys.modules.get("triton")
+    if triton is not None and type(triton.language.standard.cdiv).__name__ == "InterpretedFunction":
+        return ("triton was imported with TRITON_INTERPRET=1, so its library runs under the interpreter only; "
+                "start a process without it to run CUDA tensors on the GPU")
+    return None
+
+
 def built_for() -> str | None:
     """What this process's kernels were built for: ``"interpreter"``, ``"gpu"``, or ``None`` before their
     first use."""
@@ -189,13 +203,27 @@ def _kernels():
 
 
 @_jit
+def _div(num, den, ACC: tl.constexpr):
+    """num / den correctly rounded (IEEE division, as on the CPU), in ``num``'s dtype; ``den`` may be an
+    integer. Compiled float32 ``/`` is an approximation within 2 ulp (PTX ``div.full.f32``); this is
+    for the once-per-statistic quotients (means, variances, rstd, the backward's constants), not for
+    per-value arithmetic. ``num`` is of dtype ``ACC``; float64 ``/`` is IEEE division already (and
+    ``div_rn`` takes float32 only)."""
+    if ACC == tl.float64:
+        q = num / den
+    else:
+        q = tl.div_rn(num, num * 0.0 + den)
+    return q
+
+
+@_jit
 def _rsqrt(v, ACC: tl.constexpr):
-    """1 / sqrt(v), correctly rounded square root in both float32 and float64."""
+    """1 / sqrt(v), the square root and the division each correctly rounded, in float32 and float64."""
     if ACC == tl.float64:
         s = tl.sqrt(v)
     else:
         s = tl.sqrt_rn(v)
-    return 1.0 / s
+    return _div(s * 0.0 + 1.0, s, ACC)
 
 
 @_jit
@@ -203,6 +231,8 @@ def _welford_add(v, valid, cnt, mean, m2):
     """Add one value per lane into the lanes' running (count, mean, M2); lanes not ``valid`` keep theirs."""
     cnt = cnt + valid.to(cnt.dtype)
     delta = v - mean
+    # per value: the GPU's approximate float32 division (within 2 ulp) moves the mean by less than the
+    # rounding of the sum it tracks, and the IEEE one would cost more than the loop's other work
     mean = mean + tl.where(valid, delta / tl.maximum(cnt, 1.0), 0.0)
     m2 = m2 + tl.where(valid, delta * (v - mean), 0.0)
     return cnt, mean, m2
@@ -370,7 +400,7 @@ def _finish_moments(part, fixed_mean, fixed_var, stats, units, split, period, ep
         mu = tl.load(part + total + idx, mask=valid, other=0.0)
         m2 = tl.load(part + 2 * total + idx, mask=valid, other=0.0)
         n, d, m2 = _merge_moments(n, mu, m2, 1)
-        var = m2 / tl.maximum(n, 1.0)
+        var = _div(m2, tl.maximum(n, 1.0), ACC)
         shift, d = _recentre(tl.load(stats + i, mask=live, other=0.0), d)
     else:
         shift = tl.load(fixed_mean + i % period, mask=live, other=0.0).to(ACC)
@@ -428,9 +458,12 @@ def _apply_cols(x, res, y, shift, mshift, rstd, w, b, M, C,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, EPI: tl.constexpr,
                 BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """y = (x − shift)·a + b on a BM × BC tile of (M, C) ``x``, every factor per column, then the
-    epilogue."""
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    epilogue. One program per tile, the column blocks of a row block adjacent (a 1-D grid: CUDA caps the
+    second axis at 65535, which a 2-D grid of column blocks would pass at 4M channels)."""
+    pid = tl.program_id(0)
+    blocks_c = tl.cdiv(C, BC)
+    m = (pid // blocks_c) * BM + tl.arange(0, BM)
+    c = (pid % blocks_c) * BC + tl.arange(0, BC)
     live = c < C
     sh = tl.load(shift + c, mask=live, other=0.0)
     d = tl.load(mshift + c, mask=live, other=0.0)
@@ -459,12 +492,12 @@ def _row_forward_tile(x, y, stats, w, b, fixed_mean, fixed_var, R, K, per_row, r
     xv = tl.load(x + offs, mask=valid, other=0.0).to(ACC)
     if TRAIN:
         first = tl.load(x + r.to(tl.int64) * K).to(ACC)
-        d0 = tl.sum(tl.sum(tl.where(valid, xv - first, 0.0), 1), 0) / K
+        d0 = _div(tl.sum(tl.sum(tl.where(valid, xv - first, 0.0), 1), 0), K, ACC)
         sh, _ = _recentre(first, d0)
         t = tl.where(valid, xv - sh, 0.0)
-        d = tl.sum(tl.sum(t, 1), 0) / K
+        d = _div(tl.sum(tl.sum(t, 1), 0), K, ACC)
         dev = tl.where(valid, t - d, 0.0)
-        var = tl.sum(tl.sum(dev * dev, 1), 0) / K
+        var = _div(tl.sum(tl.sum(dev * dev, 1), 0), K, ACC)
     else:
         sh = tl.load(fixed_mean + r % period).to(ACC)
         d = sh * 0.0
@@ -606,11 +639,11 @@ def _finish_sums(part, half, s_unit, s_part, width, units, w, rstd, out1, out2, 
         r = tl.load(rstd + i, mask=live, other=0.0)
         if MODE == 1:
             k1 = r * _param(w, i, live, 1.0, HAS_W, ACC)
-            k2 = -k1 * r * s2 / count
+            k2 = _div(-k1 * r * s2, count, ACC)
         else:
             k1 = r
-            k2 = -r * r * r * s2 / count
-        cm = s1 / count
+            k2 = _div(-r * r * r * s2, count, ACC)
+        cm = _div(s1, count, ACC)
         if not TRAIN:
             cm = cm * 0.0
             k2 = k2 * 0.0
@@ -653,9 +686,12 @@ def _dx_cols(x, dy, y, dx, dres, shift, mshift, consts, M, C,
              TRAIN: tl.constexpr, MASK: tl.constexpr, DRES: tl.constexpr,
              BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """dx = (dy' − c)·k1 + ((x − shift) − mean_shifted)·k2 on a BM × BC tile of (M, C) data, every
-    factor per column; with DRES also the residual's gradient dy'."""
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    factor per column; with DRES also the residual's gradient dy'. Tiles on a 1-D grid, as in
+    :func:`_apply_cols`."""
+    pid = tl.program_id(0)
+    blocks_c = tl.cdiv(C, BC)
+    m = (pid // blocks_c) * BM + tl.arange(0, BM)
+    c = (pid % blocks_c) * BC + tl.arange(0, BC)
     live = c < C
     cm = tl.load(consts + c, mask=live, other=0.0)[None, :]
     k1 = tl.load(consts + C + c, mask=live, other=0.0)[None, :]
@@ -704,7 +740,7 @@ def _row_backward_tile(x, dy, dx, w, shift, mshift, rstd, part, R, K, per_row, r
             if TRAIN:
                 sg = tl.sum(tl.sum(g, 1), 0)
                 sgx = tl.sum(tl.sum(g * xc, 1), 0)
-                out = (g - sg / K) * rs + xc * (-rs * rs * rs * sgx / K)
+                out = (g - _div(sg, K, ACC)) * rs + xc * _div(-rs * rs * rs * sgx, K, ACC)
             else:
                 out = g * rs
             tl.store(dx + offs, out.to(dx.dtype.element_ty), mask=valid)
@@ -733,10 +769,16 @@ def _block2d(p: int, q: int, block: int) -> tuple[int, int]:
     return max(1, min(_pow2(p), block // bq)), bq
 
 
-def _whole_rows(tile: int, dtype: torch.dtype) -> bool:
-    """Whether rows of ``tile`` (padded) values go to the whole-row kernels: up to :data:`ROW_TILE`, half that
-    in float64 (twice the registers per value)."""
-    return tile <= (ROW_TILE // 2 if dtype == torch.float64 else ROW_TILE)
+def _whole_rows(bp: int, bq: int, dtype: torch.dtype) -> bool:
+    """Whether rows padded to (bp, bq) tiles (parameters x values per parameter) go to the whole-row
+    kernels: up to :data:`ROW_TILE` values, half that in float64 (twice the registers per value), and
+    half again for tiles of 2 to 8 values per parameter, whose backward (the per-parameter sums of a tall,
+    narrow tile) spilled 450-790 bytes per thread at the full size on sm_90 (GroupNorm(1) on
+    (N, 2048, 2, 2), 2048 x 4; none at 8192 x 1 or 512 x 16), 84-120 in float64 at 4096 values."""
+    limit = ROW_TILE // 2 if dtype == torch.float64 else ROW_TILE
+    if 1 < bq < 16:
+        limit //= 2
+    return bp * bq <= limit
 
 
 def _warps(elements: int) -> int:
@@ -851,6 +893,10 @@ class TritonBackend:
                 return f"the triton backend runs on CUDA tensors ({problem})"
         elif x.device.type != "cuda":
             return f"the triton backend runs on CUDA tensors, got a tensor on {x.device}"
+        else:
+            problem = _gpu_problem()
+            if problem is not None:
+                return f"the triton backend cannot run CUDA tensors here ({problem})"
         if x.dtype not in _DTYPES:
             return f"the triton backend does not handle dtype {x.dtype}"
         if classify(plan) is None:
@@ -955,14 +1001,14 @@ class TritonBackend:
                                                     BM=bm, BC=bc, ACC=tl_acc,
                                                     **_launch(bm * bc))
         self._finish_moments(k, part, fm, fv, stats, c, split, train, eps, tl_acc)
-        k["_apply_cols"][(_cdiv(m, bm), col_blocks)](
+        k["_apply_cols"][(_cdiv(m, bm) * col_blocks,)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, m, c,
             HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
 
     def _rows_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, tl_acc):
         s: RowShape = lay.shape
         bp, bq = _pow2(s.per_row), _pow2(s.run)
-        if _whole_rows(bp * bq, xa.dtype):
+        if _whole_rows(bp, bq, xa.dtype):
             k["_row_forward_tile"][(s.rows,)](
                 xa, y, stats, w, b, fm, fv, s.rows, s.size, s.per_row, s.run, s.groups,
                 1 if train else fm.numel(), *_eps_parts(eps),
@@ -1063,7 +1109,7 @@ class TritonBackend:
         self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
                           count, 1, train, tl_acc)
         if dx is not None:
-            k["_dx_cols"][(_cdiv(m, bm), col_blocks)](
+            k["_dx_cols"][(_cdiv(m, bm) * col_blocks,)](
                 xa, dya, ya, dx, dres if dres is not None else dx, sh, ms, consts, m, c,
                 TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, **_launch(bm * bc))
 
@@ -1074,7 +1120,7 @@ class TritonBackend:
         nparam = s.groups * s.per_row
         target = _target_programs(xa)
         bp, bq = _pow2(s.per_row), _pow2(s.run)
-        if _whole_rows(bp * bq, xa.dtype):
+        if _whole_rows(bp, bq, xa.dtype):
             per_group = max(1, min(s.rows // s.groups, _cdiv(target, s.groups)))
             nprog = per_group * s.groups
             part = torch.empty(2, nprog, s.per_row, dtype=dw.dtype, device=xa.device) if need_p else dw

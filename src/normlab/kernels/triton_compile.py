@@ -120,6 +120,8 @@ def cases(quick: bool = False) -> list[Case]:
     keeps one LayerNorm row of :data:`~normlab.kernels.triton_backend.ROW_TILE` values, the largest tile a
     kernel holds in registers."""
     cl = dict(channels_last=True)
+    n_narrow = 2 if quick else 8
+    gn_narrow, gn_narrow_half, gn_narrow_quarter = ((n_narrow, c, 2, 2) for c in (2048, 1024, 512))
     if quick:
         bn2d, bn_small, bn1d = (4, 16, 12, 12), (3, 40, 3, 3), (37, 24)
         gn, ln, ln_tile, ln_long, inst = (4, 16, 6, 6), (6, 20, 48), (3, 8192), (2, 32, 300), (3, 8, 9, 9)
@@ -149,6 +151,11 @@ def cases(quick: bool = False) -> list[Case]:
         Case(f"GroupNorm(8) {gn} channels_last", gn, group_plan(gn, 8), **cl),
         Case(f"GroupNorm(8) {gn} without γ, β", gn, group_plan(gn, 8), affine=False),
         Case(f"GroupNorm(4) {bn1d}", bn1d, group_plan(bn1d, 4)),
+        # tall, narrow rows (many channels of a few values): the largest that stay whole in registers in
+        # float32 and float64, and one past them
+        Case(f"GroupNorm(1) {gn_narrow}", gn_narrow, group_plan(gn_narrow, 1)),
+        Case(f"GroupNorm(1) {gn_narrow_half}", gn_narrow_half, group_plan(gn_narrow_half, 1)),
+        Case(f"GroupNorm(1) {gn_narrow_quarter}", gn_narrow_quarter, group_plan(gn_narrow_quarter, 1)),
         Case(f"InstanceNorm2d {inst}", inst, instance_plan(inst)),
         Case(f"InstanceNorm2d {inst} eval", inst, instance_plan(inst), fixed=True),
         Case(f"LayerNorm({ln[-1]}) {ln}", ln, layer_plan(ln, ln[-1:])),
@@ -307,6 +314,15 @@ def _compiling_for(arch: int, sms: int) -> Iterator[_Compiler]:
             fn.device_caches.pop(device, None)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (itself if none)."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
 def compile_cases(case_list: Sequence[Case], dtypes: Sequence[torch.dtype] = DTYPES, arch: int = DEFAULT_ARCH,
                   sms: int = DEFAULT_SMS,
                   progress: Callable[[Iterator], Iterator] | None = None) -> tuple[list[Compiled], list[Failure]]:
@@ -328,6 +344,9 @@ def compile_cases(case_list: Sequence[Case], dtypes: Sequence[torch.dtype] = DTY
                 _exercise(backend, case, dtype)
             except Exception as exc:  # a kernel that does not compile, reported with its case
                 text = "\n".join(str(exc).strip().splitlines()[:12])
+                cause = _root_cause(exc)
+                if cause is not exc:  # Triton's CompilationError shows where; its cause says what
+                    text += f"\ncaused by {type(cause).__name__}: {cause}"
                 failures.append(Failure(case.name, dname, compiler.current, f"{type(exc).__name__}: {text}"))
     return list(compiler.compiled.values()), failures
 

@@ -772,6 +772,13 @@ def peers(args: argparse.Namespace) -> tuple[tuple[Implementation, ...], bool]:
     return ((*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS), cnn
 
 
+def report(records: Sequence[dict[str, Any]], implementations: Sequence[Implementation],
+           steps: Sequence[dict[str, Any]] = ()) -> str:
+    """What ``normlab bench`` prints: the table of ``records`` (if any), then each CNN step's line."""
+    parts = [format_table(records, implementations)] if records else []
+    return "\n\n".join(parts + [format_step(step) for step in steps])
+
+
 def render(path: str) -> int:
     """Print the table (and the CNN line) of the records ``normlab bench --json`` saved in ``path``, as the
     run that measured them would have printed it; 2 if the file cannot be read as such records."""
@@ -790,12 +797,10 @@ def render(path: str) -> int:
               f"prints", file=sys.stderr)
         return 2
     cases = [r for r in records if r["op"] != "small_cnn"]
+    steps = [r for r in records if r["op"] == "small_cnn"]
     compiled = any("compile_ms" in r or "compile_error" in r for r in cases)
     try:
-        if cases:
-            print(format_table(cases, (*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS))
-        for step in (r for r in records if r["op"] == "small_cnn"):
-            print(("\n" if cases else "") + format_step(step))
+        print(report(cases, (*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS, steps))
     except (KeyError, TypeError) as exc:
         print(f"normlab bench: --render {path}: a record lacks a field the table needs ({exc}); was it written "
               f"by normlab bench --json?", file=sys.stderr)
@@ -830,9 +835,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records + ([step] if step else []), indent=1))
     else:
-        print(format_table(records, implementations))
-        if step:
-            print("\n" + format_step(step))
+        print(report(records, implementations, [step] if step else []))
         print(f"\n{len(records)} cases in {time.perf_counter() - start:.1f} s")
     mismatches = sum(r["status"] != "ok" for r in records)
     if mismatches:

@@ -48,9 +48,10 @@ development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md fo
 * CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
   backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and
   eval alike) and the process does not build its kernels for Triton's interpreter (``TRITON_INTERPRET=1``,
-  which would copy the tensors to the host at every launch), else the torch engine. Its kernels keep the engine's precision guarantees (statistics of
-  ``x − shift``, merged Welford partials). They have not been timed on a GPU yet, against the torch
-  engine or ATen, so no size threshold sends small cases elsewhere as it does on CPU.
+  which would copy the tensors to the host at every launch), else the torch engine. Its kernels keep the
+  engine's precision guarantees (statistics of ``x − shift``, merged Welford partials). They have not been
+  timed on a GPU yet, against the torch engine or ATen, so no size threshold sends small cases elsewhere
+  as it does on CPU.
 """
 
 from __future__ import annotations

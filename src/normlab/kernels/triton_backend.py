@@ -155,10 +155,18 @@ def _interpreter_problem() -> str | None:
         return "CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1"
     if _built["interpret"] is False:
         return "this process built the triton kernels for the GPU before TRITON_INTERPRET=1 was set"
-    triton = sys.modules.get("triton")
-    if triton is not None and type(triton.language.standard.cdiv).__name__ != "InterpretedFunction":
+    if _library_interpreted() is False:
         return "triton was imported before TRITON_INTERPRET=1 was set, so its library runs on the GPU only"
     return None
+
+
+def _library_interpreted() -> bool | None:
+    """Whether triton's own library functions (``tl.cdiv``, ...) were built for the interpreter when it was
+    imported; ``None`` before it is imported."""
+    triton = sys.modules.get("triton")
+    if triton is None:
+        return None
+    return type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
 
 
 def _gpu_problem() -> str | None:
@@ -168,8 +176,7 @@ def _gpu_problem() -> str | None:
     if _built["interpret"] or (_built["interpret"] is None and _interpret_requested()):
         return ("TRITON_INTERPRET=1: this process builds the triton kernels for Triton's interpreter, which "
                 "would run CUDA tensors on the host; unset TRITON_INTERPRET to run them on the GPU")
-    triton = sys.modules.get("triton")
-    if triton is not None and type(triton.language.standard.cdiv).__name__ == "InterpretedFunction":
+    if _library_interpreted():
         return ("triton was imported with TRITON_INTERPRET=1, so its library runs under the interpreter only; "
                 "start a process without it to run CUDA tensors on the GPU")
     return None
@@ -454,16 +461,22 @@ def _apply_planar(x, res, y, shift, mshift, rstd, w, b, P, Q, s_unit, s_p, group
 
 
 @_jit
+def _cols_tile(C, BM: tl.constexpr, BC: tl.constexpr):
+    """The rows and columns of this program's BM × BC tile of (M, C) data: one program per tile on a 1-D
+    grid, the column blocks of a row block adjacent (CUDA caps a grid's second axis at 65535, which a 2-D
+    grid of column blocks would pass at 4M channels)."""
+    pid = tl.program_id(0)
+    blocks_c = tl.cdiv(C, BC)
+    return (pid // blocks_c) * BM + tl.arange(0, BM), (pid % blocks_c) * BC + tl.arange(0, BC)
+
+
+@_jit
 def _apply_cols(x, res, y, shift, mshift, rstd, w, b, M, C,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, EPI: tl.constexpr,
                 BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """y = (x − shift)·a + b on a BM × BC tile of (M, C) ``x``, every factor per column, then the
-    epilogue. One program per tile, the column blocks of a row block adjacent (a 1-D grid: CUDA caps the
-    second axis at 65535, which a 2-D grid of column blocks would pass at 4M channels)."""
-    pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BC)
-    m = (pid // blocks_c) * BM + tl.arange(0, BM)
-    c = (pid % blocks_c) * BC + tl.arange(0, BC)
+    epilogue. Tiles as :func:`_cols_tile` numbers them."""
+    m, c = _cols_tile(C, BM, BC)
     live = c < C
     sh = tl.load(shift + c, mask=live, other=0.0)
     d = tl.load(mshift + c, mask=live, other=0.0)
@@ -686,12 +699,9 @@ def _dx_cols(x, dy, y, dx, dres, shift, mshift, consts, M, C,
              TRAIN: tl.constexpr, MASK: tl.constexpr, DRES: tl.constexpr,
              BM: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """dx = (dy' − c)·k1 + ((x − shift) − mean_shifted)·k2 on a BM × BC tile of (M, C) data, every
-    factor per column; with DRES also the residual's gradient dy'. Tiles on a 1-D grid, as in
-    :func:`_apply_cols`."""
-    pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BC)
-    m = (pid // blocks_c) * BM + tl.arange(0, BM)
-    c = (pid % blocks_c) * BC + tl.arange(0, BC)
+    factor per column; with DRES also the residual's gradient dy'. Tiles as :func:`_cols_tile` numbers
+    them."""
+    m, c = _cols_tile(C, BM, BC)
     live = c < C
     cm = tl.load(consts + c, mask=live, other=0.0)[None, :]
     k1 = tl.load(consts + C + c, mask=live, other=0.0)[None, :]

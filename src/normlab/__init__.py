@@ -10,7 +10,8 @@
 Training safety, importable from here: :class:`set_guard_stats` (batches with non-finite statistics do
 not update running statistics, :mod:`normlab.core.guard`), :class:`stat_guard` (roll back a step's
 running statistics when the optimizer does not step, :mod:`normlab.nn.transaction`), :class:`update_once`
-(one update per layer per step, :mod:`normlab.nn.once`).
+(one update per layer per step, :mod:`normlab.nn.once`), :func:`inspect` (a health table of the
+normalization layers, :mod:`normlab.health`; also ``normlab inspect``).
 """
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ _LAZY = {
     "set_guard_stats": "normlab.core.guard",
     "stat_guard": "normlab.nn.transaction",
     "update_once": "normlab.nn.once",
+    "inspect": "normlab.health.checks",
 }
 
 

@@ -25,6 +25,9 @@ def test_training_safety_example_runs_as_documented():
     with pytest.warns(RuntimeWarning, match="num_batches_skipped"):
         exec(compile(code, str(README), "exec"), namespace)
     assert int(namespace["model"][1].num_batches_tracked) == 3
-    inspect = text.split("normlab inspect`", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    inspect = text.split("### Is my model's BatchNorm healthy?", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(inspect, str(README), "exec"), namespace)
     assert namespace["report"].layers[0].name == "1" and "BatchNorm1d" in str(namespace["report"])
+    ported = text.split("### Models ported from Keras or Flax", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(ported, str(README), "exec"), namespace)
+    assert namespace["bn"].eps == 1e-3 and tuple(namespace["conv_weight"].shape) == (4, 2, 3, 3)

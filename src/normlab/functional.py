@@ -44,6 +44,7 @@ def _run(
     residual: torch.Tensor | None = None,
     guard: bool | None = None,
     on_skip: Callable[[str], None] | None = None,
+    unbiased: bool = True,
 ) -> torch.Tensor:
     """Check, then normalize through the engine, which updates the running statistics (if any) once the
     batch's are computed.
@@ -52,7 +53,8 @@ def _run(
     allows that case (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns
     ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``. ``guard`` (``None``: the global
     setting) skips the running update of a batch whose statistics are not finite
-    (:mod:`normlab.core.guard`); ``on_skip(op)`` is then called (default: a warning).
+    (:mod:`normlab.core.guard`); ``on_skip(op)`` is then called (default: a warning). ``unbiased=False``
+    stores the biased batch variance in ``running_var`` (Keras' and Flax's convention).
     """
     checks.check_eps(eps, op)
     if residual is not None:
@@ -76,7 +78,7 @@ def _run(
         fixed_mean, fixed_var = running_mean, running_var
     running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
-        running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard))
+        running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard), unbiased)
     if relu:
         y = normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
     else:

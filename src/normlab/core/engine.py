@@ -180,19 +180,20 @@ def update_running_stats(
     count: int,
     momentum: float,
     guarded: bool = False,
+    unbiased: bool = True,
 ) -> bool:
     """running ← (1 − momentum) · running + momentum · batch statistic, in place; returns whether it
     updated (``guarded``: not when a batch statistic is not finite, see :mod:`normlab.core.guard`).
 
     The variance stored is the *unbiased* one, ``m/(m − 1) · σ²``, so that the running variance estimates
-    the population variance. Where each sample has its own statistics (InstanceNorm) the batch statistic
+    the population variance (``unbiased=False``: σ² itself, Keras' and Flax's convention). Where each sample has its own statistics (InstanceNorm) the batch statistic
     is their average over the batch.
     """
     c = running_mean.shape[0]
     batch_mean, batch_var = mean.reshape(-1, c), var.reshape(-1, c)
     if batch_mean.shape[0] > 1:
         batch_mean, batch_var = batch_mean.mean(dim=0), batch_var.mean(dim=0)
-    batch_var = batch_var.reshape(c) * (count / (count - 1))
+    batch_var = batch_var.reshape(c) * (count / (count - 1)) if unbiased else batch_var.reshape(c)
     batch_mean, batch_var = batch_mean.reshape(c).to(running_mean.dtype), batch_var.to(running_var.dtype)
     if guarded and not finite_statistics(batch_mean, batch_var):
         return False
@@ -270,9 +271,9 @@ def compute_forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
         y, shift, mean_shifted, var, rstd = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
                                                             **epilogue)
     if running is not None:
-        guarded = getattr(running, "guarded", False)
+        guarded, unbiased = getattr(running, "guarded", False), getattr(running, "unbiased", True)
         if not update_running_stats(running[0], running[1], shift + mean_shifted, var, plan.count, running[2],
-                                    guarded):
+                                    guarded, unbiased):
             running.skipped = True
     return y, (shift, mean_shifted, rstd)
 

@@ -29,12 +29,15 @@ _ENABLED = [True]
 
 class RunningUpdate(tuple):
     """``(running_mean, running_var, momentum)`` as the engine takes them, plus ``guarded`` (skip a batch
-    whose statistics are not finite) and ``skipped``, set by whichever code would have updated them when it
-    skipped the batch. A tuple, so code that indexes or unpacks the plain triple works unchanged."""
+    whose statistics are not finite), ``unbiased`` (store the unbiased batch variance, torch's convention;
+    ``False``: the biased one, Keras' and Flax's) and ``skipped``, set by whichever code would have updated
+    them when it skipped the batch. A tuple, so code that indexes or unpacks the plain triple works
+    unchanged."""
 
-    def __new__(cls, mean: torch.Tensor, var: torch.Tensor, momentum: float, guarded: bool):
+    def __new__(cls, mean: torch.Tensor, var: torch.Tensor, momentum: float, guarded: bool, unbiased: bool = True):
         self = super().__new__(cls, (mean, var, momentum))
         self.guarded = guarded
+        self.unbiased = unbiased
         self.skipped = False
         return self
 

@@ -290,7 +290,8 @@ class NumbaBackend:
                 momentum = unbias = 0.0
             else:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
-                momentum, unbias = float(running[2]), count / (count - 1)
+                momentum = float(running[2])
+                unbias = count / (count - 1) if getattr(running, "unbiased", True) else 1.0
             kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
             guarded = running is not None and getattr(running, "guarded", False)
             skipped = kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias,

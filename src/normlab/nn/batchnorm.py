@@ -14,6 +14,7 @@ from torch import nn
 from normlab import functional as F
 from normlab.core import checks
 from normlab.core.plan import batch_plan
+from normlab.nn.conventions import CONVENTIONS, convention_args
 from normlab.nn.once import may_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -81,6 +82,15 @@ class _BatchNorm(_RunningStatsMixin):
     _ranks: tuple[int, ...] = ()
     _layout = ""
 
+    def __init__(self, *args, convention: str = "torch", **kwargs):
+        args, kwargs = convention_args(convention, type(self).__name__, args, kwargs)
+        super().__init__(*args, **kwargs)
+        self.convention = convention
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if getattr(self, "convention", "torch") == "torch" else f"{text}, convention={self.convention!r}"
+
     def _update_factor(self) -> float:
         """Weight of this batch in the running average: ``momentum``, or 1/t for momentum=None."""
         if self.momentum is None:
@@ -115,6 +125,7 @@ class _BatchNorm(_RunningStatsMixin):
             training or running_mean is None, factor,
             checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
             guard=self.guard_stats, on_skip=self._skipped_batch,
+            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
         )
         if updating and self.num_batches_skipped == skipped:
             self._count_batch(input)
@@ -147,6 +158,9 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
         track_running_stats: keep running estimates for eval mode. Default True.
         guard_stats: skip the running update of a batch whose statistics are not finite: True, False, or
             None (default: follow :class:`normlab.set_guard_stats`, on unless turned off).
+        convention: ``"torch"`` (default), ``"keras"`` or ``"flax"``: how ``eps`` and ``momentum`` (and
+            their defaults) are read and whether the running variance is stored biased; see
+            :mod:`normlab.nn.conventions`. ``momentum`` is stored in torch's meaning.
 
     Shape: input (N, C) or (N, C, L); output the same shape.
 

@@ -119,12 +119,12 @@ class _BatchNorm(_RunningStatsMixin):
         factor = self._update_factor() if updating else 0.0
         running_mean = self.running_mean if not training or updating else None
         running_var = self.running_var if running_mean is not None else None
-        skipped = self.num_batches_skipped
+        skipped = getattr(self, "num_batches_skipped", 0)  # getattr: a layer pickled before these attributes
         y = F._run(
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
             training or running_mean is None, factor,
             checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
-            guard=self.guard_stats, on_skip=self._skipped_batch,
+            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
             unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
         )
         if updating and self.num_batches_skipped == skipped:

@@ -20,7 +20,8 @@ momentum instead.)
 
 ``BatchNorm2d(C, convention="keras")`` reads ``eps`` and ``momentum`` (and their defaults) as Keras does
 and stores the running variance biased. ``layer.momentum`` always holds torch's meaning (0.01 for Keras'
-0.99), so torch code that reads it, :func:`normlab.nn.convert` included, sees the update that happens.
+0.99), so torch code that reads it, :func:`normlab.nn.convert` included, sees the update that happens;
+a layer converted to torch.nn's keeps its momentum but goes on to store the unbiased variance.
 
 :func:`load_keras_batchnorm` and :func:`load_flax_batchnorm` copy a layer's exported arrays (NumPy or
 anything ``torch.as_tensor`` takes) into a normlab or torch.nn BatchNorm; :func:`keras_kernel` turns a

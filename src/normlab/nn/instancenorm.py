@@ -42,7 +42,7 @@ class _InstanceNorm(_RunningStatsMixin):
         y = F._instance_norm(
             "instance_norm", x, self.running_mean if running else None, self.running_var if running else None,
             self.weight, self.bias, batch_stats, 0.0 if self.momentum is None else self.momentum, self.eps,
-            guard=self.guard_stats, on_skip=self._skipped_batch,
+            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
         )
         return y.squeeze(0) if unbatched else y
 

@@ -1,5 +1,6 @@
-"""convention="keras"/"flax" against hand computations of each framework's documented formulas, and the
-loaders of exported weights (Keras and Flax themselves are not installed here)."""
+"""convention="keras"/"flax" against hand computations of each framework's documented formulas, the
+loaders of exported weights, and, where they are installed (not by the project's set-up), Keras 3 and
+Flax themselves."""
 
 import numpy as np
 import pytest
@@ -108,3 +109,58 @@ def test_loaders_say_what_does_not_fit():
         nl.load_flax_batchnorm(nl.BatchNorm1d(2), {"scale": np.ones(2), "kernel": np.ones(2)})
     layer = nl.load_keras_batchnorm(nl.BatchNorm1d(2), {"moving_mean": MEAN0, "moving_variance": VAR0})
     assert torch.equal(layer.weight, torch.ones(2)) and torch.equal(layer.bias, torch.zeros(2))  # scale/center off
+
+
+def test_against_keras_itself(monkeypatch):
+    """Where Keras 3 is installed (it runs on torch here, KERAS_BACKEND=torch): two training steps and an
+    evaluation of a channels-last BatchNormalization against BatchNorm2d(convention="keras") loaded from it."""
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip(f"keras was imported with the {keras.backend.backend()} backend")
+    rng = np.random.default_rng(0)
+    xs = [(rng.standard_normal((6, 5, 4, 3)) * s + o).astype("float32") for s, o in ((2, 1), (3, -1), (1, 0))]
+    theirs = keras.layers.BatchNormalization()
+    theirs.build((None, 5, 4, 3))
+    theirs.set_weights([rng.uniform(0.5, 2, 3).astype("float32"), rng.standard_normal(3).astype("float32"),
+                        rng.standard_normal(3).astype("float32"), rng.uniform(0.5, 2, 3).astype("float32")])
+    names = ["gamma", "beta", "moving_mean", "moving_variance"]
+    ours = nl.load_keras_batchnorm(nl.BatchNorm2d(3, convention="keras"), dict(zip(names, theirs.get_weights())))
+
+    def both(x, training):
+        ours.train(training)
+        y = ours(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+        return keras.ops.convert_to_numpy(theirs(x, training=training)), y
+
+    for x, training in zip(xs, (True, True, False)):
+        expected, y = both(x, training)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(ours.running_mean.numpy(), theirs.get_weights()[2], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours.running_var.numpy(), theirs.get_weights()[3], rtol=1e-6, atol=1e-7)
+
+
+def test_against_flax_itself():
+    """Where Flax is installed: two training steps of flax.linen.BatchNorm (variables updated as its
+    documentation shows, mutable=["batch_stats"]) and an evaluation, against BatchNorm2d(convention="flax")."""
+    fnn = pytest.importorskip("flax.linen")
+    import jax
+
+    rng = np.random.default_rng(0)
+    xs = [(rng.standard_normal((6, 5, 4, 3)) * s + o).astype("float32") for s, o in ((2, 1), (3, -1), (1, 0))]
+    variables = {"params": {"scale": rng.uniform(0.5, 2, 3).astype("float32"),
+                            "bias": rng.standard_normal(3).astype("float32")},
+                 "batch_stats": {"mean": rng.standard_normal(3).astype("float32"),
+                                 "var": rng.uniform(0.5, 2, 3).astype("float32")}}
+    ours = nl.load_flax_batchnorm(nl.BatchNorm2d(3, convention="flax"), variables)
+    variables = jax.tree_util.tree_map(jax.numpy.asarray, variables)
+    nhwc = lambda y: y.permute(0, 2, 3, 1).detach().numpy()  # noqa: E731
+    for x in xs[:2]:
+        expected, updated = fnn.BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
+        variables = {"params": variables["params"], "batch_stats": updated["batch_stats"]}
+        np.testing.assert_allclose(nhwc(ours(torch.from_numpy(x).permute(0, 3, 1, 2))), np.asarray(expected),
+                                   rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(ours.running_mean.numpy(), np.asarray(variables["batch_stats"]["mean"]), atol=1e-6)
+    np.testing.assert_allclose(ours.running_var.numpy(), np.asarray(variables["batch_stats"]["var"]), atol=1e-6)
+    expected = fnn.BatchNorm(use_running_average=True).apply(variables, xs[2])
+    np.testing.assert_allclose(nhwc(ours.eval()(torch.from_numpy(xs[2]).permute(0, 3, 1, 2))), np.asarray(expected),
+                               rtol=1e-5, atol=2e-6)

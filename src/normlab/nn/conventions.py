@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,7 +85,7 @@ def _copy(target: torch.Tensor | None, value, what: str, layer: nn.Module) -> No
     if target is None:
         raise ValueError(f"{type(layer).__name__} has no {what} (built with affine=False or "
                          f"track_running_stats=False) but the exported weights hold one.")
-    value = torch.as_tensor(value)
+    value = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))  # a copy: jax's are read-only
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"{what}: exported shape {tuple(value.shape)} does not match the layer's "
                          f"{tuple(target.shape)}; is it the same layer?")

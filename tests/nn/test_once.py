@@ -18,6 +18,7 @@ def _blocks(norm):
         "BatchNorm2d momentum=None": lambda c: nl.BatchNorm2d(c, momentum=None),
         "BatchNormReLU2d": lambda c: nl.BatchNormReLU2d(c),
         "InstanceNorm2d": lambda c: nl.InstanceNorm2d(c, affine=True, track_running_stats=True),
+        "LpBatchNorm2d": lambda c: nl.LpBatchNorm2d(c, p=1),
     }[norm]
     return torch.nn.ModuleList([
         torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), make(6), torch.nn.ReLU()),
@@ -42,7 +43,8 @@ def _train(blocks, mode, steps=4):
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("norm", ["BatchNorm2d", "BatchNorm2d momentum=None", "BatchNormReLU2d", "InstanceNorm2d"])
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "BatchNorm2d momentum=None", "BatchNormReLU2d", "InstanceNorm2d",
+                                  "LpBatchNorm2d"])
 def test_checkpointed_training_matches_the_plain_run_exactly(norm, mode):
     plain = _train(_blocks(norm), "plain")
     checkpointed = _train(_blocks(norm), mode)

@@ -20,10 +20,9 @@ from normlab.nn.once import may_update
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _RunningStatsMixin:
-    """Shared by BatchNorm and InstanceNorm: eps and momentum are checked at construction and per call;
-    guarded running statistics (``guard_stats``, ``num_batches_skipped``) and their exactly-once updates
-    (:mod:`normlab.nn.once`).
+class _GuardedStats:
+    """Guarded running statistics (:mod:`normlab.core.guard`) of a layer: its ``guard_stats`` setting and
+    ``num_batches_skipped``, warned about once.
 
     ``num_batches_skipped`` (an ``int`` attribute, not a buffer, so that ``state_dict`` keys stay
     torch.nn's and checkpoints load both ways with ``strict=True``) counts the training batches whose
@@ -41,16 +40,6 @@ class _RunningStatsMixin:
         self.guard_stats = guard_stats
         self.num_batches_skipped = 0
         self._warned_skip = False
-        self._check_config()
-
-    def _check_config(self) -> None:
-        name = type(self).__name__
-        checks.check_eps(self.eps, name)
-        checks.check_momentum(self.momentum, name, allow_none=True)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        self.num_batches_skipped = 0
 
     def _skipped_batch(self, op: str) -> None:
         """Count a batch whose statistics were not finite; warn the first time only."""
@@ -76,6 +65,24 @@ class _RunningStatsMixin:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self.num_batches_skipped = int(local_metadata.get("num_batches_skipped", 0))
+
+
+class _RunningStatsMixin(_GuardedStats):
+    """Shared by BatchNorm and InstanceNorm: eps and momentum are checked at construction and per call;
+    guarded running statistics (:class:`_GuardedStats`) updated exactly once (:mod:`normlab.nn.once`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        name = type(self).__name__
+        checks.check_eps(self.eps, name)
+        checks.check_momentum(self.momentum, name, allow_none=True)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self.num_batches_skipped = 0
 
 
 class _BatchNorm(_RunningStatsMixin):

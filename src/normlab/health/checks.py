@@ -292,7 +292,7 @@ def inspect(model: nn.Module, batches: Iterable) -> ModelHealth:
     if layers and batches:
         try:
             report.train_eval_gap = _train_eval_gap(model, [m for _, m in layers], batches)
-        except (ValueError, RuntimeError) as err:  # e.g. one value per channel: no training-mode forward
+        except (ValueError, RuntimeError, TypeError) as err:  # one value per channel, an output not a tensor
             notes.append(f"train-mode forward failed, no train/eval gap: {err}")
         if report.train_eval_gap is not None and not report.train_eval_gap <= GAP:
             report.flags.append("train_eval_gap")

@@ -28,7 +28,7 @@ class InspectError(ValueError):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[1].replace("\n", " ")
+    parser.description = __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "")
     parser.add_argument("model", type=Path, help="a state dict (with --factory) or, with --trust, a pickled model")
     parser.add_argument("--data", type=Path, required=True, help="inputs: a .npy array or a .pt tensor, (N, ...)")
     parser.add_argument("--factory", metavar="MODULE:FUNCTION",

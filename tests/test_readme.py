@@ -16,3 +16,18 @@ def test_sixty_second_example_runs_as_documented():
     assert namespace["F"].batch_norm(namespace["x"], None, None, training=True).flatten().tolist() == \
         pytest.approx([-1.4142, -0.7071, 0.0, 0.7071, 1.4142], abs=1e-4)
     assert type(namespace["model"][1]).__module__ == "normlab.nn.batchnorm"
+
+
+def test_training_safety_example_runs_as_documented():
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Training safety", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    with pytest.warns(RuntimeWarning, match="num_batches_skipped"):
+        exec(compile(code, str(README), "exec"), namespace)
+    assert int(namespace["model"][1].num_batches_tracked) == 3
+    inspect = text.split("### Is my model's BatchNorm healthy?", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(inspect, str(README), "exec"), namespace)
+    assert namespace["report"].layers[0].name == "1" and "BatchNorm1d" in str(namespace["report"])
+    ported = text.split("### Models ported from Keras or Flax", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(ported, str(README), "exec"), namespace)
+    assert namespace["bn"].eps == 1e-3 and tuple(namespace["conv_weight"].shape) == (4, 2, 3, 3)

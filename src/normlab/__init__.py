@@ -6,6 +6,31 @@
 - :mod:`normlab.reference` — the float64 NumPy reference of every formula.
 - :mod:`normlab.core` — the one engine every layer runs on.
 - ``normlab lab`` — reproduce the papers' experiments on real data.
+
+Training safety, importable from here: :class:`set_guard_stats` (batches with non-finite statistics do
+not update running statistics, :mod:`normlab.core.guard`), :class:`stat_guard` (roll back a step's
+running statistics when the optimizer does not step, :mod:`normlab.nn.transaction`), :class:`update_once`
+(one update per layer per step, :mod:`normlab.nn.once`), :func:`inspect` (a health table of the
+normalization layers, :mod:`normlab.health`; also ``normlab inspect``).
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "set_guard_stats": "normlab.core.guard",
+    "stat_guard": "normlab.nn.transaction",
+    "update_once": "normlab.nn.once",
+    "inspect": "normlab.health.checks",
+}
+
+
+def __getattr__(name: str):
+    """The training-safety tools, imported on first use so that ``import normlab`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'normlab' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,4 +1,4 @@
-"""The ``normlab`` command line: ``normlab bench``, ``normlab demo`` and ``normlab lab``."""
+"""The ``normlab`` command line: ``normlab bench``, ``normlab demo``, ``normlab lab`` and ``normlab inspect``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.configure(sub.add_parser("bench", help="normlab vs torch.nn, side by side"))
     demo.configure(sub.add_parser("demo", help="train a small CNN with normlab layers on real data"))
     lab_cli.configure(sub.add_parser("lab", help="reproduce the batch-norm papers' experiments"))
+    from normlab.health import cli as health_cli
+
+    health_cli.configure(sub.add_parser("inspect", help="health table of a saved model's normalization layers"))
     return parser
 
 

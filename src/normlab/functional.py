@@ -14,11 +14,13 @@ tensor([-1.4142, -0.7071,  0.0000,  0.7071,  1.4142])
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
 from normlab.core import checks
+from normlab.core.guard import RunningUpdate, guard_stats_enabled
 from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
@@ -40,13 +42,19 @@ def _run(
     suggestion: str | None = None,
     relu: bool = False,
     residual: torch.Tensor | None = None,
+    guard: bool | None = None,
+    on_skip: Callable[[str], None] | None = None,
+    unbiased: bool = True,
 ) -> torch.Tensor:
     """Check, then normalize through the engine, which updates the running statistics (if any) once the
     batch's are computed.
 
     ``suggestion`` is the advice given when a statistic would be computed from a single value; ``None``
     allows that case (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns
-    ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``.
+    ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``. ``guard`` (``None``: the global
+    setting) skips the running update of a batch whose statistics are not finite
+    (:mod:`normlab.core.guard`); ``on_skip(op)`` is then called (default: a warning). ``unbiased=False``
+    stores the biased batch variance in ``running_var`` (Keras' and Flax's convention).
     """
     checks.check_eps(eps, op)
     if residual is not None:
@@ -70,10 +78,24 @@ def _run(
         fixed_mean, fixed_var = running_mean, running_var
     running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
-        running = (running_mean, running_var, float(momentum))
+        running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard), unbiased)
     if relu:
-        return normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
-    return normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+        y = normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+    else:
+        y = normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+    if running is not None and running.skipped:
+        (on_skip or _warn_skipped)(op)
+    return y
+
+
+def _warn_skipped(op: str) -> None:
+    """What a guarded functional call says when it leaves the running statistics as they were."""
+    warnings.warn(
+        f"{op}: the batch's mean or variance is not finite (NaN or inf in the input, or values that overflowed "
+        f"in float16), so the running statistics were left as they were; the output is what the math gives. "
+        f"normlab.set_guard_stats(False) restores torch.nn's behaviour (the running statistics become NaN).",
+        RuntimeWarning, stacklevel=5,
+    )
 
 
 def batch_norm(
@@ -139,14 +161,19 @@ def instance_norm(
     per-instance statistics; otherwise they are used. Same semantics as
     :func:`torch.nn.functional.instance_norm`.
     """
-    op = "instance_norm"
+    return _instance_norm("instance_norm", input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                          eps)
+
+
+def _instance_norm(op, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, **guard):
+    """:func:`instance_norm` whose errors name ``op``; ``guard``: ``guard=`` and ``on_skip=`` of :func:`_run`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 3, "of shape (N, C, *spatial) with at least one spatial axis")
     return _run(
         op, input, instance_plan(input.shape), weight, bias, eps, running_mean, running_var,
         use_input_stats, momentum,
         "InstanceNorm needs more than one spatial position per channel; for 1x1 maps use BatchNorm "
-        "or GroupNorm instead.",
+        "or GroupNorm instead.", **guard,
     )
 
 

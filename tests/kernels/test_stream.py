@@ -45,7 +45,7 @@ def _run(make, shape, fmt, dtype, train, residual, stream_mb, monkeypatch):
     flags = []
     for name in KERNELS:
         kernel = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel: (flags.append(a[-1]), _k(*a))[1])
+        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, **kw: (flags.append(a[-1]), _k(*a, **kw))[1])
     gen = torch.Generator().manual_seed(sum(shape))
     layer = make(shape).to(dtype).train(train)
     stats = [b for n, b in layer.named_buffers() if n in ("running_mean", "running_var")]

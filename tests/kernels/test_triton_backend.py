@@ -338,6 +338,23 @@ def test_empty_batch(norm):
     assert y.shape == x.shape and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "fp16 overflow"])
+@pytest.mark.parametrize("layer", ["BatchNorm2d", "InstanceNorm2d"])
+def test_a_batch_with_non_finite_statistics_leaves_the_running_statistics(layer, bad):
+    """Guarded statistics (normlab.core.guard) on the Triton kernels' path: counted, nothing updated."""
+    norm = getattr(nl, layer)(3, track_running_stats=True)
+    norm(torch.randn(2, 3, 4, 4))
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 2, 0, 1] = {"nan": float("nan"), "inf": float("inf"), "fp16 overflow": 1e5}[bad]
+    if bad == "fp16 overflow":
+        x = x.half()
+    with pytest.warns(RuntimeWarning, match="num_batches_skipped"):
+        y = norm(x)
+    assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())
+    assert norm.num_batches_skipped == 1 and torch.isnan(y[:, 2] if layer == "BatchNorm2d" else y[1, 2]).all()
+
+
 # --- dispatch -----------------------------------------------------------------------------------------
 
 

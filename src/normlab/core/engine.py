@@ -22,7 +22,8 @@ When the statistics are fixed (inference with running statistics) they are const
 
 Running statistics, in training, are updated by the engine itself (:func:`update_running_stats`, or,
 where the backend can, inside the kernel that computes the batch's statistics), once those are computed:
-a call that raises before that leaves them untouched.
+a call that raises before that leaves them untouched, and a guarded call
+(:class:`~normlab.core.guard.RunningUpdate`) whose batch statistics are not finite leaves them as they were.
 
 Backends: :func:`run` asks :func:`normlab.kernels.select` which backend computes a call. The
 torch operations of this module are the reference and the fallback; the CPU kernels (numba) and GPU
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from normlab.core.guard import finite_statistics
 from normlab.core.plan import Plan
 from normlab.kernels.dispatch import select as select_backend
 
@@ -177,21 +179,27 @@ def update_running_stats(
     var: torch.Tensor,
     count: int,
     momentum: float,
-) -> None:
-    """running ← (1 − momentum) · running + momentum · batch statistic, in place.
+    guarded: bool = False,
+    unbiased: bool = True,
+) -> bool:
+    """running ← (1 − momentum) · running + momentum · batch statistic, in place; returns whether it
+    updated (``guarded``: not when a batch statistic is not finite, see :mod:`normlab.core.guard`).
 
     The variance stored is the *unbiased* one, ``m/(m − 1) · σ²``, so that the running variance estimates
-    the population variance. Where each sample has its own statistics (InstanceNorm) the batch statistic
+    the population variance (``unbiased=False``: σ² itself, Keras' and Flax's convention). Where each sample has its own statistics (InstanceNorm) the batch statistic
     is their average over the batch.
     """
     c = running_mean.shape[0]
     batch_mean, batch_var = mean.reshape(-1, c), var.reshape(-1, c)
     if batch_mean.shape[0] > 1:
         batch_mean, batch_var = batch_mean.mean(dim=0), batch_var.mean(dim=0)
-    batch_var = batch_var.reshape(c) * (count / (count - 1))
-    batch_mean = batch_mean.reshape(c)
-    running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1.0 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
+    batch_var = batch_var.reshape(c) * (count / (count - 1)) if unbiased else batch_var.reshape(c)
+    batch_mean, batch_var = batch_mean.reshape(c).to(running_mean.dtype), batch_var.to(running_var.dtype)
+    if guarded and not finite_statistics(batch_mean, batch_var):
+        return False
+    running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum)
+    return True
 
 
 def forward_torch(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float):
@@ -263,7 +271,10 @@ def compute_forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
         y, shift, mean_shifted, var, rstd = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
                                                             **epilogue)
     if running is not None:
-        update_running_stats(running[0], running[1], shift + mean_shifted, var, plan.count, running[2])
+        guarded, unbiased = getattr(running, "guarded", False), getattr(running, "unbiased", True)
+        if not update_running_stats(running[0], running[1], shift + mean_shifted, var, plan.count, running[2],
+                                    guarded, unbiased):
+            running.skipped = True
     return y, (shift, mean_shifted, rstd)
 
 

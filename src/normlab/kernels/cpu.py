@@ -29,8 +29,8 @@ Conventions shared by every kernel
   over a statistic (BatchNorm) it is factored out of the sums.
 * The forward kernels write the statistics into one ``stats`` array of shape (4, K): rows ``shift``,
   ``mean_shifted``, ``var`` (biased) and ``rstd``, one column per statistic. The BatchNorm kernels also
-  update the running averages (``running_mean``, ``running_var``) as they finish each channel's statistics, so a
-  training step needs no further pass over them.
+  update the running averages (``running_mean``, ``running_var``) once they have every channel's statistics, so
+  a training step needs no further pass over them; guarded, they skip the update when a channel's are not finite.
 * ``epilogue`` selects what follows the affine map: 0 nothing, 1 ReLU, 2 add ``residual`` then ReLU.
 * Where a kernel does not use an array argument (the residual without ``epilogue`` 2, the mask ``y``
   without ReLU, ``mean_shifted`` with fixed statistics) the caller passes any array of the right shape.
@@ -565,16 +565,23 @@ def _channel_grad_affine(x, dy, y, dx, dres, ch, sh, d, c, k1, k2, epilogue):
 
 
 @njit(inline="always", **_FLAGS)
-def _update_running(k, shift, d, v, rm, rv, momentum, unbias):
-    """running ← (1 − momentum) · running + momentum · statistic for channel ``k``: the mean
-    shift + d and the unbiased variance v · m/(m − 1) (``unbias``), in float64, rounded once."""
-    rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * (np.float64(shift[k]) + d)
+def _update_running(k, mu, v, rm, rv, momentum, unbias):
+    """running ← (1 − momentum) · running + momentum · statistic for channel ``k``: the mean ``mu`` and
+    the unbiased variance v · m/(m − 1) (``unbias``), in float64, rounded once."""
+    rm[k] = (1.0 - momentum) * np.float64(rm[k]) + momentum * mu
     rv[k] = (1.0 - momentum) * np.float64(rv[k]) + momentum * (v * unbias)
+
+
+@njit(inline="always", **_FLAGS)
+def _finite_statistic(mu, v, rm, unbias):
+    """Whether the batch mean ``mu`` and unbiased variance v · ``unbias``, rounded to the running
+    statistics' dtype, are both finite (:mod:`normlab.core.guard`)."""
+    return np.isfinite(rm.dtype.type(mu)) and np.isfinite(rm.dtype.type(v * unbias))
 
 
 @njit(**_PARALLEL)
 def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                      unbias, parts, streaming):
+                      unbias, parts, streaming, guarded=False):
     """BatchNorm forward on ``x`` of shape (N, C, S).
 
     In training ``x`` is read twice, in memory order: once into per-block partial sums (``parts``,
@@ -593,7 +600,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
     statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
     ``rstd`` is written. In training, ``running_mean`` and ``running_var`` ((C,), in ``x``'s dtype) are
     updated with ``momentum``; empty arrays in their place leave them alone. ``streaming`` writes ``y``
-    with streaming stores (see :mod:`normlab.kernels.stream`).
+    with streaming stores (see :mod:`normlab.kernels.stream`). ``guarded`` skips the update when a
+    channel's batch statistics are not finite; returns whether it did (:func:`_channel_constants`).
     """
     n, c, s = x.shape
     rows = n * c
@@ -607,8 +615,8 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
             _plane_sums(xr, lo, hi, c, shift, p1, p2)
     a = np.empty(c, x.dtype)
     b = np.empty(c, x.dtype)
-    _channel_constants(parts, weight, bias, eps, train, n * s, stats, running_mean, running_var, momentum, unbias,
-                       a, b)
+    skipped = _channel_constants(parts, weight, bias, eps, train, n * s, stats, running_mean, running_var, momentum,
+                                 unbias, guarded, a, b)
     if streaming:
         nb = parts.shape[0]
         for k in prange(nb):
@@ -617,7 +625,7 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
                 ch = row % c
                 _stream_affine(xr[row], yr[row], rr[row], shift[ch], a[ch], b[ch], epilogue)
             stream.fence()
-        return
+        return skipped
     for row in prange(rows):
         ch = row % c
         if epilogue == NONE:
@@ -629,6 +637,7 @@ def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue,
                 yrow[j] = (xrow[j] - sh) * ak + bk
         else:
             _run_affine(xr[row], yr[row], rr[row], shift[ch], a[ch], b[ch], epilogue)
+    return skipped
 
 
 @njit(**_PARALLEL)
@@ -734,21 +743,34 @@ def _block_parts(parts, k, rows):
 
 @njit(inline="always", **_FLAGS)
 def _channel_constants(parts, weight, bias, eps, train, count, stats, running_mean, running_var, momentum, unbias,
-                       a, b):
+                       guarded, a, b):
     """The BatchNorm forward's per-channel step between its two passes: each channel's statistics from the
     block partials ``parts`` combined (training, ``count`` values per channel) or from the fixed ones in
     ``stats`` (:func:`_statistic`), the running statistics updated where they are given, and the affine
-    map's factors a = γ · rstd and b = β − mean_shifted · a written to ``a`` and ``b`` in their dtype."""
+    map's factors a = γ · rstd and b = β − mean_shifted · a written to ``a`` and ``b`` in their dtype.
+
+    Returns whether the update was skipped: ``guarded`` and some channel's batch statistics not finite
+    (:func:`_finite_statistic`), in which case no channel is updated."""
     shift, mean_shifted, var, rstd = stats[0], stats[1], stats[2], stats[3]
+    c = a.shape[0]
     update = train and running_mean.shape[0] > 0
-    for ch in range(a.shape[0]):
+    mus = np.empty(c if update else 0)
+    finite = True
+    for ch in range(c):
         s1, s2 = _combine(parts, ch) if train else (0.0, 0.0)
         d, r = _statistic(ch, shift[ch], s1, s2, count, eps, train, shift, mean_shifted, var, rstd)
         if update:
-            _update_running(ch, shift, d, np.float64(var[ch]), running_mean, running_var, momentum, unbias)
+            mu = np.float64(shift[ch]) + d
+            mus[ch] = mu
+            finite = finite and _finite_statistic(mu, np.float64(var[ch]), running_mean, unbias)
         ak = np.float64(weight[ch]) * r
         a[ch] = ak
         b[ch] = np.float64(bias[ch]) - d * ak
+    if not update or (guarded and not finite):
+        return update
+    for ch in range(c):
+        _update_running(ch, mus[ch], np.float64(var[ch]), running_mean, running_var, momentum, unbias)
+    return False
 
 
 @njit(inline="always", **_FLAGS)
@@ -969,7 +991,7 @@ def _column_grad_affine(x, dy, y, dx, dres, lo, hi, sh, d, w, cm, k1, k2, epilog
 
 @njit(**_PARALLEL)
 def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                    unbias, parts, streaming):
+                    unbias, parts, streaming, guarded=False):
     """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
 
     Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
@@ -990,16 +1012,18 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
             _column_sums(x, lo, hi, shift, p1, p2)
     a = np.empty(c, x.dtype)
     b = np.empty(c, x.dtype)
-    _channel_constants(parts, weight, bias, eps, train, m, stats, running_mean, running_var, momentum, unbias, a, b)
+    skipped = _channel_constants(parts, weight, bias, eps, train, m, stats, running_mean, running_var, momentum,
+                                 unbias, guarded, a, b)
     if streaming:
         for k in prange(nb):
             lo, hi = _block(k, m, nb)
             for i in range(lo, hi):
                 _stream_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
             stream.fence()
-        return
+        return skipped
     for i in prange(m):
         _row_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
+    return skipped
 
 
 @njit(**_PARALLEL)

@@ -251,7 +251,8 @@ class NumbaBackend:
 
         ``relu`` (and ``residual``) fuse ``relu(y + residual)`` into the normalizing pass (BatchNorm only).
         ``running``, ``(running_mean, running_var, momentum)`` where :meth:`updates_running` allows it, is
-        updated in place with the batch's statistics in the same pass.
+        updated in place with the batch's statistics in the same pass (unless, guarded, they are not
+        finite: see :class:`~normlab.core.guard.RunningUpdate`).
         """
         launch = _launch(x, plan)
         train = fixed_mean is None
@@ -289,11 +290,15 @@ class NumbaBackend:
                 momentum = unbias = 0.0
             else:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
-                momentum, unbias = float(running[2]), count / (count - 1)
+                momentum = float(running[2])
+                unbias = count / (count - 1) if getattr(running, "unbiased", True) else 1.0
             kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
-            kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias, _parts(threads, launch),
-                   _streams(y))
-            if running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
+            guarded = running is not None and getattr(running, "guarded", False)
+            skipped = kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias,
+                             _parts(threads, launch), _streams(y), guarded=guarded)
+            if skipped:  # a guarded update of non-finite statistics, not made (normlab.core.guard)
+                running.skipped = True
+            elif running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
                 increment_version((running[0], running[1]))
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")

@@ -6,6 +6,7 @@
 """
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.conventions import keras_kernel, load_flax_batchnorm, load_keras_batchnorm
 from normlab.nn.convert import convert
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
@@ -27,4 +28,7 @@ __all__ = [
     "LpBatchNorm1d",
     "LpBatchNorm2d",
     "convert",
+    "keras_kernel",
+    "load_flax_batchnorm",
+    "load_keras_batchnorm",
 ]

@@ -6,18 +6,70 @@ They subclass the torch classes, so constructor arguments, attributes, parameter
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from normlab import functional as F
 from normlab.core import checks
 from normlab.core.plan import batch_plan
+from normlab.nn.conventions import CONVENTIONS, convention_args
+from normlab.nn.once import may_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _RunningStatsMixin:
-    """Shared by BatchNorm and InstanceNorm: eps and momentum are checked at construction and per call."""
+class _GuardedStats:
+    """Guarded running statistics (:mod:`normlab.core.guard`) of a layer: its ``guard_stats`` setting and
+    ``num_batches_skipped``, warned about once.
+
+    ``num_batches_skipped`` (an ``int`` attribute, not a buffer, so that ``state_dict`` keys stay
+    torch.nn's and checkpoints load both ways with ``strict=True``) counts the training batches whose
+    statistics were not finite and so did not update the running statistics. ``state_dict()`` records it
+    in the state dict's metadata (``state_dict._metadata[prefix]["num_batches_skipped"]``, next to the
+    ``version`` torch keeps there), which ``torch.save``/``torch.load`` and ``load_state_dict`` carry;
+    a state dict without it (torch.nn's, or a copy made with a dict comprehension) loads as 0.
+    """
+
+    def __init__(self, *args, guard_stats: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if guard_stats is not None and not isinstance(guard_stats, bool):
+            raise TypeError(f"{type(self).__name__}: guard_stats must be True, False or None (follow "
+                            f"normlab.set_guard_stats), got {guard_stats!r}.")
+        self.guard_stats = guard_stats
+        self.num_batches_skipped = 0
+        self._warned_skip = False
+
+    def _skipped_batch(self, op: str) -> None:
+        """Count a batch whose statistics were not finite; warn the first time only."""
+        self.num_batches_skipped = getattr(self, "num_batches_skipped", 0) + 1
+        if not getattr(self, "_warned_skip", False):
+            self._warned_skip = True
+            warnings.warn(
+                f"{op}: a training batch's mean or variance is not finite (NaN or inf in the input, or values "
+                f"that overflowed in float16), so the running statistics and num_batches_tracked were left as "
+                f"they were; the output is what the math gives. Such batches are counted in "
+                f"num_batches_skipped; this warning is given once per layer. guard_stats=False (or "
+                f"normlab.set_guard_stats(False)) restores torch.nn's behaviour.",
+                RuntimeWarning, stacklevel=4,
+            )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        skipped = getattr(self, "num_batches_skipped", 0)
+        metadata = getattr(destination, "_metadata", None)
+        if skipped and metadata is not None:
+            metadata.setdefault(prefix[:-1], {})["num_batches_skipped"] = skipped
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        self.num_batches_skipped = int(local_metadata.get("num_batches_skipped", 0))
+
+
+class _RunningStatsMixin(_GuardedStats):
+    """Shared by BatchNorm and InstanceNorm: eps and momentum are checked at construction and per call;
+    guarded running statistics (:class:`_GuardedStats`) updated exactly once (:mod:`normlab.nn.once`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -28,10 +80,23 @@ class _RunningStatsMixin:
         checks.check_eps(self.eps, name)
         checks.check_momentum(self.momentum, name, allow_none=True)
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self.num_batches_skipped = 0
+
 
 class _BatchNorm(_RunningStatsMixin):
     _ranks: tuple[int, ...] = ()
     _layout = ""
+
+    def __init__(self, *args, convention: str = "torch", **kwargs):
+        args, kwargs = convention_args(convention, type(self).__name__, args, kwargs)
+        super().__init__(*args, **kwargs)
+        self.convention = convention
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if getattr(self, "convention", "torch") == "torch" else f"{text}, convention={self.convention!r}"
 
     def _update_factor(self) -> float:
         """Weight of this batch in the running average: ``momentum``, or 1/t for momentum=None."""
@@ -56,16 +121,20 @@ class _BatchNorm(_RunningStatsMixin):
         checks.check_ndim(input, name, self._ranks, self._layout)
         checks.check_channels(input, self.num_features, name)
         training, tracking = self.training, self.track_running_stats
-        updating = training and tracking
+        # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
+        updating = training and tracking and may_update(self)
         factor = self._update_factor() if updating else 0.0
-        running_mean = self.running_mean if not training or tracking else None
+        running_mean = self.running_mean if not training or updating else None
         running_var = self.running_var if running_mean is not None else None
+        skipped = getattr(self, "num_batches_skipped", 0)  # getattr: a layer pickled before these attributes
         y = F._run(
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
             training or running_mean is None, factor,
             checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
+            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
+            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
         )
-        if updating:
+        if updating and self.num_batches_skipped == skipped:
             self._count_batch(input)
         return y
 
@@ -83,7 +152,10 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     the running estimates are used (unless ``track_running_stats=False``, in which case batch statistics
     are always used). γ (``weight``) starts at 1 and β (``bias``) at 0. An empty batch (N = 0) gives an
     empty output and leaves the running estimates and ``num_batches_tracked`` unchanged (torch.nn counts
-    it as a batch, which skews the cumulative average of ``momentum=None``).
+    it as a batch, which skews the cumulative average of ``momentum=None``). So does, with the guard on
+    (``guard_stats``, :mod:`normlab.core.guard`), a batch whose statistics are not finite: it is counted
+    in ``num_batches_skipped`` instead. A checkpointed segment's recomputation does not update them either
+    (:mod:`normlab.nn.once`).
 
     Args:
         num_features: C, the number of channels.
@@ -91,6 +163,11 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
         momentum: weight of the new batch in the running estimates, in [0, 1], or None. Default 0.1.
         affine: learn γ and β. Default True.
         track_running_stats: keep running estimates for eval mode. Default True.
+        guard_stats: skip the running update of a batch whose statistics are not finite: True, False, or
+            None (default: follow :class:`normlab.set_guard_stats`, on unless turned off).
+        convention: ``"torch"`` (default), ``"keras"`` or ``"flax"``: how ``eps`` and ``momentum`` (and
+            their defaults) are read and whether the running variance is stored biased; see
+            :mod:`normlab.nn.conventions`. ``momentum`` is stored in torch's meaning.
 
     Shape: input (N, C) or (N, C, L); output the same shape.
 

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 from normlab.core import checks
 from normlab.core.engine import accumulation_dtype
+from normlab.core.guard import finite_statistics, guard_stats_enabled
+from normlab.nn.batchnorm import _GuardedStats
+from normlab.nn.once import may_update
 
 __all__ = ["CovariateShiftNoise", "LpBatchNorm1d", "LpBatchNorm2d"]
 
@@ -119,7 +122,7 @@ class CovariateShiftNoise(nn.Module):
         )
 
 
-class _LpBatchNorm(nn.Module):
+class _LpBatchNorm(_GuardedStats, nn.Module):
     r"""Batch normalization by the batch-average ℓp norm (Santurkar et al. 2018, §3.3).
 
     For each channel :math:`c`, over the :math:`M` elements of the batch (samples times spatial
@@ -149,6 +152,9 @@ class _LpBatchNorm(nn.Module):
         momentum: weight of the newest batch in the running estimates.
         affine: learn :math:`\gamma, \beta` (initialized to 1 and 0).
         track_running_stats: keep running estimates for evaluation.
+        guard_stats: skip the running update of a batch whose statistics are not finite, as the
+            BatchNorm layers do (``None``: follow :class:`normlab.set_guard_stats`); checkpointed
+            recomputations and repeated calls inside :class:`normlab.update_once` do not update either.
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -162,8 +168,9 @@ class _LpBatchNorm(nn.Module):
         momentum: float = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        guard_stats: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(guard_stats=guard_stats)
         name = type(self).__name__
         try:
             value = float(p)
@@ -223,16 +230,25 @@ class _LpBatchNorm(nn.Module):
         _, shape = _channel_view(xa)
         if batch_stats:
             mean, scale = self.batch_statistics(xa)
-            if self.training and self.track_running_stats and x.numel() > 0:
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), self.momentum)
+            if self.training and self.track_running_stats and x.numel() > 0 and may_update(self):
+                self._update_running(mean, scale, name)
         else:
             mean, scale = self.running_mean, self.running_scale
         y = (xa - mean.reshape(shape).to(xa.dtype)) / (scale.reshape(shape).to(xa.dtype) + self.eps)
         if self.affine:
             y = y * self.weight.reshape(shape).to(xa.dtype) + self.bias.reshape(shape).to(xa.dtype)
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, scale: Tensor, name: str) -> None:
+        """running ← running + momentum · (batch − running), unless guarded and a statistic is not finite
+        (:mod:`normlab.core.guard`)."""
+        mean, scale = mean.detach().to(self.running_mean.dtype), scale.detach().to(self.running_scale.dtype)
+        if guard_stats_enabled(getattr(self, "guard_stats", None)) and not finite_statistics(mean, scale):
+            self._skipped_batch(name)
+            return
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_scale.lerp_(scale, self.momentum)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ from torch import nn
 from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _RunningStatsMixin
+from normlab.nn.once import may_update
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -34,11 +35,14 @@ class _InstanceNorm(_RunningStatsMixin):
                 f"without affine parameters or running statistics num_features is not used.",
                 stacklevel=2,
             )
-        # As in torch.nn: momentum=None leaves InstanceNorm's running statistics unchanged.
-        y = F.instance_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training or not self.track_running_stats,
-            0.0 if self.momentum is None else self.momentum, self.eps,
+        # As in torch.nn: momentum=None leaves InstanceNorm's running statistics unchanged. Not updated on a
+        # checkpointed segment's recomputation, nor after the first call inside update_once.
+        batch_stats = self.training or not self.track_running_stats
+        running = not batch_stats or not self.track_running_stats or may_update(self)
+        y = F._instance_norm(
+            "instance_norm", x, self.running_mean if running else None, self.running_var if running else None,
+            self.weight, self.bias, batch_stats, 0.0 if self.momentum is None else self.momentum, self.eps,
+            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
         )
         return y.squeeze(0) if unbatched else y
 

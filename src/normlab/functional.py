@@ -22,8 +22,9 @@ from normlab.core import checks
 from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
+from normlab.core.renorm import renormalize
 
-__all__ = ["batch_norm", "batch_norm_relu", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "instance_norm", "group_norm", "layer_norm"]
 
 
 def _run(
@@ -110,6 +111,41 @@ def batch_norm_relu(
     """
     return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias, training, momentum,
                        eps, relu=True, residual=residual)
+
+
+def batch_renorm(
+    input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, r_max: float = 3.0, d_max: float = 5.0,
+) -> torch.Tensor:
+    """Batch renormalization (Ioffe 2017) of ``input`` (N, C, *S); see :mod:`normlab.core.renorm`.
+
+    In training, ``x̂ = (x − μ_B)/σ_B · r + d`` with r = clip(σ_B/σ, 1/r_max, r_max) and
+    d = clip((μ_B − μ)/σ, −d_max, d_max) from the running statistics (μ, σ² = running_var), constants in
+    the backward; the running statistics are then updated with the batch's as in :func:`batch_norm`.
+    r_max = 1, d_max = 0 is :func:`batch_norm`. Outside training it is :func:`batch_norm` with the running
+    statistics.
+    """
+    op = "batch_renorm"
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
+    checks.check_renorm_limits(r_max, d_max, op)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{op}: running_mean and running_var are needed: r and d measure the batch's statistics against "
+            f"them. Pass the running statistics (e.g. torch.zeros(C) and torch.ones(C) to start), or use batch_norm."
+        )
+    if not training or input.numel() == 0 or (r_max == 1.0 and d_max == 0.0):
+        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    plan = batch_plan(input.shape)
+    checks.check_eps(eps, op)
+    checks.check_param(weight, plan.param_shape, op, "weight")
+    checks.check_param(bias, plan.param_shape, op, "bias")
+    checks.check_running(running_mean, running_var, plan.channels, op)
+    checks.check_momentum(momentum, op)
+    checks.check_enough_values(plan.count, op, tuple(input.shape), checks.BN_SUGGESTION)
+    return renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), float(momentum),
+                       float(r_max), float(d_max))
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):

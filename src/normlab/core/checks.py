@@ -182,3 +182,14 @@ def check_groups(num_groups: int, channels: int, op: str) -> None:
             f"{op}: num_groups={num_groups} does not divide the {channels} channels; every group must "
             f"hold the same number of channels. Valid choices for {channels} channels: {divisors}."
         )
+
+
+def check_renorm_limits(r_max: float, d_max: float, op: str) -> None:
+    """r_max ≥ 1 and d_max ≥ 0, finite: r is clipped to [1/r_max, r_max], d to [−d_max, d_max]."""
+    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (r_max, d_max))
+    if not ok or r_max < 1.0 or d_max < 0.0:
+        raise ValueError(
+            f"{op}: r_max must be a finite number >= 1 and d_max a finite number >= 0 (r is clipped to "
+            f"[1/r_max, r_max], d to [-d_max, d_max]), got r_max={r_max!r}, d_max={d_max!r}. "
+            f"r_max=1, d_max=0 is plain batch normalization; Ioffe 2017 relaxes them to 3 and 5."
+        )

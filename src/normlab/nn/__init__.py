@@ -11,6 +11,7 @@ from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
     "BatchNorm1d",
@@ -18,6 +19,9 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAddReLU2d",
     "BatchNormReLU2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "CovariateShiftNoise",
     "GroupNorm",
     "InstanceNorm1d",

@@ -22,9 +22,11 @@ from normlab.core import checks
 from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
+from normlab.core.ghost import ghost_normalize
 from normlab.core.renorm import renormalize
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "ghost_batch_norm", "instance_norm", "group_norm",
+           "layer_norm"]
 
 
 def _run(
@@ -146,6 +148,43 @@ def batch_renorm(
     checks.check_enough_values(plan.count, op, tuple(input.shape), checks.BN_SUGGESTION)
     return renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), float(momentum),
                        float(r_max), float(d_max))
+
+
+def ghost_batch_norm(
+    input: torch.Tensor, virtual_batch_size: int, running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+) -> torch.Tensor:
+    """Ghost batch normalization (Hoffer et al. 2017) of ``input`` (N, C, *S): with batch statistics, the
+    batch is cut along N into virtual batches of ``virtual_batch_size`` samples (the last one smaller when
+    it does not divide N), each normalized with its own statistics; see :mod:`normlab.core.ghost`.
+
+    The running statistics, if given, are updated once, with the full batch's statistics (the exact merge
+    of the virtual batches'), as :func:`batch_norm` would. Outside training (with running statistics) it
+    is :func:`batch_norm`.
+    """
+    op = "ghost_batch_norm"
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
+    checks.check_virtual_batch_size(virtual_batch_size, op)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    n = input.shape[0]
+    if not use_batch_stats or n <= virtual_batch_size or input.numel() == 0:
+        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    plan = batch_plan(input.shape)
+    checks.check_eps(eps, op)
+    checks.check_param(weight, plan.param_shape, op, "weight")
+    checks.check_param(bias, plan.param_shape, op, "bias")
+    checks.check_running(running_mean, running_var, plan.channels, op)
+    if running_mean is not None:
+        checks.check_momentum(momentum, op)
+    per_sample = plan.count // n
+    rest = n % virtual_batch_size
+    for size in (virtual_batch_size, rest) if rest else (virtual_batch_size,):
+        checks.check_enough_values(size * per_sample, op, (size,) + tuple(input.shape[1:]), checks.ghost_suggestion(
+            virtual_batch_size, n), running_mean is not None)
+    running = None if running_mean is None else (running_mean, running_var, float(momentum))
+    return ghost_normalize(input, weight, bias, int(virtual_batch_size), float(eps), running)
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):

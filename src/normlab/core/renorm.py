@@ -108,7 +108,8 @@ def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, moment
     offset = d if weight is None else weight.detach().to(acc) * d
     if bias is not None:
         offset = offset + bias.detach().to(acc)
-    y = torch.addcmul(offset.reshape(plan.param_view), xhat, scale.reshape(plan.param_view))
+    # x̂_B is the engine's fresh output, in the accumulation dtype (the backends' recycled memory): in place
+    y = torch.addcmul(offset.reshape(plan.param_view), xhat, scale.reshape(plan.param_view), out=xhat)
     return _like_input(y, x), (shift, mean_shifted, rstd, r, d)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from normlab.core import checks
+from normlab.core import checks, masked
 from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
@@ -88,6 +88,7 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization of ``input`` of shape (N, C, *S) with per-channel statistics over N and *S.
 
@@ -95,8 +96,39 @@ def batch_norm(
     and ``running_mean``/``running_var``, if given, are updated in place with ``momentum`` (the unbiased
     variance is stored). Otherwise the running statistics are used. Same semantics as
     :func:`torch.nn.functional.batch_norm`.
+
+    ``mask`` (bool, shape (N, *S): (N,) for (N, C), (N, L) for (N, C, L); True = a valid position): the
+    statistics and the running update use the valid positions only, and padded positions give 0, with a
+    zero gradient (see :mod:`normlab.core.masked`). All-False: every output 0, running statistics untouched.
     """
+    if mask is not None:
+        return masked_batch_norm("batch_norm", input, mask, 1, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
     return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, weight, bias, training, momentum,
+                      eps) -> torch.Tensor:
+    """:func:`batch_norm` over the positions where ``mask`` is True, channels on ``channel_dim`` (1, or −1 for
+    sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``."""
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)" if channel_dim == 1 else
+                          "of shape (N, C) or (N, L, C)")
+    if mask is not None:
+        masked.check_mask(mask, input, op, channel_dim)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    if not use_batch_stats:  # fixed statistics: every position normalized, the padded ones then set to 0
+        y = _batch_norm(op, input.movedim(channel_dim, 1), running_mean, running_var, weight, bias, False, momentum,
+                        eps).movedim(1, channel_dim)
+        return y if mask is None else torch.where(masked.mask_like(mask, input, channel_dim), y, 0.0)
+    rows = masked.gather_valid(input, mask, channel_dim)
+    if rows.shape[0] == 1 and mask is not None:
+        raise ValueError(
+            f"{op}: the mask leaves a single valid position, so every channel's batch statistics would come from one "
+            f"value (variance 0, output beta). {checks.BN_SUGGESTION}"
+        )
+    y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps)
+    return masked.scatter_valid(y, mask, input, channel_dim)
 
 
 def batch_norm_relu(

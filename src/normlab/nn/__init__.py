@@ -5,7 +5,7 @@
 >>> model = nn.convert(model)        # doctest: +SKIP  (swap the norm layers of an existing model)
 """
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MaskedBatchNorm1d
 from normlab.nn.convert import convert
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
@@ -34,5 +34,6 @@ __all__ = [
     "LayerNorm",
     "LpBatchNorm1d",
     "LpBatchNorm2d",
+    "MaskedBatchNorm1d",
     "convert",
 ]

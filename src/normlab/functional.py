@@ -24,6 +24,7 @@ from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
 from normlab.core.ghost import ghost_normalize
 from normlab.core.renorm import renormalize
+from normlab.kernels.dispatch import select as select_backend
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "ghost_batch_norm", "instance_norm", "group_norm",
            "layer_norm"]
@@ -121,14 +122,18 @@ def masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, w
         y = _batch_norm(op, input.movedim(channel_dim, 1), running_mean, running_var, weight, bias, False, momentum,
                         eps).movedim(1, channel_dim)
         return y if mask is None else torch.where(masked.mask_like(mask, input, channel_dim), y, 0.0)
-    rows = masked.gather_valid(input, mask, channel_dim)
+    index = masked.positions(mask)
+    # the padded output and the input's gradient are assembled in the backend's recycled memory where it has it
+    backend = select_backend(input, batch_plan((2, input.shape[channel_dim])))
+    empty_like = getattr(backend, "empty_like", torch.empty_like)
+    rows = masked.gather_valid(input, index, channel_dim, empty_like)
     if rows.shape[0] == 1 and mask is not None:
         raise ValueError(
             f"{op}: the mask leaves a single valid position, so every channel's batch statistics would come from one "
             f"value (variance 0, output beta). {checks.BN_SUGGESTION}"
         )
     y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps)
-    return masked.scatter_valid(y, mask, input, channel_dim)
+    return masked.scatter_valid(y, index, input, channel_dim, empty_like)
 
 
 def batch_norm_relu(

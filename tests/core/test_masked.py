@@ -64,7 +64,7 @@ def test_equals_batchnorm_of_the_valid_positions(backend, layout):
     padded = ~mask
     assert (y.movedim(channel_dim, -1)[padded] == 0).all() and (xs.grad.movedim(channel_dim, -1)[padded] == 0).all()
     assert layer.num_batches_tracked.item() == 1
-    assert y.shape == x.shape and y.stride() == x.stride()
+    assert y.shape == x.shape and y.stride() == x.stride() and xs.grad.stride() == x.stride()
     # eval: running statistics everywhere, padded positions 0
     layer.eval()
     y_eval = layer(x, mask=mask)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_mask", "gather_valid", "scatter_valid", "mask_like"]
+__all__ = ["check_mask", "gather_valid", "mask_like", "positions", "scatter_valid"]
 
 
 def check_mask(mask, x: torch.Tensor, op: str, channel_dim: int) -> None:
@@ -46,24 +46,94 @@ def check_mask(mask, x: torch.Tensor, op: str, channel_dim: int) -> None:
                          f"mask.to(input.device).")
 
 
-def gather_valid(x: torch.Tensor, mask: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
-    """The valid positions of ``x`` as rows (M, C); ``mask=None``: every position (a view where the
-    layout allows)."""
-    moved = x.movedim(channel_dim, -1)
+def positions(mask: torch.Tensor | None):
+    """``(valid, padded, mask)``: the flat indices of the True and of the False entries of ``mask``, and the
+    mask; ``None`` for no mask."""
     if mask is None:
-        return moved.reshape(-1, x.shape[channel_dim])
+        return None
+    flat = mask.reshape(-1)
+    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), mask
+
+
+def _take(t: torch.Tensor, index, channel_dim: int, empty_like) -> torch.Tensor:
+    """The valid positions of ``t`` as (M, C) rows, read once (into ``empty_like`` memory)."""
+    valid, _, mask = index
+    moved = t.movedim(channel_dim, -1)
+    if moved.is_contiguous():
+        c = t.shape[channel_dim]
+        out = empty_like(torch.empty((valid.numel(), c), dtype=t.dtype, device=t.device))
+        return torch.index_select(moved.reshape(-1, c), 0, valid, out=out)
     return moved[mask]
 
 
-def scatter_valid(rows: torch.Tensor, mask: torch.Tensor | None, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """A tensor of ``like``'s shape and memory layout (``rows``' dtype): ``rows`` at the valid positions,
-    0 at the others. Differentiable in ``rows``."""
-    if mask is None:
-        shape = tuple(like.movedim(channel_dim, -1).shape)
-        return rows.reshape(shape).movedim(-1, channel_dim)
-    out = torch.zeros_like(like, dtype=rows.dtype)
-    out.movedim(channel_dim, -1)[mask] = rows
+def _place(rows: torch.Tensor, index, shape: torch.Size, strides: tuple[int, ...], channel_dim: int,
+           empty_like) -> torch.Tensor:
+    """A tensor of ``shape`` and ``strides`` (``rows``' dtype) with ``rows`` at the valid positions and 0 at
+    the padded ones: every value written once, no zero-filled pass first."""
+    valid, padded, mask = index
+    out = empty_like(torch.empty_strided(shape, strides, dtype=rows.dtype, device=rows.device))
+    moved = out.movedim(channel_dim, -1)
+    if moved.is_contiguous():
+        flat = moved.view(-1, rows.shape[1])
+        flat.index_copy_(0, valid, rows)
+        flat.index_fill_(0, padded, 0.0)
+    else:
+        moved[mask] = rows
+        moved[~mask] = 0.0
     return out
+
+
+class _Gather(torch.autograd.Function):
+    """``rows = x[valid]`` as (M, C); the backward places the rows' gradient back (0 at padded positions)."""
+
+    @staticmethod
+    def forward(ctx, x, index, channel_dim, empty_like):
+        ctx.index, ctx.channel_dim, ctx.empty_like = index, channel_dim, empty_like
+        ctx.shape, ctx.strides = x.shape, x.stride()
+        return _take(x, index, channel_dim, empty_like)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        grad = _Scatter.apply(grad_rows, ctx.index, ctx.shape, ctx.strides, ctx.channel_dim, ctx.empty_like)
+        return grad, None, None, None
+
+
+class _Scatter(torch.autograd.Function):
+    """The inverse placement: ``rows`` at the valid positions of a tensor of ``shape``, 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, rows, index, shape, strides, channel_dim, empty_like):
+        ctx.index, ctx.channel_dim, ctx.empty_like = index, channel_dim, empty_like
+        return _place(rows, index, shape, strides, channel_dim, empty_like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Gather.apply(grad, ctx.index, ctx.channel_dim, ctx.empty_like), None, None, None, None, None
+
+
+def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """``x``'s strides where it is channels_last, else the contiguous ones."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return x.stride()
+    return torch.empty(x.shape, device="meta").stride()
+
+
+def gather_valid(x: torch.Tensor, index, channel_dim: int, empty_like=torch.empty_like) -> torch.Tensor:
+    """The valid positions of ``x`` as rows (M, C) (``index`` from :func:`positions`; ``None``: every
+    position, a view where the layout allows). Differentiable; the backward writes ``empty_like`` memory."""
+    if index is None:
+        return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+    return _Gather.apply(x, index, channel_dim, empty_like)
+
+
+def scatter_valid(rows: torch.Tensor, index, like: torch.Tensor, channel_dim: int,
+                  empty_like=torch.empty_like) -> torch.Tensor:
+    """A tensor of ``like``'s shape and memory layout (``rows``' dtype): ``rows`` at the valid positions, 0
+    at the others. Differentiable in ``rows``."""
+    if index is None:
+        return rows.reshape(like.movedim(channel_dim, -1).shape).movedim(-1, channel_dim)
+    return _Scatter.apply(rows, index, like.shape, _dense_strides(like), channel_dim, empty_like)
 
 
 def mask_like(mask: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:

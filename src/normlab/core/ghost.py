@@ -132,9 +132,19 @@ def _rows(n: int, virtual_batch_size: int) -> list[slice]:
     return ([slice(0, main)] if groups else []) + ([slice(main, n)] if rest else [])
 
 
+def _dense(z: torch.Tensor, backend) -> torch.Tensor:
+    """``z`` as the kernels read it: the transposed (G, C, v, S) view of contiguous input copied into the
+    backend's recycled memory (a fresh copy would cost more in page faults than the copy itself)."""
+    empty_like = getattr(backend, "empty_like", None)
+    if empty_like is None or z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last):
+        return z
+    return empty_like(torch.empty(z.shape, dtype=z.dtype, device=z.device)).copy_(z)
+
+
 def _forward_part(z, weight, bias, plan: Plan, eps: float):
     """``(y, shift, mean_shifted, var, rstd, backend)`` of one part, on the backend chosen for it."""
     backend = select_backend(z, plan, True)
+    z = _dense(z, backend)
     if backend is None:
         y, shift, mean_shifted, var, rstd = forward_torch(z, weight, bias, None, None, plan, eps)
         y = _like_input(y, z)
@@ -193,7 +203,7 @@ class GhostNormalize(torch.autograd.Function):
             shift, mean_shifted, rstd = stats[3 * i: 3 * i + 3]
             backend = ctx.backends[i]
             if backend is not None and not torch.is_grad_enabled():
-                dz, dwp, dbp = backend.backward(dy_parts[i], z, weight, shift, mean_shifted, rstd, plan, True, need)
+                dz, dwp, dbp = backend.backward(_dense(dy_parts[i], backend), _dense(z, backend), weight, shift, mean_shifted, rstd, plan, True, need)
             else:
                 dz, dwp, dbp = backward_torch(dy_parts[i], z, weight, shift, mean_shifted, rstd, plan, True, need,
                                               ctx.eps)

@@ -16,3 +16,13 @@ def test_sixty_second_example_runs_as_documented():
     assert namespace["F"].batch_norm(namespace["x"], None, None, training=True).flatten().tolist() == \
         pytest.approx([-1.4142, -0.7071, 0.0, 0.7071, 1.4142], abs=1e-4)
     assert type(namespace["model"][1]).__module__ == "normlab.nn.batchnorm"
+
+
+def test_small_batches_example_runs_as_documented():
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Small and unusual batches", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["renorm"].limits() == (1.0, 0.0)
+    y, mask = namespace["y"], namespace["mask"]
+    assert y.shape == (4, 32, 10) and (y.transpose(1, 2)[~mask] == 0).all()

@@ -2,25 +2,27 @@
 
 import torch
 
-from normlab.core.ghost import merge_moments, virtual_batches
+from normlab.core.engine import moments
+from normlab.core.ghost import _partials, virtual_batches
+from normlab.core.plan import batch_plan
+from normlab.core.stats import merge_moments
 
 
-def test_merge_moments_is_the_statistics_of_the_union():
+def test_partials_of_virtual_batches_merge_into_the_whole_batch():
+    """The virtual batches' statistics as the seam's partial moments merge to the whole batch's statistics."""
     gen = torch.Generator().manual_seed(0)
-    sizes = [5, 1, 17, 3]
-    parts = [1e4 + 1e-2 * torch.randn(n, 3, generator=gen) for n in sizes]  # a large mean, a tiny spread
-    counts = torch.tensor(sizes)
-    origin = parts[0][0]  # the means relative to a sample of the data, as the engine's shifted statistics
-    means = torch.stack([(p - origin).mean(0) for p in parts])
-    m2s = torch.stack([((p - origin - (p - origin).mean(0)) ** 2).sum(0) for p in parts])
-    n, mean, m2 = merge_moments(counts, means, m2s)
-    whole = torch.cat(parts).double()
-    assert n.item() == sum(sizes) and mean.dtype == m2.dtype == torch.float32
-    torch.testing.assert_close(mean.double(), (whole - origin.double()).mean(0), rtol=1e-5, atol=1e-9)
-    # M2 from float32 partials keeps the spread: E[x²] − E[x]² in float32 would lose every digit of it
-    torch.testing.assert_close(m2.double(), whole.var(0, unbiased=False) * n.item(), rtol=1e-4, atol=0)
-    naive = (torch.cat(parts) ** 2).mean(0) - torch.cat(parts).mean(0) ** 2
-    assert ((naive.double() - whole.var(0, unbiased=False)).abs() > 1e-2).any()
+    x = 1e4 + 1e-2 * torch.randn(14, 3, 5, generator=gen)  # a large mean, a tiny spread
+    parts = []
+    for chunk in x.split(4):
+        xv = chunk
+        plan = batch_plan(tuple(xv.shape))
+        shift, mean_shifted, var, _ = moments(xv, plan)
+        parts.append(_partials(shift, mean_shifted, var, plan.count, 3))
+    total, common, mean, var = merge_moments(torch.cat(parts))
+    whole = x.double()
+    assert total.tolist() == [70.0] * 3
+    torch.testing.assert_close(common + mean, whole.mean((0, 2)), rtol=0, atol=1e-9)
+    torch.testing.assert_close(var, whole.var((0, 2), unbiased=False), rtol=1e-4, atol=0)
 
 
 def test_virtual_batches():

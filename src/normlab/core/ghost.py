@@ -14,14 +14,19 @@ instead of a loop over chunks:
 The backward of each part is BatchNorm's closed form within its chunk (the engine's, per part); dγ and
 dβ are summed over the parts.
 
-Running statistics: once per call, from the exact merge of the virtual batches' statistics (Chan et
-al.'s parallel formula on (count, mean, M2), :func:`merge_moments`), i.e. **the full batch's** mean and
-variance; the update is BatchNorm's (unbiased variance, weight ``momentum``). A ghost layer and a
-BatchNorm layer fed the same batches hold the same running statistics, so eval (ordinary BatchNorm with
-them) estimates the population statistics from all N samples of every step. (The alternative, the
-average of the per-chunk updates, weights each chunk's own unbiased variance and leaves out the spread
-between the chunks' means; for i.i.d. chunks both estimate the same population variance, the merge with
-less noise.)
+Running statistics: once per call, from the exact merge of the virtual batches' statistics: each
+virtual batch's (count, shift, mean about it, M2) is a partial of the statistics seam
+(:mod:`normlab.core.stats`), and its merge (Chan et al.'s, :func:`normlab.core.stats.merge_moments`)
+gives **the full batch's** mean and variance; the update is BatchNorm's (unbiased variance, weight
+``momentum``). A ghost layer and a BatchNorm layer fed the same batches hold the same running
+statistics, so eval (ordinary BatchNorm with them) estimates the population statistics from all N samples
+of every step. (The alternative, the average of the per-chunk updates, weights each chunk's own unbiased
+variance and leaves out the spread between the chunks' means; for i.i.d. chunks both estimate the same
+population variance, the merge with less noise.)
+
+The statistics themselves are computed by the backends' kernels (one instance-style pass for all the
+equal virtual batches), not by the seam's :func:`~normlab.core.stats.partial_moments`, which runs the torch
+engine on one BatchNorm plan; only the merge is the seam's.
 """
 
 from __future__ import annotations
@@ -39,29 +44,10 @@ from normlab.core.engine import (
     update_running_stats,
 )
 from normlab.core.plan import Plan, batch_plan, instance_plan
+from normlab.core.stats import PACKED_DTYPE, merge_moments
 from normlab.kernels.dispatch import select as select_backend
 
-__all__ = ["GhostNormalize", "ghost_normalize", "merge_moments", "virtual_batches"]
-
-
-def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
-    """``(count, mean, M2)`` of the union of P disjoint parts from theirs: ``counts`` (P,), ``means`` and
-    ``m2s`` (P, C), M2 = Σ (x − mean)² within a part. Chan et al.'s exact merge,
-
-        n = Σ n_p,   μ = Σ n_p μ_p / n,   M2 = Σ M2_p + Σ n_p (μ_p − μ)²,
-
-    never E[x²] − E[x]². It is shift-invariant: give the means relative to a common origin near the data
-    (the merged mean is then relative to it too), so that μ_p − μ keeps the digits of a small spread about a
-    large mean, which means rounded to float32 at 1e4 would not (their ulp is 1e-3). Computed in float64
-    where the means are float32 or float64 (P × C values: nothing to save), returned in the means' dtype."""
-    dtype = means.dtype
-    wide = torch.float64 if dtype in (torch.float32, torch.float64) else dtype
-    n = counts.to(wide).reshape(-1, 1)
-    means = means.to(wide)
-    total = n.sum()
-    mean = (n * means).sum(0) / total
-    m2 = m2s.to(wide).sum(0) + (n * (means - mean).square()).sum(0)
-    return total, mean.to(dtype), m2.to(dtype)
+__all__ = ["GhostNormalize", "ghost_normalize", "virtual_batches"]
 
 
 def virtual_batches(n: int, virtual_batch_size: int) -> tuple[int, int]:
@@ -153,25 +139,25 @@ def _forward_part(z, weight, bias, plan: Plan, eps: float):
     return y, shift, mean_shifted, var, rstd, backend
 
 
+def _partials(shift, mean_shifted, var, count: int, c: int) -> torch.Tensor:
+    """The virtual batches' statistics of one part as the statistics seam's partial moments
+    (:func:`normlab.core.stats.partial_moments`): ``(G, 4, C)`` of (n, shift, mean about it, M2)."""
+    shift, mean_shifted, var = (t.reshape(-1, c).to(PACKED_DTYPE) for t in (shift, mean_shifted, var))
+    return torch.stack([torch.full_like(shift, count), shift, mean_shifted, var * count], dim=1)
+
+
 def _forward(x, weight, bias, virtual_batch_size: int, eps: float, running):
     c = x.shape[1]
     cl = _channels_last_like(x)
     ys, saved, partials = [], [], []
-    origin = None  # per channel, the first virtual batch's shift: the means are merged relative to it
     for z, plan, _ in _parts(x, virtual_batch_size, cl):
         y, shift, mean_shifted, var, rstd, backend = _forward_part(z, weight, bias, plan, eps)
         ys.append(y)
         saved.append((shift, mean_shifted, rstd, backend))
-        shift = shift.reshape(-1, c)
-        origin = shift[:1] if origin is None else origin
-        mean = (shift - origin) + mean_shifted.reshape(-1, c)  # exact: the shifts are samples of nearby data
-        counts = torch.full((mean.shape[0],), plan.count, dtype=mean.dtype, device=mean.device)
-        partials.append((counts, mean, var.reshape(-1, c) * plan.count))
+        partials.append(_partials(shift, mean_shifted, var, plan.count, c))
     if running is not None:
-        counts, means, m2s = (torch.cat(p) for p in zip(*partials))
-        total, mean, m2 = merge_moments(counts, means, m2s)
-        update_running_stats(running[0], running[1], origin.reshape(c) + mean, m2 / total, x.numel() // c,
-                             running[2])
+        _, common, mean, var = merge_moments(torch.cat(partials))
+        update_running_stats(running[0], running[1], common + mean, var, x.numel() // c, running[2])
     return _assemble(ys, x, virtual_batch_size, cl, saved[0][3]).to(x.dtype), saved
 
 
@@ -203,7 +189,8 @@ class GhostNormalize(torch.autograd.Function):
             shift, mean_shifted, rstd = stats[3 * i: 3 * i + 3]
             backend = ctx.backends[i]
             if backend is not None and not torch.is_grad_enabled():
-                dz, dwp, dbp = backend.backward(_dense(dy_parts[i], backend), _dense(z, backend), weight, shift, mean_shifted, rstd, plan, True, need)
+                dz, dwp, dbp = backend.backward(_dense(dy_parts[i], backend), _dense(z, backend), weight, shift,
+                                                mean_shifted, rstd, plan, True, need)
             else:
                 dz, dwp, dbp = backward_torch(dy_parts[i], z, weight, shift, mean_shifted, rstd, plan, True, need,
                                               ctx.eps)

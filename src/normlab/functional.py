@@ -103,12 +103,12 @@ def batch_norm(
     zero gradient (see :mod:`normlab.core.masked`). All-False: every output 0, running statistics untouched.
     """
     if mask is not None:
-        return masked_batch_norm("batch_norm", input, mask, 1, running_mean, running_var, weight, bias, training,
+        return _masked_batch_norm("batch_norm", input, mask, 1, running_mean, running_var, weight, bias, training,
                                  momentum, eps)
     return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, weight, bias, training, momentum,
+def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, weight, bias, training, momentum,
                       eps) -> torch.Tensor:
     """:func:`batch_norm` over the positions where ``mask`` is True, channels on ``channel_dim`` (1, or −1 for
     sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``."""

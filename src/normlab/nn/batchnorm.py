@@ -62,7 +62,7 @@ class _BatchNorm(_RunningStatsMixin):
         updating = training and tracking
         running_mean = self.running_mean if not training or tracking else None
         running_var = self.running_var if running_mean is not None else None
-        y = F.masked_batch_norm(name, input, mask, channel_dim, running_mean, running_var, self.weight, self.bias,
+        y = F._masked_batch_norm(name, input, mask, channel_dim, running_mean, running_var, self.weight, self.bias,
                                 training or running_mean is None, self._update_factor() if updating else 0.0,
                                 self.eps)
         if updating and input.numel() > 0 and (mask is None or bool(mask.any())):

@@ -117,6 +117,11 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
 
     Shape: input (N, C) or (N, C, L); output the same shape.
 
+    ``forward(input, mask=None)``: with a bool ``mask`` ((N,) or (N, L), True = a valid position) the
+    statistics and the running update use the valid positions only and padded positions give 0 (see
+    :func:`normlab.functional.batch_norm`; :class:`MaskedBatchNorm1d` takes (N, L, C) input). The 2D and 3D
+    layers take a mask of shape (N, H, W) and (N, D, H, W) alike.
+
     Example::
 
         >>> import normlab.nn as nn

@@ -17,6 +17,7 @@ Run it: ``normlab lab run batch-size --suite quick``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from normlab.lab.spec import (
@@ -122,10 +123,10 @@ def _evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
 def _by_group(prefix: str, label: str, with_full_batch: bool = False):
     def make(runs: Runs) -> list[Trace]:
         keys = sorted((k for k in runs if k.startswith(prefix + "-")), key=lambda k: -int(k.split("-")[1]))
-        xs = [int(k.split("-")[1]) for k in keys]
+        xs = [math.log2(int(k.split("-")[1])) for k in keys]
         ys = [100 * _err(runs[k]) for k in keys]
         if with_full_batch:
-            xs, ys = [64] + xs, [100 * _err(runs["bn"])] + ys
+            xs, ys = [6.0] + xs, [100 * _err(runs["bn"])] + ys
         return [Trace(label, xs, ys)]
     return make
 
@@ -146,7 +147,7 @@ def _size(b: dict[str, Any]) -> str:
 
 def _flat(key: str, label: str):
     def make(runs: Runs) -> list[Trace]:
-        xs = sorted({int(k.split("-")[1]) for k in runs if k.startswith("ghost-")} | {64}, reverse=True)
+        xs = sorted({math.log2(int(k.split("-")[1])) for k in runs if k.startswith("ghost-")} | {6.0}, reverse=True)
         return [Trace(label, xs, [100 * _err(runs[key])] * len(xs))]
     return make
 
@@ -177,9 +178,10 @@ BATCH_SIZE = Experiment(
     build=_build,
     evaluate=_evaluate,
     figures=(Figure("batch-size", "Normalization groups inside a batch of 64", (
-        Panel("test error by normalization group (i.i.d.)", "samples per normalization group", "test error (%)",
-              (_by_group("ghost", "BN (ghost BN; 64 = whole batch)", True), _by_group("renorm", "batch renorm"),
-               _flat("gn", "GN"), _flat("ln", "LN"), _flat("in", "IN")), xlog=True),
+        Panel("test error by normalization group (i.i.d.)", "log2 of the samples per normalization group",
+              "test error (%)", (_by_group("ghost", "BN (ghost BN; 6 = the whole batch of 64)", True),
+                                 _by_group("renorm", "batch renorm"), _flat("gn", "GN"), _flat("ln", "LN"),
+                                 _flat("in", "IN"))),
         Panel("test accuracy, non-i.i.d. groups", "step", "test accuracy",
               curves({"noniid-ghost": "BN", "noniid-renorm": "batch renorm", "noniid-gn": "GN"}, "eval",
                      "test_acc")),

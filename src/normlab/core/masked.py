@@ -9,8 +9,8 @@ positions gathered into rows::
 
 and that is how it is computed: the valid positions are gathered (one indexed read), normalized by the
 engine as a BatchNorm1d batch of M rows (on whichever backend runs it, with its running-statistics update
-over exactly those M values per channel), and written back into a zero tensor of the input's shape and
-memory layout. The backward is the composition's: BatchNorm's closed form over the M valid rows, whose
+over exactly those M values per channel), and placed back into a tensor of the input's shape and memory
+layout whose padded positions are set to 0 (each value written once). The backward is the composition's: BatchNorm's closed form over the M valid rows, whose
 statistics see only them, scattered back; the padded positions get a zero gradient (their output is the
 constant 0). With fixed statistics (eval mode) every position is normalized and the padded ones are set
 to 0, the same output as gathering would give.

@@ -43,7 +43,7 @@ NORMS = {"ln": "LayerNorm", "bn": "BatchNorm (padding counted)", "masked-bn": "m
 BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 512, "n_test": 128, "width": 16, "depth": 1, "heads": 2, "batch": 32, "steps": 6,
               "eval_every": 3, "probe_every": 2, "cnn_widths": [4, 8]},
-    "quick": {"n_train": 10000, "n_test": 2000, "width": 32, "depth": 2, "heads": 4, "batch": 64, "steps": 600,
+    "quick": {"n_train": 10000, "n_test": 2000, "width": 32, "depth": 2, "heads": 4, "batch": 64, "steps": 400,
               "eval_every": 100, "probe_every": 25, "cnn_widths": [8, 16, 16]},
     "full": {"n_train": None, "n_test": None, "width": 64, "depth": 4, "heads": 4, "batch": 64, "steps": 8000,
              "eval_every": 500, "probe_every": 100, "cnn_widths": [16, 32, 64]},

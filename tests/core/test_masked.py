@@ -27,7 +27,7 @@ def _reference(x, mask, channel_dim, w, b, rm, rv, dy):
     return y, xr.grad, wr.grad, br.grad, rm, rv
 
 
-@pytest.mark.parametrize("layout", ["(N, C, L)", "(N, L, C)", "(N, C)", "(N, C, H, W)"])
+@pytest.mark.parametrize("layout", ["(N, C, L)", "(N, L, C)", "(N, C)", "(N, C, H, W)", "channels_last"])
 def test_equals_batchnorm_of_the_valid_positions(backend, layout):
     gen = torch.Generator().manual_seed(0)
     c = 5
@@ -44,6 +44,8 @@ def test_equals_batchnorm_of_the_valid_positions(backend, layout):
         x, mask, channel_dim = torch.randn(3, c, 4, 4, generator=gen), torch.rand(3, 4, 4, generator=gen) > 0.5, 1
         layer = nn.BatchNorm2d(c)
     x = 3 * x + 2
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     x.movedim(channel_dim, -1)[~mask] = 1e6  # whatever padding holds must not matter
     with torch.no_grad():
         layer.weight.copy_(1 + 0.5 * torch.randn(c, generator=gen))

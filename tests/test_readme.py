@@ -31,3 +31,11 @@ def test_training_safety_example_runs_as_documented():
     ported = text.split("### Models ported from Keras or Flax", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(ported, str(README), "exec"), namespace)
     assert namespace["bn"].eps == 1e-3 and tuple(namespace["conv_weight"].shape) == (4, 2, 3, 3)
+def test_small_batches_example_runs_as_documented():
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Small and unusual batches", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["renorm"].limits() == (1.0, 0.0)
+    y, mask = namespace["y"], namespace["mask"]
+    assert y.shape == (4, 32, 10) and (y.transpose(1, 2)[~mask] == 0).all()

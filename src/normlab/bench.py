@@ -129,6 +129,8 @@ class Case:
     shape: tuple[int, ...]
     layout: str = "contiguous"
     mode: str = "train_fwd"
+    options: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments of the constructor, as (name, value) pairs."""
 
     def __post_init__(self) -> None:
         if self.layout not in _MEMORY_FORMATS:
@@ -141,7 +143,7 @@ class Case:
     @property
     def module(self) -> str:
         """The constructor call, e.g. ``"GroupNorm(32, 256)"``."""
-        return f"{self.layer}({', '.join(map(str, self.args))})"
+        return f"{self.layer}({', '.join([*map(str, self.args), *(f'{k}={v}' for k, v in self.options)])})"
 
     @property
     def shape_text(self) -> str:
@@ -161,7 +163,7 @@ class Case:
             cls = _composed(self.layer, layers)
         if cls is None:
             raise AttributeError(f"{getattr(layers, '__name__', layers)!s} has no layer {self.layer!r}")
-        return cls(*self.args)
+        return cls(*self.args, **dict(self.options))
 
 
 COMPOSED: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -188,12 +190,14 @@ class Implementation:
     """A contender: layers from ``layers`` (a namespace such as ``torch.nn``), optionally wrapped.
 
     ``wrap`` turns the built module (already holding the case's state and train/eval mode) into the
-    callable that is timed, e.g. ``torch.compile``.
+    callable that is timed, e.g. ``torch.compile``. ``checked=False``: a baseline that computes something
+    else at a comparable cost (plain BatchNorm beside its variants), timed without comparing its answers.
     """
 
     name: str
     layers: Any
     wrap: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default=lambda m: m)
+    checked: bool = True
 
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
@@ -293,7 +297,7 @@ class _Trial:
     """One implementation set up for one case: its module, its own copy of the input, and the step."""
 
     def __init__(self, impl: Implementation, case: Case, state: dict, x: torch.Tensor, grad_out: torch.Tensor):
-        self.name = impl.name
+        self.name, self.checked = impl.name, impl.checked
         self.mode = MODES[case.mode]
         self.module = case.make(impl.layers).to(x.device)
         self.module.load_state_dict(state)
@@ -428,7 +432,7 @@ def _run_case(
     fmt = _MEMORY_FORMATS[case.layout]
     x = (2.0 * torch.randn(case.shape, generator=gen) + 0.5).to(device).contiguous(memory_format=fmt)
     grad_out = torch.randn(case.shape, generator=gen).to(device).contiguous(memory_format=fmt)
-    state = _random_state(case.make(torch.nn), gen)
+    state = _random_state(case.make(implementations[1].layers), gen)
     trials, answers, failed = [], [], {}
     for i, impl in enumerate(implementations):
         try:
@@ -452,7 +456,7 @@ def _run_case(
         "warmup": warmup,
     }
 
-    errors = [_max_error(a, answers[1]) for a in answers]
+    errors = [_max_error(a, answers[1]) if t.checked else (0.0, "") for t, a in zip(trials, answers)]
     del answers
     # A further peer (torch.compile) whose answers differ from the reference's says nothing about the subject:
     # it is left out of the timing and named under the table, as a peer that cannot run is.
@@ -750,6 +754,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the raw records as a JSON list instead of the table")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--variants", action="store_true",
+                        help="time BatchNorm's variants instead (ghost BN, batch renormalization, masked BN) against "
+                             "their torch.nn compositions and against normlab's plain BatchNorm on the same input")
     parser.add_argument("--render", metavar="FILE",
                         help="print the table of records saved earlier with --json (from any machine) and exit; "
                              "nothing is timed")
@@ -812,6 +819,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``normlab bench``; returns 1 if any case gave a MISMATCH (or none was selected), else 0."""
     if args.render:
         return render(args.render)
+    if args.variants:
+        return _run_variants(args)
     cases = select(quick_cases() if args.quick else default_cases(), args.filter)
     if not cases:
         print(f"normlab bench: no case matches {args.filter}", file=sys.stderr)
@@ -841,4 +850,31 @@ def run(args: argparse.Namespace) -> int:
     if mismatches:
         print(f"normlab bench: {mismatches} case(s) MISMATCH: their answers differ from "
               f"{IMPLEMENTATIONS[1].name}", file=sys.stderr)
+    return 1 if mismatches else 0
+
+
+def _run_variants(args: argparse.Namespace) -> int:
+    """``normlab bench --variants`` (see :mod:`normlab.bench_variants`); 1 on a MISMATCH or no case selected."""
+    from normlab import bench_variants as variants
+
+    cases = select(variants.quick_cases() if args.quick else variants.default_cases(), args.filter)
+    if not cases:
+        print(f"normlab bench: no variant case matches {args.filter}", file=sys.stderr)
+        return 1
+    if args.list:
+        print("\n".join(c.key for c in cases))
+        return 0
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    records = run_cases(cases, repeats=repeats, warmup=warmup, implementations=variants.IMPLEMENTATIONS,
+                        threads=args.threads, device=args.device, progress=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(format_table(records, variants.IMPLEMENTATIONS))
+        print("\n" + variants.summary(records))
+    mismatches = sum(r["status"] != "ok" for r in records)
+    if mismatches:
+        print(f"normlab bench: {mismatches} variant case(s) MISMATCH: their answers differ from the torch.nn "
+              f"composition", file=sys.stderr)
     return 1 if mismatches else 0

@@ -19,13 +19,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from normlab.core import checks
+from normlab.core import checks, masked
 from normlab.core.guard import RunningUpdate, guard_stats_enabled
 from normlab.core.engine import run as normalize
 from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
+from normlab.core.ghost import ghost_normalize
+from normlab.core.renorm import renormalize
+from normlab.kernels.dispatch import select as select_backend
 
-__all__ = ["batch_norm", "batch_norm_relu", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "ghost_batch_norm", "instance_norm", "group_norm",
+           "layer_norm"]
 
 
 def _run(
@@ -107,6 +111,7 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization of ``input`` of shape (N, C, *S) with per-channel statistics over N and *S.
 
@@ -114,8 +119,43 @@ def batch_norm(
     and ``running_mean``/``running_var``, if given, are updated in place with ``momentum`` (the unbiased
     variance is stored). Otherwise the running statistics are used. Same semantics as
     :func:`torch.nn.functional.batch_norm`.
+
+    ``mask`` (bool, shape (N, *S): (N,) for (N, C), (N, L) for (N, C, L); True = a valid position): the
+    statistics and the running update use the valid positions only, and padded positions give 0, with a
+    zero gradient (see :mod:`normlab.core.masked`). All-False: every output 0, running statistics untouched.
     """
+    if mask is not None:
+        return _masked_batch_norm("batch_norm", input, mask, 1, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
     return _batch_norm("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, weight, bias, training, momentum,
+                      eps) -> torch.Tensor:
+    """:func:`batch_norm` over the positions where ``mask`` is True, channels on ``channel_dim`` (1, or −1 for
+    sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``."""
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)" if channel_dim == 1 else
+                          "of shape (N, C) or (N, L, C)")
+    if mask is not None:
+        masked.check_mask(mask, input, op, channel_dim)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    if not use_batch_stats:  # fixed statistics: every position normalized, the padded ones then set to 0
+        y = _batch_norm(op, input.movedim(channel_dim, 1), running_mean, running_var, weight, bias, False, momentum,
+                        eps).movedim(1, channel_dim)
+        return y if mask is None else torch.where(masked.mask_like(mask, input, channel_dim), y, 0.0)
+    index = masked.positions(mask)
+    # the padded output and the input's gradient are assembled in the backend's recycled memory where it has it
+    backend = select_backend(input, batch_plan((2, input.shape[channel_dim])))
+    empty_like = getattr(backend, "empty_like", torch.empty_like)
+    rows = masked.gather_valid(input, index, channel_dim, empty_like)
+    if rows.shape[0] == 1 and mask is not None:
+        raise ValueError(
+            f"{op}: the mask leaves a single valid position, so every channel's batch statistics would come from one "
+            f"value (variance 0, output beta). {checks.BN_SUGGESTION}"
+        )
+    y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps)
+    return masked.scatter_valid(y, index, input, channel_dim, empty_like)
 
 
 def batch_norm_relu(
@@ -132,6 +172,78 @@ def batch_norm_relu(
     """
     return _batch_norm("batch_norm_relu", input, running_mean, running_var, weight, bias, training, momentum,
                        eps, relu=True, residual=residual)
+
+
+def batch_renorm(
+    input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, r_max: float = 3.0, d_max: float = 5.0,
+) -> torch.Tensor:
+    """Batch renormalization (Ioffe 2017) of ``input`` (N, C, *S); see :mod:`normlab.core.renorm`.
+
+    In training, ``x̂ = (x − μ_B)/σ_B · r + d`` with r = clip(σ_B/σ, 1/r_max, r_max) and
+    d = clip((μ_B − μ)/σ, −d_max, d_max) from the running statistics (μ, σ² = running_var), constants in
+    the backward; the running statistics are then updated with the batch's as in :func:`batch_norm`.
+    r_max = 1, d_max = 0 is :func:`batch_norm`. Outside training it is :func:`batch_norm` with the running
+    statistics.
+    """
+    op = "batch_renorm"
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
+    checks.check_renorm_limits(r_max, d_max, op)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{op}: running_mean and running_var are needed: r and d measure the batch's statistics against "
+            f"them. Pass the running statistics (e.g. torch.zeros(C) and torch.ones(C) to start), or use batch_norm."
+        )
+    if not training or input.numel() == 0 or (r_max == 1.0 and d_max == 0.0):
+        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    plan = batch_plan(input.shape)
+    checks.check_eps(eps, op)
+    checks.check_param(weight, plan.param_shape, op, "weight")
+    checks.check_param(bias, plan.param_shape, op, "bias")
+    checks.check_running(running_mean, running_var, plan.channels, op)
+    checks.check_momentum(momentum, op)
+    checks.check_enough_values(plan.count, op, tuple(input.shape), checks.BN_SUGGESTION)
+    return renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), float(momentum),
+                       float(r_max), float(d_max))
+
+
+def ghost_batch_norm(
+    input: torch.Tensor, virtual_batch_size: int, running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+) -> torch.Tensor:
+    """Ghost batch normalization (Hoffer et al. 2017) of ``input`` (N, C, *S): with batch statistics, the
+    batch is cut along N into virtual batches of ``virtual_batch_size`` samples (the last one smaller when
+    it does not divide N), each normalized with its own statistics; see :mod:`normlab.core.ghost`.
+
+    The running statistics, if given, are updated once, with the full batch's statistics (the exact merge
+    of the virtual batches'), as :func:`batch_norm` would. Outside training (with running statistics) it
+    is :func:`batch_norm`.
+    """
+    op = "ghost_batch_norm"
+    checks.check_floating(input, op)
+    checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
+    checks.check_virtual_batch_size(virtual_batch_size, op)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    n = input.shape[0]
+    if not use_batch_stats or n <= virtual_batch_size or input.numel() == 0:
+        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    plan = batch_plan(input.shape)
+    checks.check_eps(eps, op)
+    checks.check_param(weight, plan.param_shape, op, "weight")
+    checks.check_param(bias, plan.param_shape, op, "bias")
+    checks.check_running(running_mean, running_var, plan.channels, op)
+    if running_mean is not None:
+        checks.check_momentum(momentum, op)
+    per_sample = plan.count // n
+    rest = n % virtual_batch_size
+    for size in (virtual_batch_size, rest) if rest else (virtual_batch_size,):
+        checks.check_enough_values(size * per_sample, op, (size,) + tuple(input.shape[1:]), checks.ghost_suggestion(
+            virtual_batch_size, n), running_mean is not None)
+    running = None if running_mean is None else (running_mean, running_var, float(momentum))
+    return ghost_normalize(input, weight, bias, int(virtual_batch_size), float(eps), running)
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):

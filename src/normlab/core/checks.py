@@ -182,3 +182,30 @@ def check_groups(num_groups: int, channels: int, op: str) -> None:
             f"{op}: num_groups={num_groups} does not divide the {channels} channels; every group must "
             f"hold the same number of channels. Valid choices for {channels} channels: {divisors}."
         )
+
+
+def check_renorm_limits(r_max: float, d_max: float, op: str) -> None:
+    """r_max ≥ 1 and d_max ≥ 0, finite: r is clipped to [1/r_max, r_max], d to [−d_max, d_max]."""
+    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (r_max, d_max))
+    if not ok or r_max < 1.0 or d_max < 0.0:
+        raise ValueError(
+            f"{op}: r_max must be a finite number >= 1 and d_max a finite number >= 0 (r is clipped to "
+            f"[1/r_max, r_max], d to [-d_max, d_max]), got r_max={r_max!r}, d_max={d_max!r}. "
+            f"r_max=1, d_max=0 is plain batch normalization; Ioffe 2017 relaxes them to 3 and 5."
+        )
+
+
+def check_virtual_batch_size(size: int, op: str) -> None:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(
+            f"{op}: virtual_batch_size must be a positive integer (samples per virtual batch), got {size!r}."
+        )
+
+
+def ghost_suggestion(size: int, n: int) -> str:
+    """The advice when a virtual batch (of ``size`` samples out of a batch of ``n``) has one value per channel."""
+    return (
+        f"Each virtual batch (of virtual_batch_size={size} samples; the last one holds the rest of the batch of "
+        f"{n}) is normalized with its own statistics: choose a virtual_batch_size, or a batch size, for which "
+        f"every virtual batch holds at least 2 values per channel (e.g. a batch size that is a multiple of it)."
+    )

@@ -228,6 +228,11 @@ class NumbaBackend:
             return f"the numba backend does not handle a plan reducing axes {plan.reduce} of {plan.view_shape}"
         return None
 
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor like ``t`` (dense) in the kernels' recycled memory (:mod:`.buffers`), for a
+        caller that assembles one output from several of this backend's results (ghost batch norm)."""
+        return buffers.empty_like(t)
+
     def fuses(self, plan: Plan) -> bool:
         """Whether ReLU and a residual add can be fused into the normalization (BatchNorm plans)."""
         return isinstance(classify(plan), ChannelShape)

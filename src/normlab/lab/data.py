@@ -251,3 +251,24 @@ def batches(n: int, batch_size: int, gen: torch.Generator):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1, batch_size):
             yield perm[start:start + batch_size]
+
+
+def class_batches(labels: torch.Tensor, batch_size: int, group: int, classes: int, gen: torch.Generator):
+    """Endless non-i.i.d. index batches: each consecutive ``group`` of a batch holds ``classes`` classes
+    drawn at random, ``group // classes`` random examples of each (Ioffe 2017's "16 labels x 2 images"
+    scaled down). Batch statistics over such a group see a few classes only; the population sees all."""
+    if batch_size % group or group % classes:
+        raise ValueError(f"the batch ({batch_size}) must be whole groups ({group}) of whole classes ({classes})")
+    labels = labels.cpu()
+    num_classes = int(labels.max()) + 1
+    if classes > num_classes:
+        raise ValueError(f"{classes} classes per group, but the data has {num_classes}")
+    members = [torch.nonzero(labels == c).squeeze(1) for c in range(num_classes)]
+    per_class = group // classes
+    while True:
+        picks = []
+        for _ in range(batch_size // group):
+            for c in torch.randperm(num_classes, generator=gen)[:classes].tolist():
+                pool = members[c]
+                picks.append(pool[torch.randint(len(pool), (per_class,), generator=gen)])
+        yield torch.cat(picks)

@@ -140,7 +140,8 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
     """Train one run and record its evaluations and probes.
 
     ``config``: ``data`` (see :func:`prepare_task`), ``model`` (see :func:`build_model`),
-    ``optim`` (``lr``, ``momentum``, ``batch``, ``steps``), ``eval_every``, ``probes`` and ``seed``.
+    ``optim`` (``lr``, ``momentum``, ``batch``, ``steps``, and optionally ``groups``: ``{"size", "classes"}``
+    for non-i.i.d. batches, see :func:`labdata.class_batches`), ``eval_every``, ``probes`` and ``seed``.
     Evaluations and probes happen before the optimizer step of the steps they are due at, and once
     more after the last step. A non-finite training loss stops the run and marks it diverged.
     """
@@ -151,7 +152,12 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
     opt_cfg = config["optim"]
     lr, steps = opt_cfg["lr"], opt_cfg["steps"]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=opt_cfg.get("momentum", 0.0))
-    order = labdata.batches(len(task.train_y), opt_cfg["batch"], torch.Generator().manual_seed(seed))
+    if "groups" in opt_cfg:  # non-i.i.d. batches: a few classes per group of the batch
+        groups = opt_cfg["groups"]
+        order = labdata.class_batches(task.train_y, opt_cfg["batch"], groups["size"], groups["classes"],
+                                      torch.Generator().manual_seed(seed))
+    else:
+        order = labdata.batches(len(task.train_y), opt_cfg["batch"], torch.Generator().manual_seed(seed))
     extra_gen = torch.Generator().manual_seed(seed + 1)
     extra_order = labdata.batches(len(task.train_y), opt_cfg["batch"], extra_gen)
 

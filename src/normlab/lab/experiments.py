@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from normlab.lab import measure
+from normlab.lab import measure, papers
 from normlab.lab.spec import (
     Check,
     Experiment,
@@ -798,3 +798,4 @@ POSITION = Experiment(
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (IOFFE, SANTURKAR_LR, NOISY_BN, ICS, LANDSCAPE, LP_NORM,
                                                           BJORCK, POSITION)}
+EXPERIMENTS.update({e.name: e for e in papers.EXPERIMENTS})

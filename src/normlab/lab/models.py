@@ -7,7 +7,9 @@ nonlinearity and pooling that follow. ``norm=`` picks the normalization:
 
 * ``"none"``, ``"bn"`` (``normlab.nn`` batch norm), ``"bn+noise"`` (batch norm followed by
   :class:`~normlab.nn.extra.CovariateShiftNoise`), ``"noise"`` (the noise alone),
-  ``"lp1"``, ``"lp2"``, ``"lpinf"`` (:class:`~normlab.nn.extra.LpBatchNorm2d` and friends).
+  ``"lp1"``, ``"lp2"``, ``"lpinf"`` (:class:`~normlab.nn.extra.LpBatchNorm2d` and friends);
+* for small batches (:mod:`normlab.lab.norms`): ``"gn"``, ``"ln"``, ``"in"``, ``"ghost:v=G"``,
+  ``"renorm:v=G,warmup=W,rsteps=R,dsteps=D"``.
 
 ``position="before"`` puts the normalization between the layer and the nonlinearity,
 ``"after"`` behind the nonlinearity.
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 import normlab.nn as nnl
+from normlab.lab.norms import SMALL_BATCH_NORMS, parse, small_batch_norm
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 
 NORMS = ("none", "bn", "bn+noise", "noise", "lp1", "lp2", "lpinf")
@@ -30,6 +33,8 @@ _LP = {"lp1": 1.0, "lp2": 2.0, "lpinf": float("inf")}
 def make_norm(kind: str, channels: int, spatial: bool, affine: bool = True,
               noise_seed: int | None = None) -> nn.Module:
     """The normalization module for ``channels`` features (``spatial``: images ``(N, C, H, W)``)."""
+    if parse(kind)[0] in SMALL_BATCH_NORMS:
+        return small_batch_norm(kind, channels, spatial, affine)
     if kind not in NORMS:
         raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
     parts: list[nn.Module] = []
@@ -188,4 +193,9 @@ def build_model(cfg: dict[str, Any], in_shape: tuple[int, ...], classes: int, se
         return deep_linear(in_shape[0], cfg["depth"], norm, seed)
     if arch == "resnet":
         return ResNet(in_shape[0], cfg["width"], cfg["blocks"], classes, norm, seed)
+    if arch == "seq-transformer":
+        from normlab.lab.transformer import SequenceClassifier
+
+        return SequenceClassifier(in_shape[-1], in_shape[-2], classes, cfg["width"], cfg["depth"], cfg["heads"],
+                                  norm, cfg["min_len"])
     raise ValueError(f"unknown architecture {arch!r}")

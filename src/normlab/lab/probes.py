@@ -156,3 +156,34 @@ def grad_hist(cfg: dict[str, Any], ctx: ProbeContext) -> dict[str, Any]:
         "counts": measure.log10_histogram(g, cfg["edges"]),
         "mean_abs": float(g.abs().mean()),
     }
+
+
+@probe("batch_stats")
+def batch_stats(cfg: dict[str, Any], ctx: ProbeContext) -> dict[str, Any]:
+    """How far the coming step's batch statistics are from the running ones, in every BatchNorm-style layer
+    (Shen et al. 2020's fluctuation of batch statistics): per layer, the mean over channels of
+    |μ_B − μ| / σ (``mean_dev``) and of |σ²_B / σ² − 1| (``var_dev``), μ and σ² the running statistics
+    before the step. The batch's statistics are read back from the running update a training-mode forward
+    makes (μ_B = (μ' − (1 − m) μ) / m), so they are exactly the ones the layer uses, over whatever positions
+    it counts (a mask's valid ones, say); model, buffers and the random generator are then restored."""
+    layers = [m for m in ctx.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats and isinstance(m.momentum, float) and m.momentum > 0]
+    before = [(m.running_mean.double().clone(), m.running_var.double().clone()) for m in layers]
+    rng = torch.random.get_rng_state()
+    was_training = ctx.model.training
+    try:
+        with measure.preserved(ctx.model), torch.no_grad():
+            ctx.model.train(True)
+            ctx.model(ctx.x)
+            after = [(m.running_mean.double().clone(), m.running_var.double().clone()) for m in layers]
+    finally:
+        ctx.model.train(was_training)
+        torch.random.set_rng_state(rng)
+    mean_dev, var_dev = [], []
+    for m, (mu, var), (mu_new, var_new) in zip(layers, before, after):
+        mu_b = (mu_new - (1 - m.momentum) * mu) / m.momentum
+        var_b = (var_new - (1 - m.momentum) * var) / m.momentum
+        sigma2 = var.clamp_min(m.eps)
+        mean_dev.append(float(((mu_b - mu).abs() / sigma2.sqrt()).mean()))
+        var_dev.append(float((var_b / sigma2 - 1).abs().mean()))
+    return {"mean_dev": mean_dev, "var_dev": var_dev}

@@ -5,13 +5,15 @@
 >>> model = nn.convert(model)        # doctest: +SKIP  (swap the norm layers of an existing model)
 """
 
-from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MaskedBatchNorm1d
 from normlab.nn.conventions import keras_kernel, load_flax_batchnorm, load_keras_batchnorm
 from normlab.nn.convert import convert
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
+from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = [
     "BatchNorm1d",
@@ -19,7 +21,13 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAddReLU2d",
     "BatchNormReLU2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "CovariateShiftNoise",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -27,6 +35,7 @@ __all__ = [
     "LayerNorm",
     "LpBatchNorm1d",
     "LpBatchNorm2d",
+    "MaskedBatchNorm1d",
     "convert",
     "keras_kernel",
     "load_flax_batchnorm",

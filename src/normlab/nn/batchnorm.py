@@ -17,7 +17,7 @@ from normlab.core.plan import batch_plan
 from normlab.nn.conventions import CONVENTIONS, convention_args
 from normlab.nn.once import may_update
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MaskedBatchNorm1d"]
 
 
 class _GuardedStats:
@@ -108,8 +108,31 @@ class _BatchNorm(_RunningStatsMixin):
         if x.numel() > 0:
             self.num_batches_tracked.add_(1)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._normalize(input)
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return self._normalize(input)
+        return self._normalize_masked(input, mask, 1)
+
+    def _normalize_masked(self, input: torch.Tensor, mask: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+        """:meth:`_normalize` with statistics over the positions where ``mask`` is True (``None``: all), the
+        channels on ``channel_dim``; see :func:`normlab.functional.batch_norm`. A batch without a valid
+        position is not counted."""
+        name = type(self).__name__
+        self._check_config()
+        checks.check_floating(input, name)
+        checks.check_ndim(input, name, self._ranks, self._layout)
+        if input.shape[channel_dim] != self.num_features:
+            checks.check_channels(input.movedim(channel_dim, 1), self.num_features, name)
+        training, tracking = self.training, self.track_running_stats
+        updating = training and tracking
+        running_mean = self.running_mean if not training or tracking else None
+        running_var = self.running_var if running_mean is not None else None
+        y = F._masked_batch_norm(name, input, mask, channel_dim, running_mean, running_var, self.weight, self.bias,
+                                training or running_mean is None, self._update_factor() if updating else 0.0,
+                                self.eps)
+        if updating and input.numel() > 0 and (mask is None or bool(mask.any())):
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _normalize(self, input: torch.Tensor, **epilogue) -> torch.Tensor:
         """Check ``input``, normalize it with this layer's state and mode (``epilogue``: ``relu=True`` and
@@ -171,6 +194,11 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
 
     Shape: input (N, C) or (N, C, L); output the same shape.
 
+    ``forward(input, mask=None)``: with a bool ``mask`` ((N,) or (N, L), True = a valid position) the
+    statistics and the running update use the valid positions only and padded positions give 0 (see
+    :func:`normlab.functional.batch_norm`; :class:`MaskedBatchNorm1d` takes (N, L, C) input). The 2D and 3D
+    layers take a mask of shape (N, H, W) and (N, D, H, W) alike.
+
     Example::
 
         >>> import normlab.nn as nn
@@ -223,3 +251,35 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 
     _ranks = (5,)
     _layout = "of shape (N, C, D, H, W)"
+
+
+class MaskedBatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    r"""Batch normalization of sequence-major input (N, L, C), as a Transformer carries it, over the valid
+    positions of a padded batch.
+
+    ``forward(input, mask=None)``: ``mask`` (N, L), True at valid positions (for (N, C) input, (N,)); the
+    per-channel statistics, in training, and the running update use the valid positions only; padded
+    positions give 0 and receive a zero gradient. Without a mask every position is valid. It is
+    :class:`BatchNorm1d` applied to ``input[mask]`` (M rows of C channels), scattered back
+    (:mod:`normlab.core.masked`). Eval mode normalizes with the running statistics; the padded positions
+    give 0 there too. A batch without a valid position gives zeros and leaves the running statistics and
+    ``num_batches_tracked`` untouched.
+
+    Arguments, parameters, buffers and ``state_dict`` keys are :class:`BatchNorm1d`'s.
+
+    Shape: input (N, L, C) or (N, C), mask (N, L) or (N,); output the input's shape.
+
+    Example::
+
+        >>> import normlab.nn as nn
+        >>> bn = nn.MaskedBatchNorm1d(64)
+        >>> x = torch.randn(8, 20, 64)                          # 8 sequences of up to 20 tokens
+        >>> lengths = torch.randint(1, 21, (8,))
+        >>> y = bn(x, mask=torch.arange(20) < lengths[:, None])
+    """
+
+    _ranks = (2, 3)
+    _layout = "of shape (N, C) or (N, L, C) (channels last)"
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._normalize_masked(input, mask, -1)

@@ -1,0 +1,217 @@
+r"""Ghost batch normalization (Hoffer et al. 2017): a batch normalized in virtual batches of ``v`` samples.
+
+The batch (N, C, *S) is cut along N into G = ⌊N/v⌋ virtual batches of v samples and, when v does not
+divide N, a last one of the N − G·v remaining samples. Each is batch-normalized with its own per-channel
+statistics; γ and β are shared. This is BatchNorm applied to each chunk, computed in one pass per part
+instead of a loop over chunks:
+
+* the G equal chunks: the samples viewed as (G, v, C, S) and read as (G, C, v, S), whose statistics over
+  the last two axes are those of an instance plan (:func:`~normlab.core.plan.instance_plan`): one
+  statistic per (virtual batch, channel), on whatever backend runs that plan (the numba kernels read
+  channels_last and 2D inputs this way without a copy);
+* the ragged last chunk, if any: an ordinary BatchNorm plan.
+
+The backward of each part is BatchNorm's closed form within its chunk (the engine's, per part); dγ and
+dβ are summed over the parts.
+
+Running statistics: once per call, from the exact merge of the virtual batches' statistics: each
+virtual batch's (count, shift, mean about it, M2) is a partial of the statistics seam
+(:mod:`normlab.core.stats`), and its merge (Chan et al.'s, :func:`normlab.core.stats.merge_moments`)
+gives **the full batch's** mean and variance; the update is BatchNorm's (unbiased variance, weight
+``momentum``). A ghost layer and a BatchNorm layer fed the same batches hold the same running
+statistics, so eval (ordinary BatchNorm with them) estimates the population statistics from all N samples
+of every step. (The alternative, the average of the per-chunk updates, weights each chunk's own unbiased
+variance and leaves out the spread between the chunks' means; for i.i.d. chunks both estimate the same
+population variance, the merge with less noise.)
+
+The statistics themselves are computed by the backends' kernels (one instance-style pass for all the
+equal virtual batches), not by the seam's :func:`~normlab.core.stats.partial_moments`, which runs the torch
+engine on one BatchNorm plan; only the merge is the seam's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normlab.core.engine import (
+    _like_input,
+    backward_torch,
+    finish_param_grads,
+    forward_torch,
+    records_grad,
+    update_running_stats,
+)
+from normlab.core.plan import Plan, batch_plan, instance_plan
+from normlab.core.stats import PACKED_DTYPE, merge_moments
+from normlab.kernels.dispatch import select as select_backend
+
+__all__ = ["GhostNormalize", "ghost_normalize", "virtual_batches"]
+
+
+def virtual_batches(n: int, virtual_batch_size: int) -> tuple[int, int]:
+    """``(G, rest)``: G virtual batches of ``virtual_batch_size`` samples and a last one of ``rest`` (0: none)."""
+    return divmod(n, virtual_batch_size)
+
+
+def _channels_last_like(x: torch.Tensor) -> bool:
+    """2D inputs and channels_last 4D/5D ones, whose channels are the fastest axis."""
+    if x.dim() == 2:
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _grouped(t: torch.Tensor, groups: int, channels_last: bool) -> torch.Tensor:
+    """The first ``groups · v`` samples of ``t`` (N, C, *S), given as exactly those, as (G, C, v, S): a view
+    (written through when ``t`` is an output buffer); channels_last storage gives a channels_last view."""
+    c, s = t.shape[1], math.prod(t.shape[2:])
+    v = t.shape[0] // groups
+    if channels_last:
+        return t.movedim(1, -1).reshape(groups, v, s, c).permute(0, 3, 1, 2)
+    return t.reshape(groups, v, c, s).permute(0, 2, 1, 3)
+
+
+def _parts(x: torch.Tensor, virtual_batch_size: int, channels_last: bool):
+    """``[(z, plan, rows)]``: each part of ``x`` as the tensor its plan normalizes and the sample range."""
+    groups, rest = virtual_batches(x.shape[0], virtual_batch_size)
+    main = groups * virtual_batch_size
+    parts = []
+    if groups:
+        z = _grouped(x[:main], groups, channels_last)
+        parts.append((z, instance_plan(tuple(z.shape)), slice(0, main)))
+    if rest:
+        xr = x[main:]
+        parts.append((xr, batch_plan(tuple(xr.shape)), slice(main, x.shape[0])))
+    return parts
+
+
+def _assemble(pieces, like: torch.Tensor, virtual_batch_size: int, channels_last: bool, backend) -> torch.Tensor:
+    """One tensor of ``like``'s shape and layout from the parts' results (in their parts' shapes): a view of
+    the single result where its storage already is in that order (channels_last and 2D inputs that the
+    virtual batches divide), else a copy into memory from ``backend.empty_like`` where the backend has it
+    (recycled pages: fresh ones cost more to write than the copy, see :mod:`normlab.kernels.buffers`)."""
+    groups = like.shape[0] // virtual_batch_size
+    first = pieces[0]
+    if len(pieces) == 1 and channels_last and groups and first.permute(0, 2, 3, 1).is_contiguous():
+        c, spatial = like.shape[1], tuple(like.shape[2:])
+        return first.permute(0, 2, 3, 1).reshape((like.shape[0],) + spatial + (c,)).movedim(-1, 1)
+    fmt = torch.contiguous_format
+    if channels_last and like.dim() > 2:
+        fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    out = torch.empty(like.shape, dtype=first.dtype, device=like.device).contiguous(memory_format=fmt)
+    empty_like = getattr(backend, "empty_like", None)
+    if empty_like is not None:
+        out = empty_like(out)
+    for piece, rows in zip(pieces, _rows(like.shape[0], virtual_batch_size)):
+        target = out[rows]
+        if rows.start == 0 and groups:
+            target = _grouped(target, groups, channels_last)
+        target.copy_(piece)
+    return out
+
+
+def _rows(n: int, virtual_batch_size: int) -> list[slice]:
+    groups, rest = virtual_batches(n, virtual_batch_size)
+    main = groups * virtual_batch_size
+    return ([slice(0, main)] if groups else []) + ([slice(main, n)] if rest else [])
+
+
+def _dense(z: torch.Tensor, backend) -> torch.Tensor:
+    """``z`` as the kernels read it: the transposed (G, C, v, S) view of contiguous input copied into the
+    backend's recycled memory (a fresh copy would cost more in page faults than the copy itself)."""
+    empty_like = getattr(backend, "empty_like", None)
+    if empty_like is None or z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last):
+        return z
+    return empty_like(torch.empty(z.shape, dtype=z.dtype, device=z.device)).copy_(z)
+
+
+def _forward_part(z, weight, bias, plan: Plan, eps: float):
+    """``(y, shift, mean_shifted, var, rstd, backend)`` of one part, on the backend chosen for it."""
+    backend = select_backend(z, plan, True)
+    z = _dense(z, backend)
+    if backend is None:
+        y, shift, mean_shifted, var, rstd = forward_torch(z, weight, bias, None, None, plan, eps)
+        y = _like_input(y, z)
+    else:
+        y, shift, mean_shifted, var, rstd = backend.forward(z, weight, bias, None, None, plan, eps)
+    return y, shift, mean_shifted, var, rstd, backend
+
+
+def _partials(shift, mean_shifted, var, count: int, c: int) -> torch.Tensor:
+    """The virtual batches' statistics of one part as the statistics seam's partial moments
+    (:func:`normlab.core.stats.partial_moments`): ``(G, 4, C)`` of (n, shift, mean about it, M2)."""
+    shift, mean_shifted, var = (t.reshape(-1, c).to(PACKED_DTYPE) for t in (shift, mean_shifted, var))
+    return torch.stack([torch.full_like(shift, count), shift, mean_shifted, var * count], dim=1)
+
+
+def _forward(x, weight, bias, virtual_batch_size: int, eps: float, running):
+    c = x.shape[1]
+    cl = _channels_last_like(x)
+    ys, saved, partials = [], [], []
+    for z, plan, _ in _parts(x, virtual_batch_size, cl):
+        y, shift, mean_shifted, var, rstd, backend = _forward_part(z, weight, bias, plan, eps)
+        ys.append(y)
+        saved.append((shift, mean_shifted, rstd, backend))
+        partials.append(_partials(shift, mean_shifted, var, plan.count, c))
+    if running is not None:
+        _, common, mean, var = merge_moments(torch.cat(partials))
+        update_running_stats(running[0], running[1], common + mean, var, x.numel() // c, running[2])
+    return _assemble(ys, x, virtual_batch_size, cl, saved[0][3]).to(x.dtype), saved
+
+
+class GhostNormalize(torch.autograd.Function):
+    """``y = GhostNormalize.apply(x, γ, β, virtual_batch_size, eps, running)``; ``running``:
+    ``(running_mean, running_var, momentum)`` updated in place with the merged statistics, or ``None``.
+    See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, virtual_batch_size: int, eps: float, running):
+        y, saved = _forward(x, weight, bias, virtual_batch_size, eps, running)
+        stats = [t for shift, mean_shifted, rstd, _ in saved for t in (shift, mean_shifted, rstd)]
+        ctx.save_for_backward(x, weight, *stats)
+        ctx.backends = [backend for *_, backend in saved]
+        ctx.virtual_batch_size, ctx.eps = virtual_batch_size, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, *stats = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        if not any(need):
+            return (None,) * 6
+        v, cl = ctx.virtual_batch_size, _channels_last_like(x)
+        dxs, dw, db = [], None, None
+        dy_parts = [z for z, _, _ in _parts(dy, v, cl)]
+        for i, (z, plan, _) in enumerate(_parts(x, v, cl)):
+            shift, mean_shifted, rstd = stats[3 * i: 3 * i + 3]
+            backend = ctx.backends[i]
+            if backend is not None and not torch.is_grad_enabled():
+                dz, dwp, dbp = backend.backward(_dense(dy_parts[i], backend), _dense(z, backend), weight, shift,
+                                                mean_shifted, rstd, plan, True, need)
+            else:
+                dz, dwp, dbp = backward_torch(dy_parts[i], z, weight, shift, mean_shifted, rstd, plan, True, need,
+                                              ctx.eps)
+            dxs.append(None if dz is None else dz.reshape(z.shape))
+            dw, db = _add(dw, dwp), _add(db, dbp)
+        dx = _assemble(dxs, x, v, cl, ctx.backends[0]).to(x.dtype) if need[0] else None
+        dw, db = finish_param_grads(dw, db, weight, batch_plan(tuple(x.shape)), ctx.bias_dtype)
+        return dx, dw, db, None, None, None
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-channel sums of the parts' dγ (or dβ), flat."""
+    if part is None:
+        return total
+    part = part.reshape(-1)
+    return part if total is None else total + part
+
+
+def ghost_normalize(x, weight, bias, virtual_batch_size: int, eps: float, running=None) -> torch.Tensor:
+    """Ghost batch normalization of ``x`` (N, C, *S) with batch statistics per virtual batch; without an
+    autograd node where nothing would be recorded. ``running`` as for :class:`GhostNormalize`."""
+    if records_grad(x, weight, bias):
+        return GhostNormalize.apply(x, weight, bias, virtual_batch_size, eps, running)
+    return _forward(x, weight, bias, virtual_batch_size, eps, running)[0]

@@ -1,0 +1,188 @@
+"""BatchNorm's training step as partial statistics → combine → apply: the seam for statistics from elsewhere.
+
+One BatchNorm call computes per-channel statistics over its whole batch. When the batch is spread over
+several places (the ranks of a process group, the virtual batches of ghost BN, the unmasked values of a
+padded batch) the statistics are the *merge* of per-place partial statistics. This module splits the
+training forward and backward of the engine (:mod:`normlab.core.engine`) into three steps so that a
+caller can put its own combine step in the middle:
+
+Forward, per channel::
+
+    partial   (n, s, d, M2):  n values, a shift s (one of the values), d = mean(x − s), M2 = Σ (x − s − d)²
+    combine   caller's step:  the partials of every place, stacked (P, 4, C)   [one place: the identity]
+    merge     Chan et al.:    K = s of the first non-empty partial,  d_i' = (s_i − K) + d_i,
+                              N = Σ n_i,  D = Σ (n_i/N) d_i',  M2 = Σ M2_i + Σ n_i (d_i' − D)²
+    apply     μ = K + D,  σ² = M2 / N,  x̂ = ((x − K) − D) · rstd,  y = γ x̂ + β
+
+The merge is exact in the sense of Chan, Golub & LeVeque (1979): it never forms E[x²] − E[x]², and every
+difference it takes is between values of the data (or their means), so data with a large mean and a tiny
+spread keeps its variance. It is written once, in :func:`merge_moments`.
+
+Backward, with g = γ ∂L/∂y per value::
+
+    partial   (Σ g, Σ g·x̂) per channel over this place's values
+    combine   caller's step:  their sum over every place                    [one place: the identity]
+    apply     ∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N)
+              ∂L/∂γ = Σ ∂L/∂y ⊙ x̂,  ∂L/∂β = Σ ∂L/∂y   (this place's values: summed over places by the caller,
+                                                      e.g. by DistributedDataParallel's gradient all-reduce)
+
+The combine steps are callables ``combine_moments(local) -> stacked`` (``local`` of shape (k, 4, C), the
+result of shape (P, 4, C), every place's partials, in the same order everywhere) and
+``combine_sums(local) -> total`` (shape (2, C), summed over places). :func:`identity` is the one-process
+combine for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize
+from normlab.core.engine import update_running_stats
+from normlab.core.plan import Plan
+
+__all__ = [
+    "PACKED_DTYPE",
+    "identity",
+    "partial_moments",
+    "merge_moments",
+    "partial_grad_sums",
+    "apply_backward",
+    "CombinedNormalize",
+    "normalize_combined",
+]
+
+# Partial moments are packed in float64 whatever the input's dtype: the counts stay exact (to 2**53) and
+# the merge adds no rounding of its own; they are (4, C) values per place, so the cost is nothing.
+PACKED_DTYPE = torch.float64
+
+Combine = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """The combine step of a batch that lives in one place: its partials are all there is."""
+    return t
+
+
+def partial_moments(xv: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """This place's per-channel ``(n, s, d, M2)`` packed as a ``(1, 4, C)`` float64 tensor (see the module
+    docstring); an empty batch gives ``n = 0`` and zeros, which the merge ignores.
+
+    ``plan`` is a BatchNorm plan (one statistic per channel, axis 1); the shift and the centred moments
+    are :func:`~normlab.core.engine.moments`'.
+    """
+    c = plan.view_shape[1]
+    packed = torch.zeros(1, 4, c, dtype=PACKED_DTYPE, device=xv.device)
+    if xv.numel() == 0:
+        return packed
+    shift, mean_shifted, var, _ = moments(xv, plan)
+    packed[0, 0] = plan.count
+    packed[0, 1] = shift.reshape(c)
+    packed[0, 2] = mean_shifted.reshape(c)
+    packed[0, 3] = var.reshape(c).to(PACKED_DTYPE) * plan.count
+    return packed
+
+
+def merge_moments(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan's parallel merge of stacked partial moments ``(P, 4, C)`` into ``(N, K, D, σ²)`` per channel:
+    the total count, a common shift, the mean about it (μ = K + D) and the biased variance, in float64.
+
+    Every place computes the same result from the same stack, bit for bit (the order is the stack's). A
+    channel with no values anywhere gets N = 0, K = D = 0 and σ² = 1 (statistics of nothing, as in
+    :func:`~normlab.core.engine.moments`)."""
+    n, s, d, m2 = stacked.unbind(dim=1)
+    total = n.sum(dim=0)
+    first = (n > 0).to(torch.int8).argmax(dim=0, keepdim=True)  # the first non-empty partial per channel
+    common = s.gather(0, first)
+    about_common = (s - common) + d
+    weights = n / total.clamp(min=1)
+    mean = (weights * about_common).sum(dim=0)
+    spread = n * (about_common - mean) ** 2
+    var = (m2.sum(dim=0) + spread.sum(dim=0)) / total.clamp(min=1)
+    var = torch.where(total > 0, var, torch.ones_like(var))
+    return total, common.squeeze(0), mean, var
+
+
+def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """This place's per-channel ``(Σ g, Σ g·x̂)`` as a ``(2, C)`` tensor, g = γ ∂L/∂y (view shapes)."""
+    g = dy if weight is None else dy * weight
+    c = plan.view_shape[1]
+    sums = torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
+    return sums
+
+
+def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: float, plan: Plan):
+    """∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N) with sums and count over the whole batch (view shapes)."""
+    g = dy if weight is None else dy * weight
+    shape = plan.stat_shape
+    g_mean = (total_sums[0] / count).reshape(shape)
+    gx_mean = (total_sums[1] / count).reshape(shape)
+    return (g - g_mean - xhat * gx_mean) * rstd
+
+
+def _statistics(xv, plan: Plan, eps: float, combine_moments: Combine):
+    """Partial moments → combine → merge: ``(N, shift, mean_shifted, var, rstd)``, the last four in the
+    accumulation dtype and ``plan.stat_shape``."""
+    stacked = combine_moments(partial_moments(xv, plan))
+    total, common, mean, var = merge_moments(stacked)
+    acc = xv.dtype
+    shift, mean_shifted, var = (t.to(acc).reshape(plan.stat_shape) for t in (common, mean, var))
+    return float(total.max().item()), shift, mean_shifted, var, torch.rsqrt(var + eps)
+
+
+class CombinedNormalize(torch.autograd.Function):
+    """``y = CombinedNormalize.apply(x, γ, β, plan, eps, running, combine_moments, combine_sums, on_count)``:
+    BatchNorm's training step with the statistics of the whole batch of which ``x`` is one part.
+
+    ``running`` (or ``None``) is ``(running_mean, running_var, momentum)``, updated in place with the
+    merged statistics (unbiased with the total count) when that count is above 0. ``on_count(N)`` (or
+    ``None``) is called with the total count once it is known and before anything is written, so a caller
+    can refuse (e.g. a single value per channel over the whole batch)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan, eps: float, running, combine_moments, combine_sums, on_count):
+        acc = accumulation_dtype(x.dtype)
+        xv = _as_view(x, plan)
+        total, shift, mean_shifted, var, rstd = _statistics(xv, plan, eps, combine_moments)
+        if on_count is not None:
+            on_count(total)
+        xc = centre(xv, shift, mean_shifted)
+        y = normalize(xc, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+        if running is not None and total > 0:
+            update_running_stats(running[0], running[1], shift + mean_shifted, var, int(total), running[2])
+        ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
+        ctx.plan, ctx.total, ctx.combine_sums = plan, total, combine_sums
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _like_input(y, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        acc = accumulation_dtype(x.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dyv = _as_view(dy, plan)
+        xhat = centre(_as_view(x, plan), shift, mean_shifted) * rstd
+        w = _param(weight, plan, acc)
+        dx = dw = db = None
+        # Every place takes part in the combine whenever its backward runs, whatever it needs: a collective
+        # step must be entered by all places, and whether x needs a gradient may differ between them.
+        total_sums = ctx.combine_sums(partial_grad_sums(dyv, xhat, w, plan))
+        if need_x:
+            dx = _like_input(apply_backward(dyv, xhat, rstd, w, total_sums, max(ctx.total, 1.0), plan), x)
+        if need_w:
+            dw = (dyv * xhat).sum(dim=plan.param_sum_axes).reshape(weight.shape).to(weight.dtype)
+        if need_b:
+            db = dyv.sum(dim=plan.param_sum_axes).reshape(plan.param_shape).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def normalize_combined(x, weight, bias, plan: Plan, eps: float, running=None, combine_moments: Combine = identity,
+                       combine_sums: Combine = identity, on_count=None) -> torch.Tensor:
+    """BatchNorm training forward of ``x`` with statistics merged by ``combine_moments`` (and, in the
+    backward, gradient sums combined by ``combine_sums``); see :class:`CombinedNormalize`. With the
+    default identity steps it is BatchNorm on ``x`` alone."""
+    return CombinedNormalize.apply(x, weight, bias, plan, float(eps), running, combine_moments, combine_sums,
+                                   on_count)

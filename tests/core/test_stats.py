@@ -1,0 +1,110 @@
+"""The statistics seam: partial moments → combine → apply, against one BatchNorm over the whole batch."""
+
+import pytest
+import torch
+
+from normlab.core import stats
+from normlab.core.plan import batch_plan
+
+torch.manual_seed(0)
+
+
+def _bn(x, w, b, running=None, momentum=0.1):
+    rm, rv = running if running is not None else (None, None)
+    return torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=1e-5)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((7, 3), False), ((4, 3, 5), False), ((3, 4, 5, 2), False),
+                                                 ((3, 4, 5, 2), True), ((2, 3, 2, 3, 2), False)])
+def test_one_place_is_batchnorm(shape, channels_last):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+    runs = [(torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)) for _ in range(2)]
+    grads = []
+    for i, fn in enumerate((lambda *a: stats.normalize_combined(*a[:3], batch_plan(shape), 1e-5,
+                                                                (*runs[0], 0.1)),
+                            lambda *a: _bn(*a, running=runs[1]))):
+        xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y = fn(xi, wi, bi)
+        y.backward(dy)
+        grads.append((y, xi.grad, wi.grad, bi.grad))
+        if i == 0 and channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(*runs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def _split_run(x, w, b, sizes, dy, eps=1e-5):
+    """Run ``x`` split along N into ``sizes`` through the seam, each part with combine steps that see every
+    part's partials, as the ranks of a process group would; the parts' outputs and gradients concatenated."""
+    plan_of = lambda t: batch_plan(t.shape)  # noqa: E731
+    parts, dys = x.split(sizes), dy.split(sizes)
+    stacked = torch.cat([stats.partial_moments(p.reshape(p.shape), plan_of(p)) for p in parts])
+    total, common, mean, var = stats.merge_moments(stacked)
+    plan0 = plan_of(parts[0])
+    shift, mshift = common.reshape(plan0.stat_shape), mean.reshape(plan0.stat_shape)
+    rstd = torch.rsqrt(var.reshape(plan0.stat_shape) + eps)
+    sums = sum(stats.partial_grad_sums(d, (p - shift - mshift) * rstd, w.detach().reshape(plan0.param_view),
+                                       plan_of(p)) for p, d in zip(parts, dys))
+    ys, dxs, dws, dbs = [], [], [], []
+    for p, d in zip(parts, dys):
+        pi, wi, bi = p.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = stats.normalize_combined(pi, wi, bi, plan_of(p), eps, None, lambda local: stacked, lambda local: sums)
+        y.backward(d)
+        ys.append(y), dxs.append(pi.grad), dws.append(wi.grad), dbs.append(bi.grad)
+    return torch.cat(ys), torch.cat(dxs), sum(dws), sum(dbs)
+
+
+@pytest.mark.parametrize("sizes", [(5, 3, 0), (1, 1, 1), (0, 4), (2, 2, 2, 2)])
+def test_parts_merge_to_the_whole(sizes):
+    n = sum(sizes)
+    x = torch.randn(n, 3, 2, 2, dtype=torch.float64) * 3 - 1
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    ours = _split_run(x, w, b, sizes, dy)
+    xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y = _bn(xi, wi, bi)
+    y.backward(dy)
+    for got, want in zip(ours, (y, xi.grad, wi.grad, bi.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_merge_keeps_a_tiny_spread_about_a_large_mean():
+    """1e4 + 1e-2 · N(0, 1) in float32 split in uneven parts: E[x²] − E[x]² would lose the variance entirely
+    (1e8 against 1e-4); the merge keeps it to float32 rounding of the data."""
+    x64 = 1e4 + 1e-2 * torch.randn(1000, 2, dtype=torch.float64)
+    x = x64.float()
+    parts = x.split([600, 1, 0, 399])
+    stacked = torch.cat([stats.partial_moments(p, batch_plan(p.shape)) for p in parts])
+    total, common, mean, var = stats.merge_moments(stacked)
+    ref = x.double()  # the float32 data, exactly
+    assert total.tolist() == [1000.0, 1000.0]
+    torch.testing.assert_close(common + mean, ref.mean(0), rtol=0, atol=1e-10)
+    torch.testing.assert_close(var, ref.var(0, correction=0), rtol=1e-5, atol=0)
+    naive = (x * x).mean(0) - x.mean(0) ** 2  # what the merge must not be
+    assert (naive.double() - ref.var(0, correction=0)).abs().max() > 1e-3
+
+
+def test_no_values_anywhere():
+    stacked = torch.cat([stats.partial_moments(torch.empty(0, 3), batch_plan((0, 3)))] * 2)
+    total, common, mean, var = stats.merge_moments(stacked)
+    assert total.tolist() == [0.0] * 3 and var.tolist() == [1.0] * 3 and mean.tolist() == [0.0] * 3
+
+
+def test_on_count_sees_the_total_before_running_stats_change():
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def refuse(total):
+        assert total == 12.0
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        stats.normalize_combined(torch.randn(4, 3), None, None, batch_plan((4, 3)), 1e-5, (rm, rv, 0.1),
+                                 lambda local: torch.cat([local] * 3), stats.identity, refuse)
+    assert rm.eq(0).all() and rv.eq(1).all()

@@ -63,7 +63,8 @@ class _BatchNorm(_RunningStatsMixin):
         y = F._run(
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
             training or running_mean is None, factor,
-            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
+            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
+            eps_positive=training or running_mean is None, **epilogue,
         )
         if updating:
             self._count_batch(input)
@@ -87,7 +88,8 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
 
     Args:
         num_features: C, the number of channels.
-        eps: added to the variance for stability (> 0). Default 1e-5.
+        eps: added to the variance for stability (>= 0; > 0 to normalize with the batch's statistics, as
+            torch.nn requires). Default 1e-5.
         momentum: weight of the new batch in the running estimates, in [0, 1], or None. Default 0.1.
         affine: learn γ and β. Default True.
         track_running_stats: keep running estimates for eval mode. Default True.

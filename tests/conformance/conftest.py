@@ -74,6 +74,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xfail(strict=True, reason=marker.args[0]))
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Each test starts from the same random state, as PyTorch's TestCase seeds every test."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch) -> Impl:
     if request.param == "torch":

@@ -354,8 +354,13 @@ def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
     if composes():
         return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, None)[0]
     if forward_ad_active():
-        check_no_tangent(x, weight, bias, fixed_mean, fixed_var)
-        return NormalizeForwardAD.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
+        dual = _has_tangent(x) or _has_tangent(weight) or _has_tangent(bias)
+        if fixed_mean is not None:
+            if dual and (_has_tangent(fixed_mean) or _has_tangent(fixed_var)):
+                raise RuntimeError(FIXED_STATS_TANGENT_MESSAGE)
+            fixed_mean, fixed_var = _primal(fixed_mean), _primal(fixed_var)  # constants: no tangent to carry
+        if dual:
+            return NormalizeForwardAD.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
     if records_grad(x, weight, bias):
         return Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
     return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)[0]
@@ -437,7 +442,7 @@ class NormalizeForwardAD(Normalize):
     @staticmethod
     def jvp(ctx, dx, dw, db, *_):
         """The tangent of ``y`` from those of ``x``, γ and β (see the module docstring); the fixed
-        statistics' tangents are zeros here (:func:`check_no_tangent` refused any other)."""
+        statistics carry none (:func:`run_on` refused or removed theirs)."""
         x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
         return tangent(x, weight, shift, mean_shifted, rstd, dx, dw, db, ctx.plan, ctx.batch_stats)
 
@@ -454,12 +459,8 @@ def _has_tangent(t: torch.Tensor | None) -> bool:
     return t is not None and _forward_ad.unpack_dual(t).tangent is not None
 
 
-def check_no_tangent(x, weight, bias, fixed_mean, fixed_var) -> None:
-    """Refuse, as torch does, fixed statistics with a forward-mode tangent when the output would carry one."""
-    if (_has_tangent(fixed_mean) or _has_tangent(fixed_var)) and (
-        _has_tangent(x) or _has_tangent(weight) or _has_tangent(bias)
-    ):
-        raise RuntimeError(FIXED_STATS_TANGENT_MESSAGE)
+def _primal(t: torch.Tensor) -> torch.Tensor:
+    return _forward_ad.unpack_dual(t).primal
 
 
 def batched_tensor(t: torch.Tensor) -> bool:

@@ -86,6 +86,12 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     empty output and leaves the running estimates and ``num_batches_tracked`` unchanged (torch.nn counts
     it as a batch, which skews the cumulative average of ``momentum=None``).
 
+    Under ``torch.func.vmap`` the running estimates behave as for torch.nn's BatchNorm (torch.func docs,
+    "Patching Batch Norm"): in training they cannot take per-example statistics, so the call raises
+    torch's RuntimeError and leaves them unchanged; use eval mode, ``track_running_stats=False`` or
+    ``torch.func.replace_all_batch_norm_modules_(model)``. Forward-mode AD, batched gradients and the
+    other ``torch.func`` transforms work as for torch.nn.
+
     Args:
         num_features: C, the number of channels.
         eps: added to the variance for stability (>= 0; > 0 to normalize with the batch's statistics, as

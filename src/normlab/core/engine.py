@@ -321,12 +321,15 @@ def records_grad(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def composes() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active: then the
     engine runs its torch operations (:func:`forward_torch`) without the :class:`Normalize` node, and
     torch's own batching and differentiation rules of those operations apply. A few nanoseconds when no
     transform is active."""
-    return torch._C._are_functorch_transforms_active()
+    return _transforms_active()
 
 
 def forward_ad_active() -> bool:
@@ -336,7 +339,7 @@ def forward_ad_active() -> bool:
 
 def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
     """Normalize ``x`` with ``plan`` on the backend :func:`normlab.kernels.select` picks; see :func:`run_on`."""
-    if composes():
+    if _transforms_active():  # composes(), inline: this runs at every call
         return run_on(None, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
     return run_on(select_backend(x, plan, fixed_mean is None), x, weight, bias, fixed_mean, fixed_var, plan, eps,
                   running)
@@ -351,9 +354,9 @@ def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
     ``running``: ``(running_mean, running_var, momentum)`` to update in place with the batch's statistics
     (pass it only when the statistics come from a non-empty batch), or ``None``.
     """
-    if composes():
+    if _transforms_active():  # composes() and forward_ad_active(), inline: they run at every call
         return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, None)[0]
-    if forward_ad_active():
+    if _forward_ad._current_level >= 0:
         dual = _has_tangent(x) or _has_tangent(weight) or _has_tangent(bias)
         if fixed_mean is not None:
             if dual and (_has_tangent(fixed_mean) or _has_tangent(fixed_var)):

@@ -179,7 +179,8 @@ def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion:
         raise ValueError(
             f"{op}: normalizing with {source} statistics needs more than 1 value per statistic (Expected "
             f"more than 1 value per channel when training), got input of shape {shape}, which gives exactly "
-            f"one value per statistic. With a single value the mean equals the value, the variance is 0 and every output would be beta{consequence}. "
+            f"one value per statistic. With a single value the mean equals the value, the variance is 0 and "
+            f"every output would be beta{consequence}. "
             f"{suggestion}"
         )
 

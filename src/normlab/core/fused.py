@@ -6,8 +6,8 @@ again backward (ReLU's mask, then the add, then the normalization's backward). A
 (the numba kernels do for BatchNorm) applies the add and the ReLU to each value as it is normalized, and
 its backward masks ``dy`` by ``y > 0`` inside the closed-form passes, also writing the residual's
 gradient. Everywhere else — the torch engine, plans a backend does not fuse, a residual that would
-broadcast or change the dtype, forward-mode AD and ``torch.func`` transforms — :func:`normalize_relu` composes :class:`~normlab.core.engine.Normalize`
-with :func:`torch.relu`, which is the definition.
+broadcast or change the dtype, forward-mode AD and ``torch.func`` transforms — :func:`normalize_relu`
+composes :class:`~normlab.core.engine.Normalize` with :func:`torch.relu`, which is the definition.
 """
 
 from __future__ import annotations

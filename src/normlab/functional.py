@@ -49,6 +49,7 @@ def _run(
     guard: bool | None = None,
     on_skip: Callable[[str], None] | None = None,
     unbiased: bool = True,
+    eps_positive: bool = False,
 ) -> torch.Tensor:
     """Check, then normalize through the engine, which updates the running statistics (if any) once the
     batch's are computed.
@@ -58,9 +59,10 @@ def _run(
     ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``. ``guard`` (``None``: the global
     setting) skips the running update of a batch whose statistics are not finite
     (:mod:`normlab.core.guard`); ``on_skip(op)`` is then called (default: a warning). ``unbiased=False``
-    stores the biased batch variance in ``running_var`` (Keras' and Flax's convention).
+    stores the biased batch variance in ``running_var`` (Keras' and Flax's convention). ``eps_positive``:
+    refuse eps = 0 (batch normalization with the batch's statistics, as torch does).
     """
-    checks.check_eps(eps, op)
+    checks.check_eps(eps, op, positive=eps_positive)
     if residual is not None:
         checks.check_residual(residual, x, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
@@ -75,7 +77,7 @@ def _run(
         fixed_mean = fixed_var = None
     else:
         if running_mean is None:
-            raise ValueError(
+            raise checks.InputError(
                 f"{op}: running_mean and running_var are needed to normalize without batch statistics "
                 f"(evaluation mode). Pass them, or normalize with batch statistics (training=True)."
             )
@@ -247,13 +249,17 @@ def ghost_batch_norm(
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):
-    """:func:`batch_norm` (or, with ``relu=True``, :func:`batch_norm_relu`) whose errors name ``op``."""
+    """:func:`batch_norm` (or, with ``relu=True``, :func:`batch_norm_relu`) whose errors name ``op``.
+    A 1-D empty input gives an empty output, as in torch."""
     checks.check_floating(input, op)
+    if input.dim() == 1 and input.numel() == 0:
+        return _batch_norm(op, input.reshape(0, 0), running_mean, running_var, weight, bias, training, momentum,
+                           eps, **epilogue).reshape(input.shape)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     use_batch_stats = training or (running_mean is None and running_var is None)
     return _run(
         op, input, batch_plan(input.shape), weight, bias, eps, running_mean, running_var,
-        use_batch_stats, momentum, checks.BN_SUGGESTION, **epilogue,
+        use_batch_stats, momentum, checks.BN_SUGGESTION, eps_positive=bool(training), **epilogue,
     )
 
 
@@ -303,7 +309,13 @@ def group_norm(
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C, *spatial)")
     checks.check_groups(num_groups, input.shape[1], op)
-    return _run(op, input, group_plan(input.shape, num_groups), weight, bias, eps)
+    plan = group_plan(input.shape, num_groups)
+    # torch refuses (a ValueError) one sample with a channel per group and no spatial extent, and only that:
+    # other groups of a single value (e.g. (2, 1) in one group) are normalized to β.
+    if input.numel() > 0 and input.numel() // num_groups == 1:
+        checks.check_enough_values(1, op, tuple(input.shape), checks.GN_SUGGESTION, running=False,
+                                   source="the input's")
+    return _run(op, input, plan, weight, bias, eps)
 
 
 def layer_norm(
@@ -319,9 +331,17 @@ def layer_norm(
     checks.check_floating(input, op)
     shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
-        raise ValueError(
+        example = (f"e.g. LayerNorm({list(input.shape[-1:])}) for the last one" if input.dim() > 0 else
+                   "e.g. input.reshape(1) with LayerNorm([1]); a 0-d input has no dimension to normalize over")
+        if len(shape) == 0:
+            raise checks.InputError(
+                f"layer_norm: normalized_shape must have at least one dimension (Expected normalized_shape to be "
+                f"at least 1-dimensional), got {list(shape)}; give the trailing dimension(s) of the input of shape "
+                f"{tuple(input.shape)} to normalize over, {example}."
+            )
+        raise checks.InputError(
             f"layer_norm: normalized_shape={list(shape)} must match the trailing dimensions of the "
             f"input, got input of shape {tuple(input.shape)}. Build LayerNorm with the last "
-            f"dimension(s) of your input, e.g. LayerNorm({list(input.shape[-1:])})."
+            f"dimension(s) of your input, {example}."
         )
     return _run(op, input, layer_plan(input.shape, shape), weight, bias, eps)

@@ -66,3 +66,17 @@ def test_exported_layer_matches_eager():
     x = torch.randn(2, 4, 3, 3)
     exported = torch.export.export(layer, (x,))
     torch.testing.assert_close(exported.module()(x), layer(x))
+
+
+def test_compiled_layer_norm_over_the_whole_input():
+    """LayerNorm whose normalized_shape is the whole input (no batch axis): the compiled gradients, with a
+    graph kept for them, are torch.nn's (a sum over no axes is not a sum over every axis)."""
+    ln, ref = nl.LayerNorm([2, 3]).double(), torch.nn.LayerNorm([2, 3]).double()
+    compiled = torch.compile(ln, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn(2, 3, dtype=torch.double)
+    ours = torch.autograd.grad(compiled(x), (x, ln.weight, ln.bias), g, create_graph=True)
+    theirs = torch.autograd.grad(ref(x_ref), (x_ref, ref.weight, ref.bias), g, create_graph=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)

@@ -64,3 +64,10 @@ def test_a_layer_used_twice_stays_one_layer():
     assert isinstance(model[0], nl.BatchNorm2d)
     back = nl.convert(model, to="torch")
     assert back[0] is back[2] is back[3][0] and type(back[0]) is torch.nn.BatchNorm2d
+
+
+def test_convert_takes_eps_zero_where_torch_does():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4, eps=0.0), torch.nn.GroupNorm(2, 4, eps=0.0)).double()
+    converted = nl.convert(copy.deepcopy(model))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))

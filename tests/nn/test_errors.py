@@ -54,14 +54,58 @@ def test_integer_and_bool_inputs(layer, dtype):
     _assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])
 def test_bad_eps(eps):
     for make in (lambda: nl.BatchNorm2d(3, eps=eps), lambda: nl.LayerNorm(3, eps=eps),
                  lambda: nl.GroupNorm(1, 3, eps=eps), lambda: nl.InstanceNorm1d(3, eps=eps)):
-        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             make()
     with pytest.raises(ValueError, match="eps"):
         F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+
+
+def test_eps_zero_is_accepted_where_torch_accepts_it():
+    """torch accepts eps=0 everywhere but in batch normalization with the batch's statistics."""
+    x = torch.randn(4, 3, 5)
+    for ours, theirs in ((nl.LayerNorm(5, eps=0.0), torch.nn.LayerNorm(5, eps=0.0)),
+                         (nl.GroupNorm(3, 3, eps=0.0), torch.nn.GroupNorm(3, 3, eps=0.0)),
+                         (nl.InstanceNorm1d(3, eps=0.0), torch.nn.InstanceNorm1d(3, eps=0.0)),
+                         (nl.BatchNorm1d(3, eps=0.0).eval(), torch.nn.BatchNorm1d(3, eps=0.0).eval())):
+        torch.testing.assert_close(ours(x), theirs(x))
+    bn = nl.BatchNorm1d(3, eps=0.0)
+    before = _state(bn)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        bn(x)
+    _assert_unchanged(bn, before)
+
+
+def test_errors_are_instances_of_torchs_exception_types():
+    """normlab's ValueErrors for what torch reports as RuntimeError are RuntimeErrors too."""
+    x = torch.randn(4, 3, 5)
+    for call in (lambda: F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True),
+                 lambda: F.group_norm(x, 2), lambda: F.layer_norm(x, (4,)), lambda: nl.LayerNorm(())(x),
+                 lambda: nl.BatchNorm1d(4)(x)):
+        with pytest.raises(RuntimeError):
+            call()
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(NotImplementedError):
+        nl.BatchNorm1d(3)(torch.ones(4, 3, dtype=torch.long))
+
+
+def test_group_norm_with_one_value_per_group_is_refused_like_torch():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nl.GroupNorm(10, 10)(torch.randn(1, 10, 1))
+
+
+def test_unbatched_instance_norm_reports_the_users_shape():
+    with pytest.raises(ValueError, match=r"dim 0 of shape \(3, 5\)"):
+        nl.InstanceNorm1d(4, affine=True)(torch.randn(3, 5))
+
+
+def test_layer_norm_of_no_dimensions_suggests_a_valid_shape():
+    with pytest.raises(RuntimeError, match=r"at least one dimension.*LayerNorm\(\[5\]\)"):
+        nl.LayerNorm(())(torch.randn(4, 5))
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])

@@ -136,3 +136,18 @@ def test_residual_gradient_when_the_input_needs_none(shape):
     torch.relu(theirs(x) + rb).backward(dy)
     torch.testing.assert_close(ra.grad, rb.grad, **TOL[torch.float32])
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_forward_ad_batched_grads_and_vmap(add):
+    """The fused layers give forward-mode tangents and batched gradients (composed where the fused node
+    cannot), and run under torch.func.vmap in eval mode."""
+    ours, _ = _layers(add, torch.float64)
+    x = torch.randn(4, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    inputs = (x, torch.randn_like(x).requires_grad_(True)) if add else (x,)
+    assert torch.autograd.gradcheck(ours, inputs, check_forward_ad=True, check_batched_grad=True)
+    ours.eval()
+    batched = [t.detach().unsqueeze(0).expand(3, *t.shape) * torch.arange(1.0, 4.0).view(3, 1, 1, 1, 1)
+               for t in inputs]
+    out = torch.func.vmap(ours)(*batched)
+    torch.testing.assert_close(out, torch.stack([ours(*(b[i] for b in batched)) for i in range(3)]))

@@ -2,6 +2,12 @@
 
 Every check raises before anything is computed or any running statistic is touched, and every
 message says what was wrong and what to do about it.
+
+The exceptions are instances of the type torch raises for the same mistake: where normlab's type is more
+specific than torch's (a ValueError for a tensor of the wrong shape, where torch raises RuntimeError; a
+TypeError for integer data, where torch raises NotImplementedError) it is :class:`InputError` or
+:class:`DTypeError`, a subclass of both, so that ``except RuntimeError`` written for torch.nn and
+``except ValueError`` written for normlab both catch it.
 """
 
 from __future__ import annotations
@@ -12,13 +18,22 @@ import numbers
 import torch
 
 
+class InputError(ValueError, RuntimeError):
+    """A tensor or argument of the wrong shape or kind: a ValueError, and the RuntimeError torch raises."""
+
+
+class DTypeError(TypeError, NotImplementedError):
+    """Integer or bool data where normalization needs floating point: a TypeError, and torch's
+    NotImplementedError (a RuntimeError) for the same input."""
+
+
 def check_floating(x: torch.Tensor, op: str, name: str = "input") -> None:
     if type(x) is torch.Tensor and x.is_floating_point():  # the common case, without the isinstance machinery
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}.")
     if not x.dtype.is_floating_point:
-        raise TypeError(
+        raise DTypeError(
             f"{op}: {name} has dtype {x.dtype}, but normalization needs a floating-point tensor "
             f"(mean and variance are not defined for integer or bool data). Convert it first, "
             f"e.g. {name}.float(), or .to(torch.float16 / torch.bfloat16) for half precision."
@@ -47,17 +62,23 @@ def check_residual(residual: torch.Tensor, x: torch.Tensor, op: str) -> None:
         )
 
 
-def check_eps(eps: float, op: str, added_to_scale: bool = False) -> None:
-    """eps is a finite number > 0, added to the variance under the square root; ``added_to_scale``: added
-    to a scale the input is divided by (ℓp batch norm), where 0 is allowed too."""
-    if type(eps) is float and (0.0 <= eps if added_to_scale else 0.0 < eps) and eps < math.inf:
+def check_eps(eps: float, op: str, added_to_scale: bool = False, positive: bool = False) -> None:
+    """eps is a finite number >= 0, added to the variance under the square root (0, as torch allows it,
+    leaves a constant channel at 0/0); ``positive``: > 0, as torch requires for batch normalization with
+    the batch's statistics; ``added_to_scale``: added to a scale the input is divided by (ℓp batch norm)."""
+    if type(eps) is float and (0.0 < eps if positive else 0.0 <= eps) and eps < math.inf:
         return  # the common case; NaN fails every comparison and is refused below
     number = not isinstance(eps, bool) and isinstance(eps, numbers.Real) and math.isfinite(eps)
     if added_to_scale:
         ok, bound, why = number and eps >= 0, ">= 0", (
             "it is added to the ℓp scale, keeping the division finite for a constant channel when > 0")
+    elif positive:
+        ok, bound, why = number and eps > 0, "> 0", (
+            "batch_norm eps must be positive during training: it keeps 1/sqrt(var + eps) finite for a channel "
+            "whose values in the batch are all equal")
     else:
-        ok, bound, why = number and eps > 0, "> 0", "it keeps 1/sqrt(var + eps) finite for a channel with zero variance"
+        ok, bound, why = number and eps >= 0, ">= 0", (
+            "it is added to the variance under the square root; with 0 a constant channel gives 0/0")
     if not ok:
         raise ValueError(f"{op}: eps must be a finite number {bound} ({why}), got {eps!r}. The usual value is 1e-5.")
 
@@ -97,11 +118,12 @@ def check_min_ndim(x: torch.Tensor, op: str, min_dim: int, layout: str) -> None:
         )
 
 
-def check_channels(x: torch.Tensor, expected: int, op: str, what: str = "num_features") -> None:
-    got = x.shape[1]
+def check_channels(x: torch.Tensor, expected: int, op: str, what: str = "num_features", dim: int = 1) -> None:
+    """The input's channel axis (``dim``: 1, or 0 for an unbatched input) has the layer's size."""
+    got = x.shape[dim]
     if got != expected:
-        raise ValueError(
-            f"{op}: the input has {got} channels (dim 1 of shape {tuple(x.shape)}) but the layer was "
+        raise InputError(
+            f"{op}: the input has {got} channels (dim {dim} of shape {tuple(x.shape)}) but the layer was "
             f"built with {what}={expected}. Build the layer with {what}={got}, or check that the "
             f"preceding layer outputs {expected} channels (channels must be dim 1, even for "
             f"channels_last tensors)."
@@ -114,7 +136,7 @@ def check_param(p: torch.Tensor | None, shape: tuple[int, ...], op: str, name: s
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor or None, got {type(p).__name__}.")
     if p.shape != shape:
-        raise ValueError(
+        raise InputError(
             f"{op}: {name} has shape {tuple(p.shape)}, but this input needs shape {tuple(shape)} "
             f"(one value per normalized feature)."
         )
@@ -133,30 +155,32 @@ def check_running(mean: torch.Tensor | None, var: torch.Tensor | None, channels:
     check_param(var, (channels,), op, "running_var")
     for name, t in (("running_mean", mean), ("running_var", var)):
         if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
+            raise InputError(
                 f"{op}: {name} requires grad, but normalization does not differentiate with respect to the "
                 f"running statistics (they are constants in eval mode and updated in place in training), so its "
                 f"gradient would silently stay None. Pass {name}.detach(), or normalize with batch statistics "
                 f"if the gradient should flow through the statistics."
             )
         if 0 in t.stride() and t.numel() > 1:
-            raise ValueError(
+            raise InputError(
                 f"{op}: {name} is an expanded view (a stride of 0), so its entries share memory and cannot "
                 f"be updated in place. Pass a tensor of its own, e.g. {name}.clone()."
             )
 
 
-def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str, running: bool = True) -> None:
+def check_enough_values(count: int, op: str, shape: tuple[int, ...], suggestion: str, running: bool = True,
+                        source: str = "the batch's") -> None:
     """Statistics over a single value are meaningless: the mean is the value, the variance is 0.
-    ``running``: whether running statistics would be updated with them."""
+    ``running``: whether running statistics would be updated with them; ``source``: whose statistics."""
     if count == 1:
         consequence = (
             ", and the running variance (unbiased, divides by m - 1 = 0) would become inf" if running else ""
         )
         raise ValueError(
-            f"{op}: normalizing with the batch's statistics needs more than 1 value per statistic, got input "
-            f"of shape {shape}, which gives exactly one value per statistic. With a single value the batch "
-            f"mean equals the value, the variance is 0 and every output would be beta{consequence}. "
+            f"{op}: normalizing with {source} statistics needs more than 1 value per statistic (Expected "
+            f"more than 1 value per channel when training), got input of shape {shape}, which gives exactly "
+            f"one value per statistic. With a single value the mean equals the value, the variance is 0 and "
+            f"every output would be beta{consequence}. "
             f"{suggestion}"
         )
 
@@ -173,12 +197,20 @@ BN_NO_RUNNING_SUGGESTION = (
 )
 
 
+GN_SUGGESTION = (
+    "A single sample whose groups hold one channel and no spatial positions, which torch.nn refuses too: "
+    "use fewer groups, or a batch of more than one sample."
+)
+
+
 def check_groups(num_groups: int, channels: int, op: str) -> None:
+    """``num_groups`` divides ``channels``; an :class:`InputError` (torch's F.group_norm raises RuntimeError,
+    its GroupNorm constructor ValueError)."""
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
-        raise ValueError(f"{op}: num_groups must be a positive integer, got {num_groups!r}.")
+        raise InputError(f"{op}: num_groups must be a positive integer, got {num_groups!r}.")
     if channels % num_groups != 0:
         divisors = [g for g in range(1, channels + 1) if channels % g == 0]
-        raise ValueError(
+        raise InputError(
             f"{op}: num_groups={num_groups} does not divide the {channels} channels; every group must "
             f"hold the same number of channels. Valid choices for {channels} channels: {divisors}."
         )

@@ -20,6 +20,15 @@ into the closed form::
 When the statistics are fixed (inference with running statistics) they are constants and
 ∂L/∂x_i = rstd · g_i.
 
+Forward mode (``torch.autograd.forward_ad``). The Jacobian of x̂ with respect to x, over one statistic,
+is rstd · (I − 11ᵀ/m − x̂x̂ᵀ/m): symmetric, so the tangent of x̂ is the closed form above applied to
+the tangent ẋ, and with the tangents γ̇, β̇ of the parameters::
+
+    ẏ = γ · rstd · ( ẋ − mean(ẋ) − x̂ · mean(ẋ ⊙ x̂) ) + γ̇ · x̂ + β̇      (batch statistics)
+    ẏ = γ · rstd · ẋ + γ̇ · x̂ + β̇                                      (fixed statistics)
+
+Fixed statistics are constants: a tangent on them is refused, as torch refuses it.
+
 Running statistics, in training, are updated by the engine itself (:func:`update_running_stats`, or,
 where the backend can, inside the kernel that computes the batch's statistics), once those are computed:
 a call that raises before that leaves them untouched, and a guarded call
@@ -38,6 +47,7 @@ large mean and a tiny spread keeps its variance (see :func:`moments`).
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from normlab.core.guard import finite_statistics
 from normlab.core.plan import Plan
@@ -54,9 +64,13 @@ __all__ = [
     "backward_torch",
     "compute_forward",
     "records_grad",
+    "composes",
+    "forward_ad_active",
+    "batched_tensor",
     "run",
     "run_on",
     "Normalize",
+    "NormalizeForwardAD",
 ]
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -157,9 +171,9 @@ def normalize_backward(
     xhat = xc * rstd
     dx = dw = db = None
     if need_w:
-        dw = (dy * xhat).sum(dim=plan.param_sum_axes)
+        dw = _sum_over(dy * xhat, plan.param_sum_axes)
     if need_b:
-        db = dy.sum(dim=plan.param_sum_axes)
+        db = _sum_over(dy, plan.param_sum_axes)
     if need_x:
         g = dy if weight is None else dy * weight
         if batch_stats:
@@ -169,6 +183,23 @@ def normalize_backward(
         else:
             dx = g * rstd
     return dx, dw, db
+
+
+def _sum_over(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """``t`` summed over ``axes``; no axes (LayerNorm over the whole input): ``t`` itself, where
+    ``t.sum(dim=())`` would sum over everything."""
+    return t.sum(dim=axes) if axes else t
+
+
+VMAP_RUNNING_MESSAGE = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched. If you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False. If you are using a prebuilt module and do not need eval mode, please "
+    "see the functorch website for resources on how to patch your module to work with vmap "
+    "(torch.func.replace_all_batch_norm_modules_, or the module in eval mode)."
+)
+"""torch's own refusal (a RuntimeError) when running statistics would be updated in place under
+``torch.func.vmap`` with per-example statistics; the running statistics are left as they were."""
 
 
 @torch.no_grad()
@@ -188,6 +219,12 @@ def update_running_stats(
     The variance stored is the *unbiased* one, ``m/(m − 1) · σ²``, so that the running variance estimates
     the population variance (``unbiased=False``: σ² itself, Keras' and Flax's convention). Where each sample has its own statistics (InstanceNorm) the batch statistic
     is their average over the batch.
+
+    Both new values are computed before either buffer is written, so an update refused part-way leaves
+    both as they were: under ``torch.func.vmap`` a batched statistic cannot be written into unbatched
+    buffers, and the call raises torch's RuntimeError for BatchNorm under vmap
+    (:data:`VMAP_RUNNING_MESSAGE`), as torch.nn does; under ``torch.func.grad``/``jvp`` writing into a
+    buffer captured from outside raises functorch's own RuntimeError, as it does for torch.nn.
     """
     c = running_mean.shape[0]
     batch_mean, batch_var = mean.reshape(-1, c), var.reshape(-1, c)
@@ -197,8 +234,16 @@ def update_running_stats(
     batch_mean, batch_var = batch_mean.reshape(c).to(running_mean.dtype), batch_var.to(running_var.dtype)
     if guarded and not finite_statistics(batch_mean, batch_var):
         return False
-    running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
-    running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum)
+    # both new values are computed before either buffer is written (a refused write under vmap changes nothing)
+    new_mean = torch.add(running_mean * (1.0 - momentum), batch_mean, alpha=momentum)
+    new_var = torch.add(running_var * (1.0 - momentum), batch_var, alpha=momentum)
+    try:
+        running_mean.copy_(new_mean)
+    except RuntimeError as e:
+        if "vmap" in str(e):
+            raise RuntimeError(VMAP_RUNNING_MESSAGE) from e
+        raise
+    running_var.copy_(new_var)
     return True
 
 
@@ -288,8 +333,26 @@ def records_grad(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def composes() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active: then the
+    engine runs its torch operations (:func:`forward_torch`) without the :class:`Normalize` node, and
+    torch's own batching and differentiation rules of those operations apply. One C call (tens of
+    nanoseconds) when no transform is active."""
+    return _transforms_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (some input may carry a tangent)."""
+    return _forward_ad._current_level >= 0
+
+
 def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
     """Normalize ``x`` with ``plan`` on the backend :func:`normlab.kernels.select` picks; see :func:`run_on`."""
+    if _transforms_active():  # composes(), inline: this runs at every call
+        return run_on(None, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
     return run_on(select_backend(x, plan, fixed_mean is None), x, weight, bias, fixed_mean, fixed_var, plan, eps,
                   running)
 
@@ -297,11 +360,22 @@ def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=
 def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
     """``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
     autograd records nothing (inference, ``torch.no_grad()``) the same forward without an autograd node,
-    which would cost more than the normalization of a small tensor.
+    which would cost more than the normalization of a small tensor. Under a ``torch.func`` transform
+    (:func:`composes`) the torch operations of :func:`forward_torch`, recorded by the transform itself.
 
     ``running``: ``(running_mean, running_var, momentum)`` to update in place with the batch's statistics
     (pass it only when the statistics come from a non-empty batch), or ``None``.
     """
+    if _transforms_active():  # composes() and forward_ad_active(), inline: they run at every call
+        return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, None)[0]
+    if _forward_ad._current_level >= 0:
+        dual = _has_tangent(x) or _has_tangent(weight) or _has_tangent(bias)
+        if fixed_mean is not None:
+            if dual and (_has_tangent(fixed_mean) or _has_tangent(fixed_var)):
+                raise RuntimeError(FIXED_STATS_TANGENT_MESSAGE)
+            fixed_mean, fixed_var = _primal(fixed_mean), _primal(fixed_var)  # constants: no tangent to carry
+        if dual:
+            return NormalizeForwardAD.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
     if records_grad(x, weight, bias):
         return Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
     return compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)[0]
@@ -329,17 +403,26 @@ class Normalize(torch.autograd.Function):
 
     The backward is the closed form above. When a graph is requested for it (``create_graph=True``,
     e.g. for gradient penalties) it always runs :func:`backward_torch`, which recomputes the statistics
-    from ``x`` with differentiable operations, so double backward sees their dependence on ``x``.
+    from ``x`` with differentiable operations, so double backward sees their dependence on ``x``; so does
+    a backward given a batch of gradients at once (``torch.autograd.grad(..., is_grads_batched=True)``,
+    gradcheck's batched-gradient check), whose ``dy`` only torch operations can take. The forward-mode
+    derivative is :class:`NormalizeForwardAD`'s.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
+        y, saved = Normalize._compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    def _compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
+        """``y`` and the tensors the derivatives need, ``(x, γ, shift, mean_shifted, rstd)``; the rest on ``ctx``."""
         y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
                                                          backend)
-        ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return y, (x, weight, shift, mean_shifted, rstd)
 
     @staticmethod
     def backward(ctx, dy):
@@ -348,7 +431,7 @@ class Normalize(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
             return None, None, None, None, None, None, None, None, None
-        if ctx.backend is not None and not torch.is_grad_enabled():
+        if ctx.backend is not None and not torch.is_grad_enabled() and not batched_tensor(dy):
             dx, dw, db = ctx.backend.backward(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need)
         else:
             dx, dw, db = backward_torch(dy, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need, ctx.eps)
@@ -356,3 +439,69 @@ class Normalize(torch.autograd.Function):
                 dx = _like_input(dx, x)
         dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
         return dx, dw, db, None, None, None, None, None, None
+
+
+class NormalizeForwardAD(Normalize):
+    """:class:`Normalize` with the forward-mode derivative (:meth:`jvp`, the formula of the module docstring,
+    computed with torch operations from the statistics the backend saved), used while a
+    ``torch.autograd.forward_ad.dual_level`` is open: torch.compile cannot trace a Function with a
+    ``jvp``, so :class:`Normalize` itself has none."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
+        y, saved = Normalize._compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        return y
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, *_):
+        """The tangent of ``y`` from those of ``x``, γ and β (see the module docstring); the fixed
+        statistics carry none (:func:`run_on` refused or removed theirs)."""
+        x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
+        return tangent(x, weight, shift, mean_shifted, rstd, dx, dw, db, ctx.plan, ctx.batch_stats)
+
+
+FIXED_STATS_TANGENT_MESSAGE = (
+    "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined "
+    "(normalization uses the running statistics as constants; pass them without a tangent, e.g. "
+    "torch.autograd.forward_ad.unpack_dual(running_mean).primal)"
+)
+"""torch's refusal (a RuntimeError) of a forward-mode tangent on the running statistics."""
+
+
+def _has_tangent(t: torch.Tensor | None) -> bool:
+    return t is not None and _forward_ad.unpack_dual(t).tangent is not None
+
+
+def _primal(t: torch.Tensor) -> torch.Tensor:
+    return _forward_ad.unpack_dual(t).primal
+
+
+def batched_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batch of tensors under vmap (``is_grads_batched`` runs the backward that way)."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
+
+
+def tangent(x, weight, shift, mean_shifted, rstd, dx, dw, db, plan: Plan, batch_stats: bool):
+    """ẏ from the tangents ``dx``, ``dw``, ``db`` (each may be ``None``) and the statistics saved by the
+    forward, in ``x``'s shape, dtype and memory format; ``None`` where no input has a tangent."""
+    if dx is None and dw is None and db is None:
+        return None
+    acc = accumulation_dtype(x.dtype)
+    shift, mean_shifted, rstd = (_stat_view(t, plan) for t in (shift, mean_shifted, rstd))
+    xc = centre(_as_view(x, plan), shift, mean_shifted)
+    dy = None
+    if dx is not None:
+        # P ẋ, P the (symmetric) Jacobian of x̂; γ varies along the reduced axes for LayerNorm, so it is
+        # applied after the projection here, where the backward applies it before.
+        dy = normalize_backward(_as_view(dx, plan), xc, rstd, None, plan, batch_stats, (True, False, False))[0]
+        if weight is not None:
+            dy = dy * _param(weight, plan, acc)
+    if dw is not None:
+        term = xc * rstd * _param(dw, plan, acc)
+        dy = term if dy is None else dy + term
+    if db is not None:
+        term = _param(db, plan, acc).expand(xc.shape)
+        dy = term if dy is None else dy + term
+    return _like_input(dy, x)

@@ -6,15 +6,18 @@ again backward (ReLU's mask, then the add, then the normalization's backward). A
 (the numba kernels do for BatchNorm) applies the add and the ReLU to each value as it is normalized, and
 its backward masks ``dy`` by ``y > 0`` inside the closed-form passes, also writing the residual's
 gradient. Everywhere else — the torch engine, plans a backend does not fuse, a residual that would
-broadcast or change the dtype — :func:`normalize_relu` composes :class:`~normlab.core.engine.Normalize`
-with :func:`torch.relu`, which is the definition.
+broadcast or change the dtype, forward-mode AD and ``torch.func`` transforms — :func:`normalize_relu`
+composes :class:`~normlab.core.engine.Normalize` with :func:`torch.relu`, which is the definition.
 """
 
 from __future__ import annotations
 
 import torch
 
-from normlab.core.engine import backward_torch, compute_forward, finish_param_grads, records_grad, run_on
+from normlab.core.engine import (
+    backward_torch, batched_tensor, composes, compute_forward, finish_param_grads, forward_ad_active, records_grad,
+    run_on,
+)
 from normlab.core.plan import Plan
 from normlab.kernels.dispatch import select as select_backend
 
@@ -47,7 +50,7 @@ class NormalizeReLU(torch.autograd.Function):
         x, weight, shift, mean_shifted, rstd, y = ctx.saved_tensors
         plan: Plan = ctx.plan
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or batched_tensor(dy):
             dres = dy * (y > 0)
             dx, dw, db = backward_torch(dres, x, weight, shift, mean_shifted, rstd, plan, ctx.batch_stats, need,
                                         ctx.eps)
@@ -78,8 +81,8 @@ def _fusable(backend, x: torch.Tensor, residual: torch.Tensor | None, plan: Plan
 def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
     """``relu(y + residual)`` where :func:`~normlab.core.engine.run` would give ``y``; fused when the
     backend chosen for ``x`` can (see the module docstring). ``running`` as for ``run``."""
-    backend = select_backend(x, plan, fixed_mean is None)
-    if not _fusable(backend, x, residual, plan):
+    backend = None if composes() else select_backend(x, plan, fixed_mean is None)
+    if not _fusable(backend, x, residual, plan) or forward_ad_active():  # the fused node has no jvp
         y = run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
         return torch.relu(y if residual is None else y + residual)
     if records_grad(x, residual, weight, bias):

@@ -154,6 +154,7 @@ class _BatchNorm(_RunningStatsMixin):
             name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
             training or running_mean is None, factor,
             checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
+            eps_positive=training or running_mean is None,
             guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
             unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
         )
@@ -180,9 +181,16 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     in ``num_batches_skipped`` instead. A checkpointed segment's recomputation does not update them either
     (:mod:`normlab.nn.once`).
 
+    Under ``torch.func.vmap`` the running estimates behave as for torch.nn's BatchNorm (torch.func docs,
+    "Patching Batch Norm"): in training they cannot take per-example statistics, so the call raises
+    torch's RuntimeError and leaves them unchanged; use eval mode, ``track_running_stats=False`` or
+    ``torch.func.replace_all_batch_norm_modules_(model)``. Forward-mode AD, batched gradients and the
+    other ``torch.func`` transforms work as for torch.nn.
+
     Args:
         num_features: C, the number of channels.
-        eps: added to the variance for stability (> 0). Default 1e-5.
+        eps: added to the variance for stability (>= 0; > 0 to normalize with the batch's statistics, as
+            torch.nn requires). Default 1e-5.
         momentum: weight of the new batch in the running estimates, in [0, 1], or None. Default 0.1.
         affine: learn γ and β. Default True.
         track_running_stats: keep running estimates for eval mode. Default True.

@@ -23,7 +23,7 @@ class LayerNorm(nn.LayerNorm):
 
     Args:
         normalized_shape: int or shape of the trailing dimensions to normalize over.
-        eps: > 0, default 1e-5.
+        eps: >= 0, default 1e-5.
         elementwise_affine: learn γ (and β). Default True.
         bias: learn β too (when ``elementwise_affine``). Default True.
 
@@ -58,7 +58,7 @@ class GroupNorm(nn.GroupNorm):
     Args:
         num_groups: number of groups; must divide ``num_channels``.
         num_channels: C.
-        eps: > 0, default 1e-5.
+        eps: >= 0, default 1e-5.
         affine: learn per-channel γ and β. Default True.
 
     Shape: input (N, C, *); output the same shape.

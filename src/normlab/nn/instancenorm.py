@@ -26,15 +26,17 @@ class _InstanceNorm(_RunningStatsMixin):
         shape = "(N, C, " + ", ".join("DHW"[3 - self._spatial:]) + ")" if self._spatial > 1 else "(N, C, L)"
         checks.check_ndim(input, name, (batched - 1, batched), f"of shape {shape} or the same without N")
         unbatched = input.dim() == batched - 1
-        x = input.unsqueeze(0) if unbatched else input
-        if x.shape[1] != self.num_features:
+        channel_dim = 0 if unbatched else 1
+        if input.shape[channel_dim] != self.num_features:
             if self.affine or self.track_running_stats:
-                checks.check_channels(x, self.num_features, name)
+                checks.check_channels(input, self.num_features, name, dim=channel_dim)
             warnings.warn(
-                f"{name}: input has {x.shape[1]} channels but num_features={self.num_features}; "
-                f"without affine parameters or running statistics num_features is not used.",
+                f"{name}: input's size at dim={channel_dim} does not match num_features ({input.shape[channel_dim]} "
+                f"channels, num_features={self.num_features}). You can silence this warning by not passing in "
+                f"num_features, which is not used because affine=False and track_running_stats=False.",
                 stacklevel=2,
             )
+        x = input.unsqueeze(0) if unbatched else input
         # As in torch.nn: momentum=None leaves InstanceNorm's running statistics unchanged. Not updated on a
         # checkpointed segment's recomputation, nor after the first call inside update_once.
         batch_stats = self.training or not self.track_running_stats
@@ -54,7 +56,7 @@ _DOC = r"""Instance normalization over a {rank}D input {shape}: statistics per s
         y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma + \beta
 
     Args:
-        num_features: C. eps: > 0, default 1e-5. momentum: default 0.1 (None leaves the running estimates unchanged, as in torch.nn).
+        num_features: C. eps: >= 0, default 1e-5. momentum: default 0.1 (None leaves the running estimates unchanged, as in torch.nn).
         affine: learn per-channel γ, β (default False, as in torch.nn).
         track_running_stats: keep running estimates (the batch average of the per-instance statistics)
             and use them in eval mode (default False).

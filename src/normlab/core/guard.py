@@ -11,7 +11,8 @@ The batch's output is not touched: it is what the math gives (NaN propagates as 
 The decision needs the statistics on the host: free on the CPU kernels (they check as they finish each
 channel, :mod:`normlab.kernels.cpu`), one device synchronization per layer call on the torch engine's
 path for CUDA tensors (``guard_stats=False`` removes it). While ``torch.compile`` or ``torch.export``
-traces a model the guard is off (the skip would be a data-dependent branch in the graph).
+traces a model, and under a ``torch.func`` transform (``vmap`` with batched running statistics), the guard
+is off: the skip would be a data-dependent branch, which neither can express.
 
 The switch, in order of precedence: a layer's ``guard_stats`` attribute (``True``/``False``; ``None``,
 the default, follows the global setting), then the global setting :class:`set_guard_stats` (on by
@@ -67,8 +68,9 @@ class set_guard_stats:
 
 def guard_stats_enabled(layer_setting: bool | None = None) -> bool:
     """Whether a call is guarded: ``layer_setting`` if it is ``True``/``False``, else the global setting.
-    Never while ``torch.compile`` or ``torch.export`` traces: the decision would be a data-dependent branch."""
-    if torch.compiler.is_compiling():
+    Never while ``torch.compile`` or ``torch.export`` traces, nor under a ``torch.func`` transform: the decision
+    would be a data-dependent branch."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return _ENABLED[0] if layer_setting is None else bool(layer_setting)
 

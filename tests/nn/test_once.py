@@ -101,3 +101,16 @@ def test_masked_statistics_update_once_and_not_on_recomputation():
     reference(a, mask)
     assert torch.equal(bn.running_mean, reference.running_mean)
     assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 2
+
+
+def test_ghost_batch_norm_updates_once_per_step():
+    bn, reference = nl.GhostBatchNorm1d(3, 4), nl.GhostBatchNorm1d(3, 4)
+    a, b = torch.randn(8, 3), torch.randn(8, 3) + 5
+    with normlab.update_once():
+        bn(a), bn(b)
+    reference(a)
+    x = a.clone().requires_grad_(True)
+    checkpoint(bn, x, use_reentrant=False).sum().backward()
+    reference(a)
+    assert torch.equal(bn.running_mean, reference.running_mean)
+    assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 2

@@ -85,3 +85,32 @@ def test_update_once_as_a_decorator_and_with_instance_norm():
     reference(x)
     assert torch.equal(norm.running_mean, reference.running_mean)
     assert torch.equal(norm.running_var, reference.running_var)
+
+
+def test_masked_statistics_update_once_and_not_on_recomputation():
+    bn, reference = nl.BatchNorm1d(3), nl.BatchNorm1d(3)
+    a, b = torch.randn(8, 3, 5), torch.randn(8, 3, 5) + 5
+    mask = torch.rand(8, 5, generator=torch.Generator().manual_seed(2)) > 0.3
+    with normlab.update_once():
+        bn(a, mask), bn(b, mask)
+    reference(a, mask)
+    assert torch.equal(bn.running_mean, reference.running_mean)
+    assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 1
+    x = a.clone().requires_grad_(True)
+    checkpoint(lambda t: bn(t, mask), x, use_reentrant=False).sum().backward()
+    reference(a, mask)
+    assert torch.equal(bn.running_mean, reference.running_mean)
+    assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 2
+
+
+def test_ghost_batch_norm_updates_once_per_step():
+    bn, reference = nl.GhostBatchNorm1d(3, 4), nl.GhostBatchNorm1d(3, 4)
+    a, b = torch.randn(8, 3), torch.randn(8, 3) + 5
+    with normlab.update_once():
+        bn(a), bn(b)
+    reference(a)
+    x = a.clone().requires_grad_(True)
+    checkpoint(bn, x, use_reentrant=False).sum().backward()
+    reference(a)
+    assert torch.equal(bn.running_mean, reference.running_mean)
+    assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 2

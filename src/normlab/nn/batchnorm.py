@@ -124,8 +124,9 @@ class _BatchNorm(_RunningStatsMixin):
         if input.shape[channel_dim] != self.num_features:
             checks.check_channels(input.movedim(channel_dim, 1), self.num_features, name)
         training, tracking = self.training, self.track_running_stats
-        updating = training and tracking
-        running_mean = self.running_mean if not training or tracking else None
+        # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
+        updating = training and tracking and may_update(self)
+        running_mean = self.running_mean if not training or updating else None
         running_var = self.running_var if running_mean is not None else None
         y = F._masked_batch_norm(name, input, mask, channel_dim, running_mean, running_var, self.weight, self.bias,
                                 training or running_mean is None, self._update_factor() if updating else 0.0,

@@ -23,6 +23,7 @@ from torch import nn
 from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.once import may_update
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -47,7 +48,8 @@ class _GhostBatchNorm(_BatchNorm):
         checks.check_floating(input, name)
         checks.check_ndim(input, name, self._ranks, self._layout)
         checks.check_channels(input, self.num_features, name)
-        updating = training and tracking
+        # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
+        updating = training and tracking and may_update(self)
         running_mean = self.running_mean if updating else None
         running_var = self.running_var if updating else None
         momentum = self._update_factor() if updating else 0.0

@@ -6,11 +6,12 @@
 """
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from normlab.nn.convert import convert
+from normlab.nn.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.sync_batchnorm import SyncBatchNorm, SyncBatchNormError
 
 __all__ = [
     "BatchNorm1d",
@@ -26,5 +27,9 @@ __all__ = [
     "LayerNorm",
     "LpBatchNorm1d",
     "LpBatchNorm2d",
+    "SyncBatchNorm",
+    "SyncBatchNormError",
     "convert",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
 ]

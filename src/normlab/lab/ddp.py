@@ -185,7 +185,8 @@ def train_rank(config: dict[str, Any], data_dir: Path | None) -> dict[str, Any] 
                                ("train_loss", last_loss), ("train_acc", math.nan)):
                 series["eval"][key].append(value)
     x = task.train_x[:max(opt["batch"] // world, 1)]
-    with_comm, without = _local_step_time(net, model, x, task.train_y[:len(x)], world, opt["batch"], COMM_ROUNDS)
+    with_comm, without = (_local_step_time(net, model, x, task.train_y[:len(x)], world, opt["batch"], COMM_ROUNDS)
+                          if world > 1 else (1.0, 1.0))  # one process: no collective to take out
     if rank != 0:
         return None
     mean_err, var_err = running_error(model, task.train_x[:2000])
@@ -208,7 +209,8 @@ def launch(config: dict[str, Any], data_dir: Path | None, timeout: float = 1800.
                "-m", "normlab.lab.ddp", "--config", str(cfg_path), "--out", str(out_path)]
         if data_dir is not None:
             cmd += ["--data-dir", str(data_dir)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+        # one thread per process, whatever the count: N processes use N cores, none oversubscribed
+        env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
         started = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0 or not out_path.exists():

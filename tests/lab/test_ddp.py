@@ -1,13 +1,10 @@
 """Data-parallel training of the lab's CNN under torchrun, and the running-statistics error it reports."""
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-import normlab
 import normlab.nn as nnl
 from normlab.lab import ddp
 
@@ -17,12 +14,10 @@ def _config(norm, nproc, steps=6):
                           n_test=160, size=12, seed=0)
 
 
-def test_sync_runs_are_one_process_training_on_the_global_batch(tiny_fashion, monkeypatch):
+def test_sync_runs_are_one_process_training_on_the_global_batch(tiny_fashion):
     """2 processes with SyncBatchNorm train the same model as 1 process on the whole batch (same math
     spread over the ranks): the test loss after 6 steps agrees to float32 rounding; per-rank BatchNorm
     (8 images per rank) does not."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(normlab.__file__).parents[1]),
-                                                      os.environ.get("PYTHONPATH", "")]))
     one, two = (ddp.launch(_config("sync", n), tiny_fashion, timeout=120) for n in (1, 2))
     per_rank = ddp.launch(_config("bn", 2), tiny_fashion, timeout=120)
     loss = lambda r: r["series"]["eval"]["test_loss"][-1]  # noqa: E731

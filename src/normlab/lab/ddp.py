@@ -211,6 +211,8 @@ def launch(config: dict[str, Any], data_dir: Path | None, timeout: float = 1800.
             cmd += ["--data-dir", str(data_dir)]
         # one thread per process, whatever the count: N processes use N cores, none oversubscribed
         env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+        # the processes import the normlab this one runs, wherever it was imported from
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p)
         started = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0 or not out_path.exists():

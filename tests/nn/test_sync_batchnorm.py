@@ -112,3 +112,5 @@ def test_revert_without_a_record_follows_the_input_rank():
     assert type(normlab.revert_sync_batchnorm(layer)) is nnl.BatchNorm1d
     assert type(normlab.revert_sync_batchnorm(torch.nn.SyncBatchNorm(3))) is torch.nn.BatchNorm2d
     assert normlab.nn.convert_sync_batchnorm is normlab.convert_sync_batchnorm
+    swapped = nnl.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm3d(2)))
+    assert type(swapped[0]) is nnl.SyncBatchNorm and swapped[0].replaced is torch.nn.BatchNorm3d

@@ -108,8 +108,7 @@ def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor
     """This place's per-channel ``(Σ g, Σ g·x̂)`` as a ``(2, C)`` tensor, g = γ ∂L/∂y (view shapes)."""
     g = dy if weight is None else dy * weight
     c = plan.view_shape[1]
-    sums = torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
-    return sums
+    return torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
 
 
 def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: float, plan: Plan):

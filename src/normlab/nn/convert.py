@@ -116,7 +116,10 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, timeout=None) -
     mode and device. Each new layer remembers the class it replaced (for :func:`revert_sync_batchnorm`)
     and its name in ``model`` (for error messages). ``timeout``: see :class:`~normlab.nn.SyncBatchNorm`.
 
-    Swapped in place; the (possibly new) root module is returned. Fused and ℓp variants are left as they are.
+    Swapped in place; the (possibly new) root module is returned. Left as they are: the fused
+    BatchNormReLU2d / BatchNormAddReLU2d and the ℓp variants (their statistics or outputs are not plain
+    BatchNorm's), lazy layers, and layers with fixed statistics (torchvision's FrozenBatchNorm2d, which has
+    nothing to synchronize).
 
     >>> import torch, normlab
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))

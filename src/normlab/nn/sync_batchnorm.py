@@ -162,5 +162,12 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         self._wait(dist.all_reduce(local, group=group, async_op=True), "all-reduce of the gradient sums", group)
         return local
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm's spelling of :func:`normlab.convert_sync_batchnorm`."""
+        from normlab.nn.convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.timeout is None else f", timeout={self.timeout}")

@@ -47,6 +47,7 @@ from normlab.lab.models import build_model
 
 NORMS = {"sync": "SyncBatchNorm over every rank", "bn": "BatchNorm per rank", "gn": "GroupNorm"}
 COMM_ROUNDS = 8  # fwd+bwd steps timed with and without collectives for the communication share
+TRACED_STEPS = 10  # the first steps, whose global training loss is recorded and which are not timed
 
 
 def ddp_config(norm: str, nproc: int, batch: int, steps: int, lr: float, widths: list[int], pool_after: list[int],
@@ -165,7 +166,8 @@ def train_rank(config: dict[str, Any], data_dir: Path | None) -> dict[str, Any] 
     series: dict[str, dict[str, list]] = {"eval": {"step": [], "test_loss": [], "test_acc": [], "train_loss": [],
                                                    "train_acc": []}}
     model.train()
-    stepping, diverged_at, last_loss = 0.0, None, math.nan
+    stepping, diverged_at, last_loss, first_losses = 0.0, None, math.nan, []
+    traced = min(TRACED_STEPS, opt["steps"] // 2)
     for step in range(1, opt["steps"] + 1):
         idx = torch.tensor_split(next(order), world)[rank].to(device)
         x, y = task.train_x[idx], task.train_y[idx]
@@ -174,9 +176,14 @@ def train_rank(config: dict[str, Any], data_dir: Path | None) -> dict[str, Any] 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step > 3:  # the first steps build buffers and kernels
+        if step > traced:  # the first steps build buffers and kernels, and all-reduce the loss below
             stepping += time.perf_counter() - start
         last_loss = float(loss.detach()) / world
+        if step <= traced:  # the loss over the global batch, which must not depend on the number of ranks
+            total = loss.detach().double().reshape(1) / world
+            if world > 1:
+                dist.all_reduce(total)
+            first_losses.append(float(total))
         if not math.isfinite(last_loss) and diverged_at is None:
             diverged_at = step
         if rank == 0 and (step % config["eval_every"] == 0 or step == opt["steps"]):
@@ -190,9 +197,11 @@ def train_rank(config: dict[str, Any], data_dir: Path | None) -> dict[str, Any] 
     if rank != 0:
         return None
     mean_err, var_err = running_error(model, task.train_x[:2000])
-    timed = max(opt["steps"] - 3, 1)
-    series["ddp"] = {"step": [opt["steps"]], "world": [world], "steps_per_s": [timed / stepping if stepping else math.nan],
-                     "comm_share": [max(0.0, 1.0 - without / with_comm)], "running_mean_error": [mean_err],
+    timed = max(opt["steps"] - traced, 1)
+    series["ddp"] = {"step": [opt["steps"]], "world": [world],
+                     "steps_per_s": [timed / stepping if stepping else math.nan],
+                     "comm_share": [max(0.0, 1.0 - without / with_comm)], "first_losses": [first_losses],
+                     "running_mean_error": [mean_err],
                      "running_var_error": [var_err]}
     return {"config": config, "hash": config_hash(config), "diverged_at": diverged_at, "steps_done": opt["steps"],
             "seconds": 0.0, "series": series}

@@ -14,7 +14,11 @@ a single observation at the small end of the claim's range, not a measurement of
 
 ``scaling`` — a measurement, no paper: the same run (SyncBatchNorm, one global batch split over the ranks)
 with 1, 2 and 4 processes on this machine (loopback gloo, one thread per process): steps/s, final accuracy
-(which must not depend on the process count: the training is the same) and the communication share of a step.
+and the communication share of a step. The training is the same whatever the process count, which the
+check tests on the first training losses (1 vs 2 and 4 processes: 9e-8 and 4e-8 apart at step 1, growing about
+tenfold per step from step 4 to 1e-4 by step 9): the final accuracies differ by a few points all the same
+(68.1%, 70.1%, 70.9% after 80 steps in one quick run), because float32 rounding, which differs with the split,
+is amplified by training as for every CNN run of the lab (see the README's lab section).
 
     normlab lab run sync-bn scaling --suite quick --out lab-report
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from normlab.lab.ddp import NORMS, ddp_config
+from normlab.lab.ddp import NORMS, TRACED_STEPS, ddp_config
 from normlab.lab.spec import Check, Experiment, Figure, Panel, Row, Runs, Setup, Trace, curves, final, num, pct
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,7 +120,9 @@ SYNC_BN = Experiment(
 # scaling
 # ---------------------------------------------------------------------------------------------------------
 
-SCALING_ACC_TOL = 0.01  # final accuracy of N processes within this of 1 process: the same training
+SCALING_COMPARED_STEPS = 3  # rounding differences grow ~10x per step after these (lr 0.05, momentum 0.9)
+SCALING_LOSS_TOL = 1e-5  # relative difference of those losses, N processes against 1: float32 rounding
+SCALING_LOSS_FAIL = 1e-3  # beyond this the runs train differently (between the two: unclear)
 
 SCALING_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"nprocs": [1, 2], "batch": 16, "steps": 6, "n_train": 256, "n_test": 128, "size": 12,
@@ -135,19 +141,28 @@ def _scaling_build(setup: Setup, b: dict[str, Any]) -> dict[str, Any]:
             for n in b["nprocs"]}
 
 
+def _first_losses(run: dict[str, Any]) -> list[float]:
+    values = run["series"].get("ddp", {}).get("first_losses", [])
+    return list(values[-1]) if values else []
+
+
 def _scaling_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
     rows, checks = [], []
-    base = final(runs[f"p{b['nprocs'][0]}"], last=1)
+    base = _first_losses(runs[f"p{b['nprocs'][0]}"])
     for n in b["nprocs"]:
         run = runs[f"p{n}"]
         rows.append(Row(f"{n} process(es): steps/s, test accuracy, communication share of a step",
                         f"{num(_ddp(run, 'steps_per_s'))}, {pct(final(run, last=1))}, {pct(_ddp(run, 'comm_share'))}",
                         "—"))
         if n != b["nprocs"][0]:
-            diff = final(run, last=1) - base
-            checks.append(Check.of(f"{n} processes reach 1 process's test accuracy within {100 * SCALING_ACC_TOL:g} "
-                                   f"points", f"{100 * diff:+.2f} points", abs(diff) <= SCALING_ACC_TOL,
-                                   abs(diff) > SCALING_ACC_TOL))
+            pairs = list(zip(_first_losses(run), base))
+            gaps = [abs(a / c - 1) for a, c in pairs]
+            rows.append(Row(f"{n} process(es): relative gap of the first {len(gaps)} training losses to 1 process's",
+                            ", ".join(f"{g:.1e}" for g in gaps), "—"))
+            gap = max(gaps[:SCALING_COMPARED_STEPS]) if len(gaps) >= SCALING_COMPARED_STEPS else math.nan
+            checks.append(Check.of(f"{n} processes: the first {SCALING_COMPARED_STEPS} training losses agree with 1 "
+                                   f"process's to {SCALING_LOSS_TOL:g} (relative)", num(gap), gap <= SCALING_LOSS_TOL,
+                                   not gap <= SCALING_LOSS_FAIL))
     return rows, checks
 
 
@@ -160,20 +175,22 @@ def _scaling_trace(key: str, label: str):
 
 def _scaling_protocol(b: dict[str, Any]) -> str:
     return (f"The lab's CNN (widths {'→'.join(map(str, b['widths']))}) with SyncBatchNorm, global batch {b['batch']} "
-            f"split over {', '.join(map(str, b['nprocs']))} gloo processes on this machine (127.0.0.1, one thread each), "
-            f"{b['steps']} SGD steps (lr {SCALING_LR}, momentum 0.9). steps/s over all steps but the first 3; "
-            f"communication share = 1 − (forward+backward without collectives) / (with them), alternated in one run.")
+            f"split over {', '.join(map(str, b['nprocs']))} gloo processes on this machine (127.0.0.1, one thread "
+            f"each), {b['steps']} SGD steps (lr {SCALING_LR}, momentum 0.9). The global training loss of the first "
+            f"{TRACED_STEPS} steps is recorded, steps/s measured over the others; communication share = "
+            f"1 − (forward+backward without collectives) / (with them), alternated in one run.")
 
 
 SCALING = Experiment(
     name="scaling",
     title="Data-parallel scaling with SyncBatchNorm (loopback gloo)",
     paper="measurement (no paper)",
-    claim="Data-parallel training with SyncBatchNorm is one-process training on the global batch: accuracy does "
-          "not depend on the number of processes, only the speed does.",
+    claim="Data-parallel training with SyncBatchNorm is one-process training on the global batch: the training "
+          "does not depend on the number of processes, only the speed does.",
     protocol=_scaling_protocol,
-    criterion=f"Reproduced when every process count ends within {100 * SCALING_ACC_TOL:g} points of 1 process's "
-              f"test accuracy.",
+    criterion=f"Reproduced when, for every process count, the first {SCALING_COMPARED_STEPS} training losses agree "
+              f"with 1 process's to {SCALING_LOSS_TOL:g} relative (beyond {SCALING_LOSS_FAIL:g}: not reproduced; "
+              f"between: unclear); later steps differ by float32 rounding amplified ~10x per step, shown in the rows.",
     budgets=SCALING_BUDGETS,
     build=_scaling_build,
     evaluate=_scaling_evaluate,

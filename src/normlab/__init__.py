@@ -2,6 +2,8 @@
 
 - :mod:`normlab.nn` — drop-in layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm1d/2d/3d)
   and :func:`normlab.nn.convert` to swap them into an existing model.
+- :func:`normlab.convert_sync_batchnorm` / :func:`normlab.revert_sync_batchnorm` — swap a model's
+  BatchNorm layers for :class:`normlab.nn.SyncBatchNorm` (statistics over every process) and back.
 - :mod:`normlab.functional` — ``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm``.
 - :mod:`normlab.reference` — the float64 NumPy reference of every formula.
 - :mod:`normlab.core` — the one engine every layer runs on.
@@ -21,6 +23,8 @@ _LAZY = {
     "stat_guard": "normlab.nn.transaction",
     "update_once": "normlab.nn.once",
     "inspect": "normlab.health.checks",
+    "convert_sync_batchnorm": "normlab.nn.convert",
+    "revert_sync_batchnorm": "normlab.nn.convert",
 }
 
 

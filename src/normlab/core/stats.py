@@ -23,8 +23,8 @@ Backward, with g = γ ∂L/∂y per value::
     partial   (Σ g, Σ g·x̂) per channel over this place's values
     combine   caller's step:  their sum over every place                    [one place: the identity]
     apply     ∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N)
-              ∂L/∂γ = Σ ∂L/∂y ⊙ x̂,  ∂L/∂β = Σ ∂L/∂y   (this place's values: summed over places by the caller,
-                                                      e.g. by DistributedDataParallel's gradient all-reduce)
+              ∂L/∂γ = Σ ∂L/∂y ⊙ x̂,  ∂L/∂β = Σ ∂L/∂y   (over this place's values; the caller sums them over
+                                                      places, e.g. DistributedDataParallel's all-reduce)
 
 The combine steps are callables ``combine_moments(local) -> stacked`` (``local`` of shape (k, 4, C), the
 result of shape (P, 4, C), every place's partials, in the same order everywhere) and
@@ -108,12 +108,11 @@ def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor
     """This place's per-channel ``(Σ g, Σ g·x̂)`` as a ``(2, C)`` tensor, g = γ ∂L/∂y (view shapes)."""
     g = dy if weight is None else dy * weight
     c = plan.view_shape[1]
-    sums = torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
-    return sums
+    return torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
 
 
 def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: float, plan: Plan):
-    """∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N) with sums and count over the whole batch (view shapes)."""
+    """∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N), sums and count over the whole batch (view shapes)."""
     g = dy if weight is None else dy * weight
     shape = plan.stat_shape
     g_mean = (total_sums[0] / count).reshape(shape)

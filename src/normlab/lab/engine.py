@@ -145,6 +145,13 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
     Evaluations and probes happen before the optimizer step of the steps they are due at, and once
     more after the last step. A non-finite training loss stops the run and marks it diverged.
     """
+    if "ddp" in config:  # a data-parallel run: torchrun's processes train it (normlab.lab.ddp)
+        from normlab.lab.ddp import launch
+
+        result = launch(config, data_dir)
+        if bar is not None:
+            bar.update(config["optim"]["steps"])
+        return result
     seed = config["seed"]
     seed_everything(seed)
     task = prepare_task(config["data"], data_dir, device, seed)

@@ -799,3 +799,5 @@ POSITION = Experiment(
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (IOFFE, SANTURKAR_LR, NOISY_BN, ICS, LANDSCAPE, LP_NORM,
                                                           BJORCK, POSITION)}
 EXPERIMENTS.update({e.name: e for e in papers.EXPERIMENTS})
+from normlab.lab.papers.sync_bn import EXPERIMENTS as _SYNC_BN  # noqa: E402  (one file per paper)
+EXPERIMENTS.update({e.name: e for e in _SYNC_BN})

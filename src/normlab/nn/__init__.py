@@ -7,13 +7,14 @@
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MaskedBatchNorm1d
 from normlab.nn.conventions import keras_kernel, load_flax_batchnorm, load_keras_batchnorm
-from normlab.nn.convert import convert
+from normlab.nn.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from normlab.nn.sync_batchnorm import SyncBatchNorm, SyncBatchNormError
 
 __all__ = [
     "BatchNorm1d",
@@ -36,8 +37,12 @@ __all__ = [
     "LpBatchNorm1d",
     "LpBatchNorm2d",
     "MaskedBatchNorm1d",
+    "SyncBatchNorm",
+    "SyncBatchNormError",
     "convert",
+    "convert_sync_batchnorm",
     "keras_kernel",
     "load_flax_batchnorm",
     "load_keras_batchnorm",
+    "revert_sync_batchnorm",
 ]

@@ -1,4 +1,6 @@
-"""Swap the normalization layers of an existing model between torch.nn and normlab."""
+"""Swap the normalization layers of an existing model: between torch.nn and normlab (:func:`convert`), and
+between per-process and synchronized batch normalization (:func:`convert_sync_batchnorm`,
+:func:`revert_sync_batchnorm`)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from torch import nn
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.groupnorm import GroupNorm, LayerNorm
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.nn.sync_batchnorm import SyncBatchNorm
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 _PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
     (nn.BatchNorm1d, BatchNorm1d),
@@ -95,4 +98,80 @@ def _convert(model: nn.Module, table: dict, done: dict[int, nn.Module]) -> nn.Mo
         new_child = _convert(child, table, done)
         if new_child is not child:
             setattr(model, name, new_child)
+    return model
+
+
+# Layers whose statistics are a plain batch's, which synchronized statistics replace exactly. Subclasses
+# (normlab's BatchNormReLU2d and BatchNormAddReLU2d, which fuse a ReLU; LpBatchNorm, whose statistic is
+# an ℓp norm) and lazy layers are left as they are.
+_SYNCABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_BY_INPUT_RANK = {"torch": {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d},
+                  "normlab": {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}}
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None, timeout=None) -> nn.Module:
+    """Replace every batch normalization layer of ``model`` (torch.nn's and normlab's BatchNorm1d/2d/3d,
+    and ``torch.nn.SyncBatchNorm``) by a :class:`normlab.nn.SyncBatchNorm` over ``process_group`` (default:
+    the whole world), keeping parameters and buffers (the same objects), requires_grad, hooks, train/eval
+    mode and device. Each new layer remembers the class it replaced (for :func:`revert_sync_batchnorm`)
+    and its name in ``model`` (for error messages). ``timeout``: see :class:`~normlab.nn.SyncBatchNorm`.
+
+    Swapped in place; the (possibly new) root module is returned. Left as they are: the fused
+    BatchNormReLU2d / BatchNormAddReLU2d and the ℓp variants (their statistics or outputs are not plain
+    BatchNorm's), lazy layers, and layers with fixed statistics (torchvision's FrozenBatchNorm2d, which has
+    nothing to synchronize).
+
+    >>> import torch, normlab
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> type(normlab.convert_sync_batchnorm(model)[1]).__name__
+    'SyncBatchNorm'
+    """
+    def swap(m: nn.Module, name: str) -> nn.Module:
+        new = _swap(m, SyncBatchNorm)
+        new.process_group = process_group
+        new.timeout = timeout
+        new.layer_name = name
+        new.replaced = getattr(m, "replaced", None) if isinstance(m, SyncBatchNorm) else type(m)
+        return new
+
+    return _replace(model, lambda m: type(m) in _SYNCABLE, swap, "", {})
+
+
+def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every synchronized batch normalization layer of ``model`` (normlab's and torch.nn's
+    SyncBatchNorm) by a per-process one, keeping parameters and buffers (the same objects), requires_grad,
+    hooks, train/eval mode and device: for a layer made by :func:`convert_sync_batchnorm`, the class it
+    replaced; otherwise the BatchNorm1d/2d/3d (normlab's for normlab's layer, torch.nn's for torch's)
+    matching the rank of the last input the layer saw, and BatchNorm2d for a layer that has seen none.
+
+    >>> import torch, normlab
+    >>> model = normlab.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    >>> type(normlab.revert_sync_batchnorm(model)[0]).__module__
+    'torch.nn.modules.batchnorm'
+    """
+    def target(m: nn.Module) -> type[nn.Module]:
+        if getattr(m, "replaced", None) is not None:
+            return m.replaced
+        family = "normlab" if isinstance(m, SyncBatchNorm) else "torch"
+        return _BY_INPUT_RANK[family].get(getattr(m, "input_rank", None) or 4)
+
+    return _replace(model, lambda m: isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)),
+                    lambda m, name: _swap(m, target(m)), "", {})
+
+
+def _replace(model: nn.Module, match, swap, name: str, done: dict[int, nn.Module]) -> nn.Module:
+    """``model`` with every module ``m`` for which ``match(m)`` replaced by ``swap(m, its dotted name)``;
+    a module used in several places is swapped once and stays one module."""
+    if id(model) in done:
+        return done[id(model)]
+    if match(model):
+        done[id(model)] = swap(model, name)
+        return done[id(model)]
+    done[id(model)] = model
+    for child_name, child in list(model._modules.items()):
+        if child is None:
+            continue
+        new_child = _replace(child, match, swap, f"{name}.{child_name}" if name else child_name, done)
+        if new_child is not child:
+            setattr(model, child_name, new_child)
     return model

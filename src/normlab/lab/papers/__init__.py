@@ -1,4 +1,7 @@
-"""Experiments that each live in their own module: BatchNorm's variants for small and unusual batches."""
+"""Lab experiments, one paper (or one measurement) per file; each module's docstring names the paper, the
+claim and the command that runs it, and its Experiment objects join ``normlab.lab.experiments.EXPERIMENTS``.
+
+This package's own list: BatchNorm's variants for small and unusual batches."""
 
 from normlab.lab.papers.batch_size import BATCH_SIZE
 from normlab.lab.papers.sequence import SEQUENCE

@@ -1,0 +1,116 @@
+"""SyncBatchNorm over gloo processes on 127.0.0.1 against one BatchNorm on the concatenated batch; conversion.
+
+The distributed checks run in tests/nn/sync_workers.py, a few groups of 2–3 processes, each bounded in time.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import normlab
+import normlab.nn as nnl
+
+WORKERS = Path(__file__).with_name("sync_workers.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(scenario: str, world: int, limit: float = 60.0) -> float:
+    """Run ``scenario`` in ``world`` processes; fail with their stderr unless every one exits 0 within ``limit``
+    seconds (stragglers are killed). Returns the seconds taken."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(normlab.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               NORMLAB_BACKEND="torch")  # the references need no kernels compiled in every process
+    port = _free_port()
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKERS), scenario, str(r), str(world), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outputs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{scenario}: the processes did not finish within {limit} s")
+        outputs.append((p.returncode, err[-3000:]))
+    failed = [(r, code, err) for r, (code, err) in enumerate(outputs) if code != 0]
+    assert not failed, "\n".join(f"rank {r} exited {code}:\n{err}" for r, code, err in failed)
+    return time.monotonic() - start
+
+
+def test_exact_against_one_process_on_the_concatenated_batch():
+    """Per-rank batches (5, 3, 0) and (1, 1, 1); float64 and float32; (N, C), (N, C, L), NCHW, channels_last,
+    NCDHW; momentum 0.1 and None: outputs, dx, dγ, dβ and running statistics; eval without communication;
+    a single value in total refused; a layer over a sub-group."""
+    _spawn("exact", 3)
+
+
+def test_ddp_training_matches_one_process_and_reverts():
+    _spawn("ddp", 3)
+
+
+def test_a_rank_that_never_arrives_ends_the_others_within_the_timeout():
+    _spawn("never_arrives", 2, limit=40)
+
+
+def test_a_rank_that_dies_ends_the_others_with_the_layers_error():
+    _spawn("dies", 3, limit=40)
+
+
+def test_without_a_process_group_it_is_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) + 5
+    sync, plain = nnl.SyncBatchNorm(3, momentum=None).double(), nnl.BatchNorm2d(3, momentum=None).double()
+    for layer in (sync, plain):
+        layer(x)
+    torch.testing.assert_close(sync(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(sync.running_var, plain.running_var, rtol=0, atol=0)
+    assert isinstance(sync, torch.nn.modules.batchnorm._BatchNorm)
+    assert sync.state_dict().keys() == torch.nn.BatchNorm2d(3).state_dict().keys()
+    with pytest.raises(ValueError, match="SyncBatchNorm: expected a 2D or 3D or 4D or 5D input"):
+        sync(torch.randn(4))
+
+
+def test_convert_and_revert_keep_state_and_restore_classes():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), nnl.BatchNorm1d(4),
+                                torch.nn.SyncBatchNorm(4), nnl.BatchNormReLU2d(4), torch.nn.BatchNorm3d(4))
+    shared = torch.nn.BatchNorm2d(4)
+    model.append(torch.nn.Sequential(shared, shared))
+    model[1].weight.requires_grad_(False)
+    model[1].running_mean.fill_(2.0)
+    model.eval()
+    ids = [id(t) for t in list(model.parameters()) + list(model.buffers())]
+    synced = normlab.convert_sync_batchnorm(model, timeout=7)
+    assert [type(m).__name__ for m in synced[1:6]] == ["SyncBatchNorm"] * 3 + ["BatchNormReLU2d", "SyncBatchNorm"]
+    assert synced[6][0] is synced[6][1] and synced[6][0].layer_name == "6.0"
+    assert not synced.training and synced[1].timeout == 7 and not synced[1].weight.requires_grad
+    assert [id(t) for t in list(synced.parameters()) + list(synced.buffers())] == ids
+    assert synced[1].running_mean.eq(2).all()
+    reverted = normlab.revert_sync_batchnorm(synced)
+    assert [type(m) for m in reverted[1:6]] == [torch.nn.BatchNorm2d, nnl.BatchNorm1d, torch.nn.SyncBatchNorm,
+                                                nnl.BatchNormReLU2d, torch.nn.BatchNorm3d]
+    assert type(reverted[6][0]) is torch.nn.BatchNorm2d and reverted[6][0] is reverted[6][1]
+    assert [id(t) for t in list(reverted.parameters()) + list(reverted.buffers())] == ids
+    assert not reverted.training and not reverted[1].weight.requires_grad
+
+
+def test_revert_without_a_record_follows_the_input_rank():
+    layer = nnl.SyncBatchNorm(3)
+    assert type(normlab.revert_sync_batchnorm(layer)) is nnl.BatchNorm2d  # nothing seen: BatchNorm2d
+    layer(torch.randn(4, 3, 5))
+    assert type(normlab.revert_sync_batchnorm(layer)) is nnl.BatchNorm1d
+    assert type(normlab.revert_sync_batchnorm(torch.nn.SyncBatchNorm(3))) is torch.nn.BatchNorm2d
+    assert normlab.nn.convert_sync_batchnorm is normlab.convert_sync_batchnorm
+    swapped = nnl.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm3d(2)))
+    assert type(swapped[0]) is nnl.SyncBatchNorm and swapped[0].replaced is torch.nn.BatchNorm3d

@@ -1,4 +1,4 @@
-"""The ``normlab`` command line: ``normlab bench``, ``normlab demo`` and ``normlab lab``."""
+"""The ``normlab`` command line: ``normlab bench``, ``normlab demo``, ``normlab lab`` and ``normlab fold``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from normlab import bench, demo
+    from normlab.folding import cli as fold_cli
     from normlab.lab import cli as lab_cli
 
     bench.configure(sub.add_parser("bench", help="normlab vs torch.nn, side by side"))
     demo.configure(sub.add_parser("demo", help="train a small CNN with normlab layers on real data"))
     lab_cli.configure(sub.add_parser("lab", help="reproduce the batch-norm papers' experiments"))
+    fold_cli.configure(sub.add_parser("fold", help="fold a saved model's BatchNorm layers into its convolutions"))
     return parser
 
 

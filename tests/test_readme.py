@@ -16,3 +16,17 @@ def test_sixty_second_example_runs_as_documented():
     assert namespace["F"].batch_norm(namespace["x"], None, None, training=True).flatten().tolist() == \
         pytest.approx([-1.4142, -0.7071, 0.0, 0.7071, 1.4142], abs=1e-4)
     assert type(namespace["model"][1]).__module__ == "normlab.nn.batchnorm"
+
+
+def test_fine_tune_and_deploy_example_runs_as_documented(capsys):
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Fine-tune and deploy", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "folded 2 BatchNorm layer(s) via torch.fx" in printed and "4 -> 3 (BN after the layer)" in printed
+    report = namespace["report"]
+    assert report.max_diff_float64 < 1e-12 and report.max_diff_float32 < 1e-5
+    assert namespace["counts"] == {"1": 8 * 32 * 32 * 32, "4": 8 * 32 * 32 * 32}
+    assert type(namespace["model"][4]).__module__ == "normlab.nn.batchnorm"  # unfrozen to normlab's class
+    assert not namespace["adapted"][1].running_mean.equal(namespace["model"][1].running_mean)

@@ -8,7 +8,8 @@ from normlab.lab.experiments import EXPERIMENTS
 from normlab.lab.report import write_report
 from normlab.lab.data import DEFAULT_FASHION_DIR as REAL_FASHION
 
-NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "landscape", "lp-norm", "bjorck", "position"]
+NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "landscape", "lp-norm", "bjorck", "position",
+         "precise-stats", "domain-shift", "fold"]
 
 
 def settings(tmp_path, data_dir, **kw):
@@ -19,7 +20,7 @@ def run_files(out):
     return sorted((out / "results" / "runs").glob("*.json"))
 
 
-def test_the_eight_experiments_exist():
+def test_the_experiments_exist():
     assert list(EXPERIMENTS) == NAMES
 
 

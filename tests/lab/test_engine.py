@@ -9,7 +9,7 @@ from normlab.lab.report import write_report
 from normlab.lab.data import DEFAULT_FASHION_DIR as REAL_FASHION
 
 NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "landscape", "lp-norm", "bjorck", "position",
-         "precise-stats", "domain-shift", "fold"]
+         "precise-stats", "domain-shift", "transfer", "fold"]
 
 
 def settings(tmp_path, data_dir, **kw):

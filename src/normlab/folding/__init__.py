@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from normlab.folding import affine, graph, modules
+from normlab.folding import graph, modules
 from normlab.folding.affine import EvalAffine
 
 __all__ = ["fold", "FoldReport", "EvalAffine"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 from torch import fx, nn
 
 from normlab.folding import affine as A

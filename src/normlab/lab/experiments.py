@@ -798,4 +798,4 @@ POSITION = Experiment(
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (IOFFE, SANTURKAR_LR, NOISY_BN, ICS, LANDSCAPE, LP_NORM,
                                                           BJORCK, POSITION)}
-EXPERIMENTS.update({e.name: e for e in (__import__(f"normlab.lab.papers.{m}", fromlist=["EXPERIMENT"]).EXPERIMENT for m in ("precise_stats", "domain_shift", "fold"))})  # noqa: E501
+EXPERIMENTS.update({e.name: e for e in (__import__(f"normlab.lab.papers.{m}", fromlist=["EXPERIMENT"]).EXPERIMENT for m in ("precise_stats", "domain_shift", "transfer", "fold"))})  # noqa: E501

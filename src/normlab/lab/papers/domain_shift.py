@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from normlab.lab.papers.common import CNN, accuracy, cnn_model, cnn_protocol, test_data
 from normlab.lab.probes import ProbeContext, probe
-from normlab.lab.spec import Check, Experiment, Figure, Panel, Row, Runs, Setup, Trace, pct, run_config, series
+from normlab.lab.spec import Check, Experiment, Figure, Panel, Row, Runs, Setup, Trace, pct, run_config
 from normlab.population import adapt_bn
 
 #: CIFAR-10-C's severity constants (Hendrycks & Dietterich 2019), pixel values in [0, 1]

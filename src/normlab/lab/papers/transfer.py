@@ -50,7 +50,7 @@ def _finetune(model, x, y, batch: int, steps: int, lr: float, seed: int) -> bool
     for _ in range(steps):
         idx = torch.randint(len(y), (batch,), generator=gen).to(x.device)
         loss = F.cross_entropy(model(x[idx]), y[idx])
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             return False
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -44,7 +44,7 @@ FEW_SHARE = 0.5
 BUDGETS: dict[str, dict[str, Any]] = {
     name: {**CNN[name], **extra} for name, extra in {
         "smoke": {"n_test": 128, "steps": 6, "eval_every": 6, "adapt_batch": 32, "few": [1]},
-        "quick": {"n_test": 1000, "steps": 300, "eval_every": 100, "adapt_batch": 128, "few": [1, 4]},
+        "quick": {"n_test": 1000, "steps": 300, "eval_every": 100, "adapt_batch": 128, "few": [1]},
         "full": {"steps": 6000, "eval_every": 500, "adapt_batch": 128, "few": [1, 4, 16]},
     }.items()
 }

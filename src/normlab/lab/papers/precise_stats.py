@@ -40,7 +40,7 @@ ESTIMATORS = {"acc_batch": "batch statistics (train mode)", "acc_ema": "EMA, mom
 BUDGETS: dict[str, dict[str, Any]] = {
     name: {**CNN[name], **extra} for name, extra in {
         "smoke": {"steps": 6, "eval_every": 3, "precise_batches": 2},
-        "quick": {"steps": 200, "eval_every": 25, "precise_batches": 16},
+        "quick": {"steps": 200, "eval_every": 50, "precise_batches": 8},
         "full": {"steps": 6000, "eval_every": 500, "precise_batches": 100},
     }.items()
 }

@@ -31,6 +31,8 @@ def test_training_safety_example_runs_as_documented():
     ported = text.split("### Models ported from Keras or Flax", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(ported, str(README), "exec"), namespace)
     assert namespace["bn"].eps == 1e-3 and tuple(namespace["conv_weight"].shape) == (4, 2, 3, 3)
+
+
 def test_small_batches_example_runs_as_documented():
     text = README.read_text(encoding="utf-8")
     code = text.split("## Small and unusual batches", 1)[1].split("```python", 1)[1].split("```", 1)[0]
@@ -39,3 +41,17 @@ def test_small_batches_example_runs_as_documented():
     assert namespace["renorm"].limits() == (1.0, 0.0)
     y, mask = namespace["y"], namespace["mask"]
     assert y.shape == (4, 32, 10) and (y.transpose(1, 2)[~mask] == 0).all()
+
+
+def test_fine_tune_and_deploy_example_runs_as_documented(capsys):
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Fine-tune and deploy", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "folded 2 BatchNorm layer(s) via torch.fx" in printed and "4 -> 3 (BN after the layer)" in printed
+    report = namespace["report"]
+    assert report.max_diff_float64 < 1e-12 and report.max_diff_float32 < 1e-5
+    assert namespace["counts"] == {"1": 8 * 32 * 32 * 32, "4": 8 * 32 * 32 * 32}
+    assert type(namespace["model"][4]).__module__ == "normlab.nn.batchnorm"  # unfrozen to normlab's class
+    assert not namespace["adapted"][1].running_mean.equal(namespace["model"][1].running_mean)

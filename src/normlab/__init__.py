@@ -7,7 +7,9 @@
 - :mod:`normlab.functional` — ``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm``.
 - :mod:`normlab.reference` — the float64 NumPy reference of every formula.
 - :mod:`normlab.core` — the one engine every layer runs on.
-- ``normlab lab`` — reproduce the papers' experiments on real data.
+- after training: :func:`precise_bn` and :func:`adapt_bn` (population statistics, AdaBN),
+  :func:`freeze_bn`/:func:`unfreeze_bn` (fine-tuning), :func:`fold` (BN folded into convolutions).
+- ``normlab lab`` — reproduce the papers' experiments on real data; ``normlab fold`` — fold a model file.
 
 Training safety, importable from here: :class:`set_guard_stats` (batches with non-finite statistics do
 not update running statistics, :mod:`normlab.core.guard`), :class:`stat_guard` (roll back a step's
@@ -25,11 +27,17 @@ _LAZY = {
     "inspect": "normlab.health.checks",
     "convert_sync_batchnorm": "normlab.nn.convert",
     "revert_sync_batchnorm": "normlab.nn.convert",
+    "precise_bn": "normlab.population",
+    "adapt_bn": "normlab.population",
+    "freeze_bn": "normlab.freeze",
+    "unfreeze_bn": "normlab.freeze",
+    "fold": "normlab.folding",
+    "FoldReport": "normlab.folding",
 }
 
 
 def __getattr__(name: str):
-    """The training-safety tools, imported on first use so that ``import normlab`` stays light."""
+    """The training-safety and after-training tools, imported on first use so that ``import normlab`` stays light."""
     if name in _LAZY:
         import importlib
 

@@ -1,4 +1,4 @@
-"""The ``normlab`` command line: ``normlab bench``, ``normlab demo``, ``normlab lab`` and ``normlab inspect``."""
+"""The ``normlab`` command line: ``normlab bench``, ``normlab demo``, ``normlab lab`` ``normlab inspect`` and ``normlab fold``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from normlab import bench, demo
+    from normlab.folding import cli as fold_cli
     from normlab.lab import cli as lab_cli
 
     bench.configure(sub.add_parser("bench", help="normlab vs torch.nn, side by side"))
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from normlab.health import cli as health_cli
 
     health_cli.configure(sub.add_parser("inspect", help="health table of a saved model's normalization layers"))
+    fold_cli.configure(sub.add_parser("fold", help="fold a saved model's BatchNorm layers into its convolutions"))
     return parser
 
 

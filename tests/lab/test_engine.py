@@ -9,7 +9,8 @@ from normlab.lab.report import write_report
 from normlab.lab.data import DEFAULT_FASHION_DIR as REAL_FASHION
 
 NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "landscape", "lp-norm", "bjorck", "position", "batch-size",
-         "sequence", "sync-bn", "scaling"]
+         "sequence", "sync-bn", "scaling",
+         "precise-stats", "domain-shift", "transfer", "fold"]
 
 
 def settings(tmp_path, data_dir, **kw):

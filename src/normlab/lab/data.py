@@ -49,6 +49,13 @@ class Dataset:
         return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
                        self.test_x.to(device), self.test_y.to(device), self.num_classes)
 
+    def only(self, classes: list[int]) -> "Dataset":
+        """The images of ``classes`` only (labels and ``num_classes`` kept: transfer between class sets)."""
+        keep_train = torch.isin(self.train_y, torch.tensor(classes, device=self.train_y.device))
+        keep_test = torch.isin(self.test_y, torch.tensor(classes, device=self.test_y.device))
+        return Dataset(self.name, self.train_x[keep_train], self.train_y[keep_train],
+                       self.test_x[keep_test], self.test_y[keep_test], self.num_classes)
+
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (gzipped or not) and check its magic number and declared shape."""

@@ -104,12 +104,14 @@ class Task:
 
 def prepare_task(cfg: dict[str, Any], data_dir: Path | None, device: torch.device, seed: int) -> Task:
     """Load a run's data: ``{"name": "gaussian", "n", "dim"}`` (one full batch; test = train) or an
-    image dataset ``{"name", "n_train", "n_test", "size", "n_probe"}``."""
+    image dataset ``{"name", "n_train", "n_test", "size", "n_probe"}`` (``"classes"``: only those classes)."""
     if cfg["name"] == "gaussian":
         x, y, _ = labdata.gaussian_regression(cfg["n"], cfg["dim"], seed)
         x, y = x.to(device), y.to(device)
         return Task(x, y, x, y, False, cfg["dim"], x, y)
     ds = labdata.load_images(cfg["name"], data_dir, cfg.get("n_train"), cfg.get("n_test"), cfg.get("size"), seed)
+    if cfg.get("classes") is not None:
+        ds = ds.only(cfg["classes"])
     ds = ds.to(device)
     n_probe = cfg.get("n_probe", 512)
     return Task(ds.train_x, ds.train_y, ds.test_x, ds.test_y, True, ds.num_classes,
@@ -192,7 +194,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
             ev["train_acc"].append(run_correct / run_seen if run_seen and task.classify else math.nan)
             run_loss, run_correct, run_n, run_seen = 0.0, 0, 0, 0
         if diverged_at is None:
-            ctx = ProbeContext(model, x, y, task.loss, lr, task.probe_x, task.probe_y, extra_batches)
+            ctx = ProbeContext(model, x, y, task.loss, lr, task.probe_x, task.probe_y, extra_batches, data_dir)
             for pcfg in config.get("probes", []):
                 if is_due(pcfg, step, steps):
                     values = PROBES[pcfg["kind"]](pcfg, ctx)

@@ -801,3 +801,4 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (IOFFE, SANTURKAR_LR, N
 EXPERIMENTS.update({e.name: e for e in papers.EXPERIMENTS})
 from normlab.lab.papers.sync_bn import EXPERIMENTS as _SYNC_BN  # noqa: E402  (one file per paper)
 EXPERIMENTS.update({e.name: e for e in _SYNC_BN})
+EXPERIMENTS.update({e.name: e for e in (__import__(f"normlab.lab.papers.{m}", fromlist=["EXPERIMENT"]).EXPERIMENT for m in ("precise_stats", "domain_shift", "transfer", "fold"))})  # noqa: E501

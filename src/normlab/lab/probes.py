@@ -28,6 +28,7 @@ class ProbeContext:
     probe_x: Tensor
     probe_y: Tensor
     extra_batches: Callable[[int], list[tuple[Tensor, Tensor]]]
+    data_dir: Any = None  # the run's --data-dir, for probes that load data of their own
 
 
 ProbeFn = Callable[[dict[str, Any], ProbeContext], dict[str, Any]]

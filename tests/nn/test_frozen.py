@@ -27,6 +27,6 @@ def test_frozen_layer_errors_and_direct_unfreeze():
     with pytest.raises(ValueError, match="FrozenBatchNorm2d"):
         nl.FrozenBatchNorm2d(3)(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="eps"):
-        nl.FrozenBatchNorm1d(3, eps=0.0)
+        nl.FrozenBatchNorm1d(3, eps=-1.0)  # eps=0 is accepted in eval mode, as torch accepts it
     back = normlab.unfreeze_bn(nn.Sequential(nl.FrozenBatchNorm3d(2)))
     assert type(back[0]) is nl.BatchNorm3d

@@ -94,6 +94,12 @@ def _run(
     return y
 
 
+def _report_skip(running: RunningUpdate | None, op: str, on_skip: Callable[[str], None] | None) -> None:
+    """Tell ``on_skip`` (default: a warning) when the guarded update ``running`` skipped its batch."""
+    if running is not None and running.skipped:
+        (on_skip or _warn_skipped)(op)
+
+
 def _warn_skipped(op: str) -> None:
     """What a guarded functional call says when it leaves the running statistics as they were."""
     warnings.warn(
@@ -133,9 +139,10 @@ def batch_norm(
 
 
 def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, weight, bias, training, momentum,
-                      eps) -> torch.Tensor:
+                      eps, **guard) -> torch.Tensor:
     """:func:`batch_norm` over the positions where ``mask`` is True, channels on ``channel_dim`` (1, or −1 for
-    sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``."""
+    sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``; ``guard``
+    (``guard=``, ``on_skip=``, ``unbiased=``) configures the guarded running update as in :func:`_run`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)" if channel_dim == 1 else
                           "of shape (N, C) or (N, L, C)")
@@ -156,7 +163,7 @@ def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, 
             f"{op}: the mask leaves a single valid position, so every channel's batch statistics would come from one "
             f"value (variance 0, output beta). {checks.BN_SUGGESTION}"
         )
-    y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps)
+    y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps, **guard)
     return masked.scatter_valid(y, index, input, channel_dim, empty_like)
 
 
@@ -189,7 +196,16 @@ def batch_renorm(
     r_max = 1, d_max = 0 is :func:`batch_norm`. Outside training it is :func:`batch_norm` with the running
     statistics.
     """
-    op = "batch_renorm"
+    return _batch_renorm("batch_renorm", input, running_mean, running_var, weight, bias, training, momentum, eps,
+                         r_max, d_max)
+
+
+def _batch_renorm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, r_max, d_max,
+                  update: bool = True, guard: bool | None = None, on_skip: Callable[[str], None] | None = None,
+                  unbiased: bool = True) -> torch.Tensor:
+    """:func:`batch_renorm` whose errors name ``op``; ``update=False`` normalizes in training without
+    updating the running statistics (a checkpointed recomputation); ``guard``, ``on_skip``, ``unbiased``
+    as in :func:`_run`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     checks.check_renorm_limits(r_max, d_max, op)
@@ -199,7 +215,9 @@ def batch_renorm(
             f"them. Pass the running statistics (e.g. torch.zeros(C) and torch.ones(C) to start), or use batch_norm."
         )
     if not training or input.numel() == 0 or (r_max == 1.0 and d_max == 0.0):
-        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+        rm, rv = (running_mean, running_var) if update or not training else (None, None)
+        return _batch_norm(op, input, rm, rv, weight, bias, training, momentum, eps, guard=guard, on_skip=on_skip,
+                           unbiased=unbiased)
     plan = batch_plan(input.shape)
     checks.check_eps(eps, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
@@ -207,8 +225,12 @@ def batch_renorm(
     checks.check_running(running_mean, running_var, plan.channels, op)
     checks.check_momentum(momentum, op)
     checks.check_enough_values(plan.count, op, tuple(input.shape), checks.BN_SUGGESTION)
-    return renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), float(momentum),
-                       float(r_max), float(d_max))
+    running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard),
+                            unbiased) if update else None
+    y = renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), running, float(r_max),
+                    float(d_max))
+    _report_skip(running, op, on_skip)
+    return y
 
 
 def ghost_batch_norm(
@@ -224,14 +246,22 @@ def ghost_batch_norm(
     of the virtual batches'), as :func:`batch_norm` would. Outside training (with running statistics) it
     is :func:`batch_norm`.
     """
-    op = "ghost_batch_norm"
+    return _ghost_batch_norm("ghost_batch_norm", input, virtual_batch_size, running_mean, running_var, weight, bias,
+                             training, momentum, eps)
+
+
+def _ghost_batch_norm(op, input, virtual_batch_size, running_mean, running_var, weight, bias, training, momentum,
+                      eps, guard: bool | None = None, on_skip: Callable[[str], None] | None = None,
+                      unbiased: bool = True) -> torch.Tensor:
+    """:func:`ghost_batch_norm` whose errors name ``op``; ``guard``, ``on_skip``, ``unbiased`` as in :func:`_run`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     checks.check_virtual_batch_size(virtual_batch_size, op)
     use_batch_stats = training or (running_mean is None and running_var is None)
     n = input.shape[0]
     if not use_batch_stats or n <= virtual_batch_size or input.numel() == 0:
-        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, guard=guard,
+                           on_skip=on_skip, unbiased=unbiased)
     plan = batch_plan(input.shape)
     checks.check_eps(eps, op)
     checks.check_param(weight, plan.param_shape, op, "weight")
@@ -244,8 +274,11 @@ def ghost_batch_norm(
     for size in (virtual_batch_size, rest) if rest else (virtual_batch_size,):
         checks.check_enough_values(size * per_sample, op, (size,) + tuple(input.shape[1:]), checks.ghost_suggestion(
             virtual_batch_size, n), running_mean is not None)
-    running = None if running_mean is None else (running_mean, running_var, float(momentum))
-    return ghost_normalize(input, weight, bias, int(virtual_batch_size), float(eps), running)
+    running = None if running_mean is None else RunningUpdate(running_mean, running_var, float(momentum),
+                                                              guard_stats_enabled(guard), unbiased)
+    y = ghost_normalize(input, weight, bias, int(virtual_batch_size), float(eps), running)
+    _report_skip(running, op, on_skip)
+    return y
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):

@@ -58,7 +58,32 @@ LAYERS = {
     "InstanceNorm2d": (lambda: nl.InstanceNorm2d(4, track_running_stats=True),
                        lambda: torch.nn.InstanceNorm2d(4, track_running_stats=True), (4, 4, 5, 5)),
     "LpBatchNorm2d": (lambda: nl.LpBatchNorm2d(4), None, (4, 4, 5, 5)),
+    "BatchRenorm1d": (lambda: nl.BatchRenorm1d(4, warmup_steps=0, r_max_steps=0, d_max_steps=0), None, (16, 4)),
+    "BatchRenorm2d channels_last": (lambda: nl.BatchRenorm2d(4, warmup_steps=0, r_max_steps=0, d_max_steps=0),
+                                    None, (4, 4, 5, 5)),
+    "GhostBatchNorm1d": (lambda: nl.GhostBatchNorm1d(4, virtual_batch_size=6), None, (16, 4)),
+    "GhostBatchNorm2d channels_last": (lambda: nl.GhostBatchNorm2d(4, virtual_batch_size=3), None, (4, 4, 5, 5)),
+    "BatchNorm1d mask=": (lambda: _MaskedCall(4), None, (16, 4)),
+    "MaskedBatchNorm1d": (lambda: _SequenceMasked(4), None, (16, 4)),
 }
+
+
+class _MaskedCall(nl.BatchNorm1d):
+    """BatchNorm1d called with a mask that pads rows 12 and 13 of a (16, C) batch."""
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[0], dtype=torch.bool)
+        mask[12:14] = False
+        return super().forward(x, mask=mask)
+
+
+class _SequenceMasked(nl.MaskedBatchNorm1d):
+    """MaskedBatchNorm1d on the (16, C) batch as 2 sequences of 8 tokens, the last 2 of the second padded."""
+
+    def forward(self, x):
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[1, 6:] = False
+        return super().forward(x.reshape(2, 8, x.shape[-1]), mask=mask).reshape(x.shape)
 
 
 def _input(name, shape, seed=0):
@@ -152,6 +177,23 @@ def test_functional_batch_norm_is_guarded_and_warns():
     with pytest.warns(RuntimeWarning, match="batch_norm: the batch's mean or variance is not finite"):
         F.batch_norm(_inf(torch.randn(5, 3)), rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("op", ["batch_renorm", "ghost_batch_norm", "batch_norm mask="])
+def test_functional_renorm_ghost_and_masked_are_guarded_and_warn(op):
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = _nan(torch.randn(8, 3))
+    call = {
+        "batch_renorm": lambda: F.batch_renorm(x, rm, rv, training=True, r_max=2.0, d_max=1.0),
+        "ghost_batch_norm": lambda: F.ghost_batch_norm(x, 3, rm, rv, training=True),
+        "batch_norm mask=": lambda: F.batch_norm(x, rm, rv, training=True, mask=torch.arange(8) < 6),
+    }[op]
+    with pytest.warns(RuntimeWarning, match=f"{op.split()[0]}: the batch's mean or variance is not finite"):
+        call()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with normlab.set_guard_stats(False):
+        call()
+    assert torch.isnan(rm).any()
 
 
 def test_the_skip_count_survives_state_dict_and_torch_save():

@@ -108,3 +108,24 @@ def test_on_count_sees_the_total_before_running_stats_change():
         stats.normalize_combined(torch.randn(4, 3), None, None, batch_plan((4, 3)), 1e-5, (rm, rv, 0.1),
                                  lambda local: torch.cat([local] * 3), stats.identity, refuse)
     assert rm.eq(0).all() and rv.eq(1).all()
+
+
+def test_the_combined_update_is_the_guarded_one():
+    """A RunningUpdate through the seam: non-finite merged statistics leave the running ones and mark the skip;
+    unbiased=False stores the biased merged variance (Keras' and Flax's convention)."""
+    from normlab.core.guard import RunningUpdate
+
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    three_places = lambda local: torch.cat([local] * 3)  # noqa: E731
+    running = RunningUpdate(rm, rv, 0.1, guarded=True)
+    stats.normalize_combined(bad, None, None, batch_plan((4, 3)), 1e-5, running, three_places)
+    assert running.skipped and rm.eq(0).all() and rv.eq(1).all()
+    running = RunningUpdate(rm, rv, 0.5, guarded=True, unbiased=False)
+    stats.normalize_combined(x, None, None, batch_plan((4, 3)), 1e-5, running, three_places)
+    whole = torch.cat([x] * 3)
+    assert not running.skipped
+    torch.testing.assert_close(rm, 0.5 * whole.mean(0), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(rv, 0.5 + 0.5 * whole.var(0, unbiased=False), rtol=1e-14, atol=1e-15)

@@ -193,6 +193,30 @@ def dies(rank, world):
     os._exit(0)
 
 
+def guarded(rank, world):
+    """A NaN on rank 1 only: every rank skips the running update (the merged statistics are not finite), counts
+    it once and warns once; a good batch then updates with the convention's biased variance on every rank."""
+    import warnings
+
+    bn = SyncBatchNorm(3, convention="keras", timeout=20).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4 * world, 3, generator=gen, dtype=torch.float64)
+    bad = _slice(x, [4] * world, rank).clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(bad)
+        bn(bad)
+    assert bn.num_batches_skipped == 2 and int(bn.num_batches_tracked) == 0, bn.num_batches_skipped
+    assert sum("num_batches_skipped" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+    assert bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
+    bn(_slice(x, [4] * world, rank))
+    torch.testing.assert_close(bn.running_mean, 0.01 * x.mean(0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, 0.99 + 0.01 * x.var(0, unbiased=False), rtol=1e-12, atol=1e-14)
+    assert int(bn.num_batches_tracked) == 1
+
+
 def main():
     scenario, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

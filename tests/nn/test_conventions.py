@@ -164,3 +164,54 @@ def test_against_flax_itself():
     expected = fnn.BatchNorm(use_running_average=True).apply(variables, xs[2])
     np.testing.assert_allclose(nhwc(ours.eval()(torch.from_numpy(xs[2]).permute(0, 3, 1, 2))), np.asarray(expected),
                                rtol=1e-5, atol=2e-6)
+
+
+def _every_kind(convention, momentum):
+    """Each normlab layer kind with running statistics, as ``(layer, call)`` where ``call(layer, x)`` feeds
+    it the (N, C) batch ``x`` in its own way (ghost: virtual batches of 2; masked: two extra padded rows)."""
+    kw = dict(momentum=momentum, convention=convention)
+
+    def padded(layer, x):
+        xp = torch.cat([x, torch.full((2, x.shape[1]), 1e3, dtype=x.dtype)])
+        mask = torch.arange(xp.shape[0]) < x.shape[0]
+        return layer(xp, mask=mask)[: x.shape[0]]
+
+    def sequence(layer, x):
+        return padded(lambda xp, mask: layer(xp[None], mask=mask[None])[0], x)
+
+    plain = lambda layer, x: layer(x)  # noqa: E731
+    return {
+        "BatchRenorm1d": (nl.BatchRenorm1d(2, warmup_steps=0, r_max_steps=0, d_max_steps=0, **kw), plain),
+        "GhostBatchNorm1d": (nl.GhostBatchNorm1d(2, 2, **kw), plain),
+        "BatchNorm1d mask=": (nl.BatchNorm1d(2, **kw), padded),
+        "MaskedBatchNorm1d": (nl.MaskedBatchNorm1d(2, **kw), sequence),
+        "SyncBatchNorm": (nl.SyncBatchNorm(2, **kw), plain),
+    }
+
+
+@pytest.mark.parametrize("convention, momentum", [("keras", 0.99), ("flax", 0.9)])
+@pytest.mark.parametrize("kind", ["BatchRenorm1d", "GhostBatchNorm1d", "BatchNorm1d mask=", "MaskedBatchNorm1d",
+                                  "SyncBatchNorm"])
+def test_every_layer_kind_keeps_the_convention_s_running_statistics(kind, convention, momentum):
+    """The running update of each kind reads momentum and stores the biased variance as the framework does:
+    two steps give the hand-computed moving statistics (the kinds' batch statistics are the whole batch's)."""
+    layer, call = _every_kind(convention, momentum)[kind]
+    layer = layer.double()
+    assert layer.eps == (1e-3 if convention == "keras" else 1e-5) and layer.momentum == pytest.approx(1 - momentum)
+    nl.load_keras_batchnorm(layer, {"gamma": GAMMA, "beta": BETA, "moving_mean": MEAN0, "moving_variance": VAR0})
+    for x in (X1, X2):
+        call(layer, torch.from_numpy(x))
+    mean, var, _ = _documented(momentum, layer.eps)
+    np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-12)
+    assert int(layer.num_batches_tracked) == 2
+
+
+def test_every_layer_kind_takes_the_convention_s_defaults_and_keeps_explicit_values():
+    for kind, (layer, _) in _every_kind("keras", 0.99).items():
+        assert layer.convention == "keras", kind
+    ghost = nl.GhostBatchNorm2d(4, 8, convention="keras")
+    assert ghost.eps == 1e-3 and ghost.momentum == pytest.approx(0.01)
+    renorm = nl.BatchRenorm2d(4, 1e-4, 0.9, convention="flax")
+    assert renorm.eps == 1e-4 and renorm.momentum == pytest.approx(0.1)
+    assert nl.GhostBatchNorm1d(4, 8).eps == 1e-5 and nl.SyncBatchNorm(4).momentum == 0.1

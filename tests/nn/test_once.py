@@ -19,6 +19,12 @@ def _blocks(norm):
         "BatchNormReLU2d": lambda c: nl.BatchNormReLU2d(c),
         "InstanceNorm2d": lambda c: nl.InstanceNorm2d(c, affine=True, track_running_stats=True),
         "LpBatchNorm2d": lambda c: nl.LpBatchNorm2d(c, p=1),
+        # limits that change at every step: a recomputation must use its step's r_max and d_max
+        "BatchRenorm2d": lambda c: nl.BatchRenorm2d(c, r_max=1.5, d_max=0.5, warmup_steps=1, r_max_steps=4,
+                                                    d_max_steps=3),
+        "BatchRenorm2d momentum=None": lambda c: nl.BatchRenorm2d(c, momentum=None, r_max=1.2, d_max=0.1,
+                                                                  warmup_steps=0, r_max_steps=0, d_max_steps=0),
+        "GhostBatchNorm2d": lambda c: nl.GhostBatchNorm2d(c, virtual_batch_size=3),
     }[norm]
     return torch.nn.ModuleList([
         torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), make(6), torch.nn.ReLU()),
@@ -44,13 +50,14 @@ def _train(blocks, mode, steps=4):
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("norm", ["BatchNorm2d", "BatchNorm2d momentum=None", "BatchNormReLU2d", "InstanceNorm2d",
-                                  "LpBatchNorm2d"])
+                                  "LpBatchNorm2d", "BatchRenorm2d", "BatchRenorm2d momentum=None",
+                                  "GhostBatchNorm2d"])
 def test_checkpointed_training_matches_the_plain_run_exactly(norm, mode):
     plain = _train(_blocks(norm), "plain")
     checkpointed = _train(_blocks(norm), mode)
     for key, value in plain.items():
         assert torch.equal(value, checkpointed[key]), key
-    if norm.startswith("BatchNorm"):
+    if not norm.startswith(("InstanceNorm", "LpBatchNorm")):
         assert int(checkpointed["0.1.num_batches_tracked"]) == 4
 
 
@@ -114,3 +121,16 @@ def test_ghost_batch_norm_updates_once_per_step():
     reference(a)
     assert torch.equal(bn.running_mean, reference.running_mean)
     assert torch.equal(bn.running_var, reference.running_var) and int(bn.num_batches_tracked) == 2
+
+
+def test_batch_renorm_updates_once_and_later_calls_use_the_step_s_start():
+    """Inside update_once the first call updates (and advances the schedule's step); a later call, like a
+    checkpointed recomputation, renormalizes against the running statistics and step the step started from."""
+    make = lambda: nl.BatchRenorm1d(3, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=2, d_max_steps=2)  # noqa: E731
+    bn, first, second = make(), make(), make()
+    a, b = torch.randn(8, 3), torch.randn(8, 3) * 3 + 2
+    with normlab.update_once():
+        ya, yb = bn(a), bn(b)
+    assert torch.equal(ya, first(a)) and torch.equal(yb, second(b))
+    assert torch.equal(bn.running_mean, first.running_mean) and torch.equal(bn.running_var, first.running_var)
+    assert int(bn.num_batches_tracked) == 1 and bn.limits() == first.limits() != second.limits(0)

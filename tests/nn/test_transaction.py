@@ -16,7 +16,34 @@ NORMS = {
     "InstanceNorm2d": lambda: nl.InstanceNorm2d(4, affine=True, track_running_stats=True),
     "torch.nn.InstanceNorm2d": lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
     "LpBatchNorm2d": lambda: nl.LpBatchNorm2d(4, p=1),
+    "BatchRenorm2d": lambda: nl.BatchRenorm2d(4, warmup_steps=0, r_max_steps=0, d_max_steps=0),
+    "BatchRenorm2d warm-up schedule": lambda: nl.BatchRenorm2d(4, warmup_steps=1, r_max_steps=3, d_max_steps=3),
+    "GhostBatchNorm2d": lambda: nl.GhostBatchNorm2d(4, virtual_batch_size=3),
+    "BatchNorm2d mask=": lambda: _Masked2d(4),
+    "MaskedBatchNorm1d": lambda: _Sequence(4),
+    "SyncBatchNorm": lambda: nl.SyncBatchNorm(4),
 }
+
+
+def _pad_mask(x):
+    """(N, H, W): the last row of every map is padding."""
+    mask = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool)
+    mask[:, -1] = False
+    return mask
+
+
+class _Masked2d(nl.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x, mask=_pad_mask(x))
+
+
+class _Sequence(nl.MaskedBatchNorm1d):
+    """(N, C, H, W) maps read as sequences of H·W tokens (N, L, C), the last row's tokens padded."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = super().forward(x.flatten(2).transpose(1, 2), mask=_pad_mask(x).flatten(1))
+        return y.transpose(1, 2).reshape(n, c, h, w)
 
 
 def _model(norm):

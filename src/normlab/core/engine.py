@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from normlab.core.guard import finite_statistics
+from normlab.core.guard import commit, finite_statistics
 from normlab.core.plan import Plan
 from normlab.kernels.dispatch import select as select_backend
 
@@ -316,10 +316,7 @@ def compute_forward(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: flo
         y, shift, mean_shifted, var, rstd = backend.forward(x, weight, bias, fixed_mean, fixed_var, plan, eps,
                                                             **epilogue)
     if running is not None:
-        guarded, unbiased = getattr(running, "guarded", False), getattr(running, "unbiased", True)
-        if not update_running_stats(running[0], running[1], shift + mean_shifted, var, plan.count, running[2],
-                                    guarded, unbiased):
-            running.skipped = True
+        commit(running, shift + mean_shifted, var, plan.count)
     return y, (shift, mean_shifted, rstd)
 
 

@@ -18,8 +18,8 @@ Running statistics: once per call, from the exact merge of the virtual batches' 
 virtual batch's (count, shift, mean about it, M2) is a partial of the statistics seam
 (:mod:`normlab.core.stats`), and its merge (Chan et al.'s, :func:`normlab.core.stats.merge_moments`)
 gives **the full batch's** mean and variance; the update is BatchNorm's (unbiased variance, weight
-``momentum``). A ghost layer and a BatchNorm layer fed the same batches hold the same running
-statistics, so eval (ordinary BatchNorm with them) estimates the population statistics from all N samples
+``momentum``), guarded as BatchNorm's is (:func:`normlab.core.guard.commit`). A ghost layer and a
+BatchNorm layer fed the same batches hold the same running statistics, so eval (ordinary BatchNorm with them) estimates the population statistics from all N samples
 of every step. (The alternative, the average of the per-chunk updates, weights each chunk's own unbiased
 variance and leaves out the spread between the chunks' means; for i.i.d. chunks both estimate the same
 population variance, the merge with less noise.)
@@ -41,8 +41,8 @@ from normlab.core.engine import (
     finish_param_grads,
     forward_torch,
     records_grad,
-    update_running_stats,
 )
+from normlab.core.guard import commit
 from normlab.core.plan import Plan, batch_plan, instance_plan
 from normlab.core.stats import PACKED_DTYPE, merge_moments
 from normlab.kernels.dispatch import select as select_backend
@@ -157,13 +157,14 @@ def _forward(x, weight, bias, virtual_batch_size: int, eps: float, running):
         partials.append(_partials(shift, mean_shifted, var, plan.count, c))
     if running is not None:
         _, common, mean, var = merge_moments(torch.cat(partials))
-        update_running_stats(running[0], running[1], common + mean, var, x.numel() // c, running[2])
+        commit(running, common + mean, var, x.numel() // c)
     return _assemble(ys, x, virtual_batch_size, cl, saved[0][3]).to(x.dtype), saved
 
 
 class GhostNormalize(torch.autograd.Function):
-    """``y = GhostNormalize.apply(x, γ, β, virtual_batch_size, eps, running)``; ``running``:
-    ``(running_mean, running_var, momentum)`` updated in place with the merged statistics, or ``None``.
+    """``y = GhostNormalize.apply(x, γ, β, virtual_batch_size, eps, running)``; ``running``: a
+    :class:`~normlab.core.guard.RunningUpdate` (or ``(running_mean, running_var, momentum)``) updated in place
+    with the merged statistics, or ``None``.
     See the module docstring."""
 
     @staticmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RunningUpdate", "set_guard_stats", "guard_stats_enabled", "finite_statistics"]
+__all__ = ["RunningUpdate", "commit", "set_guard_stats", "guard_stats_enabled", "finite_statistics"]
 
 _ENABLED = [True]
 
@@ -41,6 +41,24 @@ class RunningUpdate(tuple):
         self.unbiased = unbiased
         self.skipped = False
         return self
+
+
+def commit(running, mean: torch.Tensor, var: torch.Tensor, count: int) -> bool:
+    """Write a batch's statistics (``mean``, biased ``var``, over ``count`` values per channel) into
+    ``running`` (a :class:`RunningUpdate`, or a plain ``(running_mean, running_var, momentum)`` triple:
+    unguarded, unbiased) with :func:`normlab.core.engine.update_running_stats`; returns whether it updated.
+    A guarded update that skips the batch sets ``running.skipped``.
+
+    Every layer kind's running update goes through here (BatchNorm, batch renorm, ghost BN, masked and
+    synchronized statistics), so the guard and the variance convention are applied the same way to all."""
+    from normlab.core.engine import update_running_stats  # the engine imports this module
+
+    guarded, unbiased = getattr(running, "guarded", False), getattr(running, "unbiased", True)
+    if update_running_stats(running[0], running[1], mean, var, count, running[2], guarded, unbiased):
+        return True
+    if isinstance(running, RunningUpdate):
+        running.skipped = True
+    return False
 
 
 class set_guard_stats:

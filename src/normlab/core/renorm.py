@@ -58,13 +58,15 @@ def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 class Renormalize(torch.autograd.Function):
-    """``y = Renormalize.apply(x, γ, β, running_mean, running_var, plan, eps, momentum, r_max, d_max, backend)``
-    for a BatchNorm ``plan``; the running statistics are updated in place (weight ``momentum``) with the
-    batch's, after r and d were computed from their old values. See the module docstring."""
+    """``y = Renormalize.apply(x, γ, β, running_mean, running_var, plan, eps, running, r_max, d_max, backend)``
+    for a BatchNorm ``plan``. r and d come from ``running_mean`` and ``running_var``; ``running`` (a
+    :class:`~normlab.core.guard.RunningUpdate` on those two, or ``None`` to leave them as they are) then
+    updates them in place with the batch's statistics, guarded (:func:`normlab.core.guard.commit`). See the
+    module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, plan: Plan, eps, momentum, r_max, d_max, backend):
-        y, saved = _forward(x, weight, bias, running_mean, running_var, plan, eps, momentum, r_max, d_max, backend)
+    def forward(ctx, x, weight, bias, running_mean, running_var, plan: Plan, eps, running, r_max, d_max, backend):
+        y, saved = _forward(x, weight, bias, running_mean, running_var, plan, eps, running, r_max, d_max, backend)
         ctx.save_for_backward(x, weight, *saved)
         ctx.plan, ctx.eps, ctx.backend = plan, eps, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -93,14 +95,13 @@ class Renormalize(torch.autograd.Function):
         return (dx, dw, db) + nones
 
 
-def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, momentum, r_max, d_max, backend):
-    """``(y, (shift, mean_shifted, rstd, r, d))``: BatchNorm's x̂_B from the backend (which also updates the
-    running statistics), then one pass for ``x̂_B · γr + (γd + β)``."""
+def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, running, r_max, d_max, backend):
+    """``(y, (shift, mean_shifted, rstd, r, d))``: BatchNorm's x̂_B from the backend (which also makes the
+    ``running`` update, if any), then one pass for ``x̂_B · γr + (γd + β)``."""
     acc = accumulation_dtype(x.dtype)
     c = plan.channels
     old_mean, old_var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     xin = x if x.dtype == acc else x.to(acc)  # x̂_B is not rounded to half precision before the affine step
-    running = (running_mean, running_var, float(momentum))
     xhat, (shift, mean_shifted, rstd) = compute_forward(xin, None, None, None, None, plan, eps, running, backend)
     mean = _per_channel(shift, c) + (0.0 if mean_shifted is None else _per_channel(mean_shifted, c))
     r, d = renorm_factors(mean, _per_channel(rstd, c), old_mean, old_var, eps, r_max, d_max)
@@ -113,12 +114,13 @@ def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, moment
     return _like_input(y, x), (shift, mean_shifted, rstd, r, d)
 
 
-def renormalize(x, weight, bias, running_mean, running_var, plan: Plan, eps: float, momentum: float,
-                r_max: float, d_max: float) -> torch.Tensor:
+def renormalize(x, weight, bias, running_mean, running_var, plan: Plan, eps: float, running, r_max: float,
+                d_max: float) -> torch.Tensor:
     """Batch renormalization of ``x`` (training) on the backend :func:`normlab.kernels.select` picks; the
-    running statistics are updated in place. Without an autograd node where nothing would be recorded."""
+    running statistics are updated in place by ``running`` (``None``: not at all, e.g. on a checkpointed
+    segment's recomputation). Without an autograd node where nothing would be recorded."""
     backend = select_backend(x, plan, True)
     if records_grad(x, weight, bias):
-        return Renormalize.apply(x, weight, bias, running_mean, running_var, plan, eps, momentum, r_max, d_max,
+        return Renormalize.apply(x, weight, bias, running_mean, running_var, plan, eps, running, r_max, d_max,
                                  backend)
-    return _forward(x, weight, bias, running_mean, running_var, plan, eps, momentum, r_max, d_max, backend)[0]
+    return _forward(x, weight, bias, running_mean, running_var, plan, eps, running, r_max, d_max, backend)[0]

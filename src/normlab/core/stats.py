@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize
-from normlab.core.engine import update_running_stats
+from normlab.core.guard import commit
 from normlab.core.plan import Plan
 
 __all__ = [
@@ -134,8 +134,10 @@ class CombinedNormalize(torch.autograd.Function):
     """``y = CombinedNormalize.apply(x, γ, β, plan, eps, running, combine_moments, combine_sums, on_count)``:
     BatchNorm's training step with the statistics of the whole batch of which ``x`` is one part.
 
-    ``running`` (or ``None``) is ``(running_mean, running_var, momentum)``, updated in place with the
-    merged statistics (unbiased with the total count) when that count is above 0. ``on_count(N)`` (or
+    ``running`` (or ``None``) is a :class:`~normlab.core.guard.RunningUpdate` (or a plain
+    ``(running_mean, running_var, momentum)``), updated in place with the merged statistics through
+    :func:`~normlab.core.guard.commit` (guarded, unbiased with the total count unless it says otherwise)
+    when that count is above 0. ``on_count(N)`` (or
     ``None``) is called with the total count once it is known and before anything is written, so a caller
     can refuse (e.g. a single value per channel over the whole batch)."""
 
@@ -149,7 +151,7 @@ class CombinedNormalize(torch.autograd.Function):
         xc = centre(xv, shift, mean_shifted)
         y = normalize(xc, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
         if running is not None and total > 0:
-            update_running_stats(running[0], running[1], shift + mean_shifted, var, int(total), running[2])
+            commit(running, shift + mean_shifted, var, int(total))
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
         ctx.plan, ctx.total, ctx.combine_sums = plan, total, combine_sums
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -98,6 +98,13 @@ class _BatchNorm(_RunningStatsMixin):
         text = super().extra_repr()
         return text if getattr(self, "convention", "torch") == "torch" else f"{text}, convention={self.convention!r}"
 
+    def _guarded_update(self) -> dict:
+        """How this layer's running update is made, as :mod:`normlab.functional`'s private calls take it:
+        guarded per ``guard_stats`` (a skip counted and warned once, :meth:`_skipped_batch`), the running
+        variance biased or not per ``convention``."""
+        return dict(guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
+                    unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var)
+
     def _update_factor(self) -> float:
         """Weight of this batch in the running average: ``momentum``, or 1/t for momentum=None."""
         if self.momentum is None:
@@ -128,10 +135,12 @@ class _BatchNorm(_RunningStatsMixin):
         updating = training and tracking and may_update(self)
         running_mean = self.running_mean if not training or updating else None
         running_var = self.running_var if running_mean is not None else None
+        skipped = getattr(self, "num_batches_skipped", 0)
         y = F._masked_batch_norm(name, input, mask, channel_dim, running_mean, running_var, self.weight, self.bias,
                                 training or running_mean is None, self._update_factor() if updating else 0.0,
-                                self.eps)
-        if updating and input.numel() > 0 and (mask is None or bool(mask.any())):
+                                self.eps, **self._guarded_update())
+        if updating and self.num_batches_skipped == skipped and input.numel() > 0 and (mask is None or
+                                                                                       bool(mask.any())):
             self.num_batches_tracked.add_(1)
         return y
 

@@ -37,7 +37,25 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CONVENTIONS", "Convention", "load_keras_batchnorm", "load_flax_batchnorm", "keras_kernel"]
+__all__ = ["CONVENTIONS", "Convention", "DEFAULT", "given", "load_keras_batchnorm", "load_flax_batchnorm",
+           "keras_kernel"]
+
+
+class _ConventionDefault:
+    """The default of ``eps`` or ``momentum`` in the layer's convention (torch's 1e-5 and 0.1 for "torch"): the
+    default of a layer constructor that has to tell "not given" from a value."""
+
+    def __repr__(self) -> str:
+        return "<the convention's default>"
+
+
+DEFAULT = _ConventionDefault()
+
+
+def given(**values) -> dict:
+    """The keyword arguments among ``values`` that were given (are not :data:`DEFAULT`), so that
+    :func:`convention_args` fills in the others from the layer's convention."""
+    return {name: value for name, value in values.items() if value is not DEFAULT}
 
 
 @dataclass(frozen=True)

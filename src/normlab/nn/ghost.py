@@ -23,17 +23,20 @@ from torch import nn
 from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.conventions import DEFAULT, given
 from normlab.nn.once import may_update
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _GhostBatchNorm(_BatchNorm):
-    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = DEFAULT,
+                 momentum: float | None = DEFAULT, affine: bool = True, track_running_stats: bool = True,
+                 device=None, dtype=None, *, convention: str = "torch", guard_stats: bool | None = None) -> None:
         self.virtual_batch_size = virtual_batch_size
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, affine=affine, track_running_stats=track_running_stats, device=device,
+                         dtype=dtype, convention=convention, guard_stats=guard_stats,
+                         **given(eps=eps, momentum=momentum))
 
     def _check_config(self) -> None:
         super()._check_config()
@@ -53,9 +56,10 @@ class _GhostBatchNorm(_BatchNorm):
         running_mean = self.running_mean if updating else None
         running_var = self.running_var if updating else None
         momentum = self._update_factor() if updating else 0.0
-        y = F.ghost_batch_norm(input, self.virtual_batch_size, running_mean, running_var, self.weight, self.bias,
-                               True, momentum, self.eps)
-        if updating:
+        skipped = getattr(self, "num_batches_skipped", 0)
+        y = F._ghost_batch_norm(name, input, self.virtual_batch_size, running_mean, running_var, self.weight,
+                                self.bias, True, momentum, self.eps, **self._guarded_update())
+        if updating and self.num_batches_skipped == skipped:
             self._count_batch(input)
         return y
 

@@ -17,6 +17,12 @@ it and continues from its count): plain BatchNorm (r_max = 1, d_max = 0) for t <
 r_max rises linearly to its final value at ``r_max_steps`` and d_max to its final value at
 ``d_max_steps``. The defaults are the paper's: 5k, 40k and 25k steps. ``warmup_steps=0, r_max_steps=0,
 d_max_steps=0`` applies the final limits from the first step.
+
+A training call that may not update the running statistics (a checkpointed segment's recomputation, or
+a later call inside :class:`normlab.update_once`, :mod:`normlab.nn.once`) takes r and d against the
+running statistics and step that the step's updating call started from, and updates nothing: the
+recomputation gives the first run's output exactly, and the schedule advances once per step. The update
+itself is guarded and follows ``convention`` as BatchNorm's (:mod:`normlab.core.guard`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from torch import nn
 from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.conventions import DEFAULT, given
+from normlab.nn.once import may_update
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -43,12 +51,15 @@ def _ramp(step: int, start: int, end: int, final: float, initial: float) -> floa
 
 
 class _BatchRenorm(_BatchNorm):
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000, r_max_steps: int = 40000,
-                 d_max_steps: int = 25000, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = DEFAULT, momentum: float | None = DEFAULT,
+                 affine: bool = True, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
+                 r_max_steps: int = 40000, d_max_steps: int = 25000, device=None, dtype=None, *,
+                 convention: str = "torch", guard_stats: bool | None = None) -> None:
         self.r_max, self.d_max = r_max, d_max
         self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
-        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        super().__init__(num_features, affine=affine, track_running_stats=True, device=device, dtype=dtype,
+                         convention=convention, guard_stats=guard_stats, **given(eps=eps, momentum=momentum))
+        self._step_start: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def _check_config(self) -> None:
         super()._check_config()
@@ -81,10 +92,21 @@ class _BatchRenorm(_BatchNorm):
         checks.check_floating(input, name)
         checks.check_ndim(input, name, self._ranks, self._layout)
         checks.check_channels(input, self.num_features, name)
-        r_max, d_max = self.limits()
-        y = F.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                           self._update_factor(), self.eps, r_max, d_max)
-        self._count_batch(input)
+        # Not on a checkpointed segment's recomputation, nor after the first call inside update_once: those
+        # renormalize against the running statistics and step that the step's updating call started from.
+        updating = may_update(self)
+        if updating or getattr(self, "_step_start", None) is None:
+            self._step_start = (self.running_mean.detach().clone(), self.running_var.detach().clone(),
+                                int(self.num_batches_tracked))
+        running_mean, running_var, step = self._step_start
+        r_max, d_max = self.limits(step)
+        skipped = getattr(self, "num_batches_skipped", 0)
+        y = F._batch_renorm(name, input, running_mean if not updating else self.running_mean,
+                            running_var if not updating else self.running_var, self.weight, self.bias, True,
+                            self._update_factor() if updating else 0.0, self.eps, r_max, d_max, update=updating,
+                            **self._guarded_update())
+        if updating and self.num_batches_skipped == skipped:
+            self._count_batch(input)
         return y
 
     def extra_repr(self) -> str:

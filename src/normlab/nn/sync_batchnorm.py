@@ -17,8 +17,11 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from normlab.core import checks, stats
+from normlab.core.guard import RunningUpdate, guard_stats_enabled
 from normlab.core.plan import batch_plan
 from normlab.nn.batchnorm import _BatchNorm
+from normlab.nn.conventions import DEFAULT, given
+from normlab.nn.once import may_update
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError"]
 
@@ -63,7 +66,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
     torch's layers) but not a ``torch.nn.SyncBatchNorm``, which DistributedDataParallel refuses on CPU.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats: as in :class:`~normlab.nn.BatchNorm1d`.
+        num_features, eps, momentum, affine, track_running_stats, guard_stats, convention: as in
+            :class:`~normlab.nn.BatchNorm1d` (the guard and the convention apply to the merged statistics,
+            identically on every rank; a skipped batch is skipped by all).
         process_group: the group whose ranks share statistics (default: the whole world).
         timeout: seconds (or a ``timedelta``) each collective step may wait for the other ranks before the
             layer raises :class:`SyncBatchNormError` naming itself; ``None``: the process group's timeout.
@@ -80,10 +85,13 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
     _ranks = (2, 3, 4, 5)
     _layout = "of shape (N, C) or (N, C, *spatial) with at most 3 spatial axes"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 timeout: float | datetime.timedelta | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+    def __init__(self, num_features: int, eps: float = DEFAULT, momentum: float | None = DEFAULT,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None, device=None, dtype=None,
+                 *, timeout: float | datetime.timedelta | None = None, convention: str = "torch",
+                 guard_stats: bool | None = None) -> None:
+        super().__init__(num_features, affine=affine, track_running_stats=track_running_stats, device=device,
+                         dtype=dtype, convention=convention, guard_stats=guard_stats,
+                         **given(eps=eps, momentum=momentum))
         self.process_group = process_group
         self.timeout = timeout
         self.layer_name = ""  # where the layer sits in a model, for error messages (set by convert_sync_batchnorm)
@@ -117,8 +125,11 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         checks.check_floating(input, name)
         checks.check_ndim(input, name, self._ranks, self._layout)
         checks.check_channels(input, self.num_features, name)
-        updating = self.track_running_stats
-        running = (self.running_mean, self.running_var, self._update_factor()) if updating else None
+        # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
+        updating = self.track_running_stats and may_update(self)
+        options = self._guarded_update()
+        running = RunningUpdate(self.running_mean, self.running_var, self._update_factor(),
+                                guard_stats_enabled(options["guard"]), options["unbiased"]) if updating else None
         total = []
 
         def on_count(n: float) -> None:
@@ -131,7 +142,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
             input, self.weight, self.bias, batch_plan(input.shape), self.eps, running,
             lambda local: self._all_gather(local, group), lambda local: self._all_reduce(local, group), on_count,
         )
-        if updating and total[0] > 0:
+        if running is not None and running.skipped:
+            self._skipped_batch(name)
+        elif updating and total[0] > 0:
             self.num_batches_tracked.add_(1)
         return y
 

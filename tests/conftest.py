@@ -68,3 +68,47 @@ def outlier_first_errors():
         return err[~outlier].max().item(), err[outlier].max().item(), *rel
 
     return errors
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_spawn():
+    """``spawn(workers, scenario, world, limit=60)``: run ``python WORKERS SCENARIO RANK WORLD PORT`` in
+    ``world`` processes (a gloo group on 127.0.0.1) and fail with their stderr unless every one exits 0 within
+    ``limit`` seconds (stragglers are killed). Returns the seconds taken."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import normlab
+
+    def spawn(workers, scenario: str, world: int, limit: float = 60.0) -> float:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(normlab.__file__).parents[1]),
+                                                           os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1", NORMLAB_BACKEND="torch")  # no kernels compiled in every process
+        port = _free_port()
+        start = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, str(workers), scenario, str(r), str(world), str(port)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        outputs = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail(f"{scenario}: the processes did not finish within {limit} s")
+            outputs.append((p.returncode, err[-3000:]))
+        failed = [(r, code, err) for r, (code, err) in enumerate(outputs) if code != 0]
+        assert not failed, "\n".join(f"rank {r} exited {code}:\n{err}" for r, code, err in failed)
+        return time.monotonic() - start
+
+    return spawn

@@ -147,3 +147,17 @@ def test_adapt_bn_copies_unless_inplace():
     assert one is model
     mean1, _ = _direct(model[0](target[0]).detach())
     assert torch.allclose(model[1].running_mean.double(), mean1, atol=1e-5)
+
+
+WORKERS = __import__("pathlib").Path(__file__).with_name("population_workers.py")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_across_processes_every_rank_gets_the_statistics_of_all_shards(gloo_spawn, world):
+    """Uneven shards ((5, 7, 2), (4), none) of data with a large mean and a small spread: every rank's
+    statistics equal one-process precise_bn over all the batches to float64 rounding, bit-identical across ranks."""
+    gloo_spawn(WORKERS, "exact", world)
+
+
+def test_across_processes_a_failing_rank_makes_every_rank_raise(gloo_spawn):
+    gloo_spawn(WORKERS, "one_fails", 3, limit=40)

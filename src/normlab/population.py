@@ -12,6 +12,12 @@ Each batch's (n_b, μ_b, M2_b) per channel is taken in float64 about a sample of
 (:func:`normlab.core.engine.moments`) and the partials are merged exactly with Chan et al.'s formula
 (:meth:`ChannelMoments.merge`), never as E[x²] − E[x]², so data with a large mean and a tiny spread keeps
 its variance. The same machinery on data from a new domain is AdaBN (Li et al. 2016): :func:`adapt_bn`.
+
+Across processes (a ``torch.distributed`` process group is up, or ``process_group=`` is given) each rank
+collects the moments of its own shard of the batches; one ``all_gather`` brings every rank's (n, μ, M2)
+per channel to every rank, which merges them with the same formula in rank order, so every rank writes
+the same statistics, bit for bit: those of all ranks' batches, as one process fed all of them would get
+(to float64 rounding). Shards may be uneven, and a rank may have no batch at all.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
@@ -150,6 +157,27 @@ def collect_moments(
     and the hooks removed, whether the passes succeed or raise (a raising batch is re-raised naming its
     index).
     """
+    acc, seen = _collect(model, batches, num_batches, progress, forward)
+    if seen == 0:
+        raise ValueError(EMPTY_MESSAGE)
+    _warn_unseen(batchnorm_layers(model), acc)
+    return acc
+
+
+EMPTY_MESSAGE = ("precise_bn: the batches are empty (the iterator gave no batch); the running statistics are "
+                 "unchanged. Pass an iterable of batches, e.g. a DataLoader.")
+
+
+def _warn_unseen(layers: dict[str, _BatchNorm], acc: dict[str, ChannelMoments]) -> None:
+    unseen = [name for name in layers if name not in acc]
+    if unseen:
+        warnings.warn(f"precise_bn: {len(unseen)} BatchNorm layer(s) received no input and keep their "
+                      f"running statistics: {', '.join(unseen)}", stacklevel=4)
+
+
+def _collect(model, batches, num_batches, progress, forward) -> tuple[dict[str, ChannelMoments], int]:
+    """:func:`collect_moments`'s passes: the moments per layer that received input, and how many batches
+    were fed (possibly 0)."""
     from tqdm.auto import tqdm
 
     layers = batchnorm_layers(model)
@@ -201,14 +229,53 @@ def collect_moments(
         for name, m in layers.items():
             for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[name]):
                 buf.copy_(old)
-    if seen == 0:
-        raise ValueError("precise_bn: the batches are empty (the iterator gave no batch); the running "
-                         "statistics are unchanged. Pass an iterable of batches, e.g. a DataLoader.")
-    unseen = [name for name in layers if name not in acc]
-    if unseen:
-        warnings.warn(f"precise_bn: {len(unseen)} BatchNorm layer(s) received no input and keep their "
-                      f"running statistics: {', '.join(unseen)}", stacklevel=3)
-    return acc
+    return acc, seen
+
+
+def _process_group(process_group):
+    """The group whose ranks' batches are merged, or ``None`` for this process's alone: ``False``, no
+    process group up, or a group of one rank."""
+    if process_group is False or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _gather(model, batches, num_batches, progress, forward, group) -> dict[str, ChannelMoments]:
+    """Every rank's moments, merged in rank order: the same on every rank. Each rank first says whether its
+    own passes succeeded (one all-reduce), so that a rank whose batch raised makes the others raise too
+    instead of waiting; then one all-gather of every layer's (count, mean, M2), empty where a rank saw none."""
+    layers = batchnorm_layers(model)
+    if not layers:  # the same model on every rank: all raise here
+        return collect_moments(model, [], num_batches, False, forward)
+    device = next(iter(layers.values())).running_mean.device
+    try:
+        local, seen = _collect(model, batches, num_batches, progress, forward)
+        failure = None
+    except Exception as exc:  # reported to the other ranks first, then raised here
+        local, seen, failure = {}, 0, exc
+    status = torch.tensor([float(failure is not None), float(seen)], dtype=torch.float64, device=device)
+    dist.all_reduce(status, group=group)
+    if failure is not None:
+        raise failure
+    if status[0] > 0:
+        raise RuntimeError(f"precise_bn: {int(status[0])} other rank(s) of the process group failed while feeding "
+                           f"their batches (see their error); the running statistics are unchanged.")
+    if status[1] == 0:
+        raise ValueError(EMPTY_MESSAGE.replace("the iterator gave no batch", "no rank's iterator gave a batch"))
+    sizes = [m.running_mean.shape[0] for m in layers.values()]
+    packed = torch.cat([(local[name] if name in local else ChannelMoments.empty(c, device)).to_tensor().to(device)
+                        for name, c in zip(layers, sizes)], dim=1)
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, packed, group=group)
+    merged: dict[str, ChannelMoments] = {}
+    for part in parts:  # rank order: every rank merges the same values in the same order
+        for name, t in zip(layers, part.split(sizes, dim=1)):
+            m = ChannelMoments.from_tensor(t)
+            merged[name] = m if name not in merged else merged[name].merge(m)
+    merged = {name: m for name, m in merged.items() if bool((m.count > 0).all())}
+    _warn_unseen(layers, merged)
+    return merged
 
 
 @torch.no_grad()
@@ -230,9 +297,11 @@ def precise_bn(
     num_batches: int | None = None,
     progress: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    process_group=None,
 ) -> dict[str, int]:
     """Recompute every BN layer's ``running_mean``/``running_var`` as the exact population statistics
-    of its inputs over ``batches`` (the first ``num_batches`` of them, or all), in place.
+    of its inputs over ``batches`` (the first ``num_batches`` of them, or all), in place; across every
+    rank's batches when a process group is up.
 
     Args:
         model: any module; its BN layers are the instances of torch.nn's ``_BatchNorm`` with running
@@ -242,6 +311,9 @@ def precise_bn(
         num_batches: how many batches to use (default: all the iterable gives).
         progress: show a tqdm bar on stderr.
         forward: ``forward(model, batch)`` to feed a batch some other way.
+        process_group: where ``torch.distributed`` is initialized, the group whose ranks' batches make the
+            statistics (default: the whole world; every rank of it must call ``precise_bn``, each with its
+            own shard, which may be uneven or empty); ``False``: this process's batches only.
 
     During the passes the BN layers are in training mode, so each normalizes with its batch's
     statistics exactly as in training and the layers after it see the inputs they were trained on;
@@ -251,7 +323,9 @@ def precise_bn(
     ``num_batches_tracked`` and every module's train/eval mode are left as they were; a layer that
     received no input keeps its statistics (with a warning).
 
-    Returns the number of values each layer's statistics were computed from, by layer name.
+    Returns the number of values each layer's statistics were computed from (over every rank), by layer
+    name. Across processes, a model holding SyncBatchNorm layers needs the same number of batches on every
+    rank (those layers communicate in each training forward).
 
     Raises ValueError when the model has no BN layer with running statistics or ``batches`` is empty;
     a batch that raises is re-raised (its type kept where possible) naming its index. In every error
@@ -263,9 +337,11 @@ def precise_bn(
     >>> counts["1"]
     160
     """
-    # One combine step sits between collecting and writing: where several processes each saw part of
-    # the data, their ChannelMoments are gathered (to_tensor) and merged here as well.
-    stats = collect_moments(model, batches, num_batches, progress, forward)
+    group = _process_group(process_group)
+    if group is None:
+        stats = collect_moments(model, batches, num_batches, progress, forward)
+    else:
+        stats = _gather(model, batches, num_batches, progress, forward, group)
     return write_statistics(model, stats)
 
 
@@ -276,6 +352,7 @@ def adapt_bn(
     num_batches: int | None = None,
     progress: bool = True,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    process_group=None,
 ) -> nn.Module:
     """AdaBN (Li et al. 2016): the model with every BN layer's statistics re-estimated on data from the
     target domain, the weights kept; it is :func:`precise_bn` run on ``target_batches``.
@@ -285,5 +362,6 @@ def adapt_bn(
     :func:`precise_bn`.
     """
     adapted = model if inplace else copy.deepcopy(model)
-    precise_bn(adapted, target_batches, num_batches=num_batches, progress=progress, forward=forward)
+    precise_bn(adapted, target_batches, num_batches=num_batches, progress=progress, forward=forward,
+               process_group=process_group)
     return adapted

@@ -3,11 +3,6 @@
 The distributed checks run in tests/nn/sync_workers.py, a few groups of 2–3 processes, each bounded in time.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,52 +14,32 @@ import normlab.nn as nnl
 WORKERS = Path(__file__).with_name("sync_workers.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def _spawn(gloo_spawn):
+    """``_spawn(scenario, world, limit=60)``: :func:`gloo_spawn` on tests/nn/sync_workers.py."""
+    return lambda scenario, world, limit=60.0: gloo_spawn(WORKERS, scenario, world, limit)
 
 
-def _spawn(scenario: str, world: int, limit: float = 60.0) -> float:
-    """Run ``scenario`` in ``world`` processes; fail with their stderr unless every one exits 0 within ``limit``
-    seconds (stragglers are killed). Returns the seconds taken."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(normlab.__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               NORMLAB_BACKEND="torch")  # the references need no kernels compiled in every process
-    port = _free_port()
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKERS), scenario, str(r), str(world), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outputs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{scenario}: the processes did not finish within {limit} s")
-        outputs.append((p.returncode, err[-3000:]))
-    failed = [(r, code, err) for r, (code, err) in enumerate(outputs) if code != 0]
-    assert not failed, "\n".join(f"rank {r} exited {code}:\n{err}" for r, code, err in failed)
-    return time.monotonic() - start
-
-
-def test_exact_against_one_process_on_the_concatenated_batch():
+def test_exact_against_one_process_on_the_concatenated_batch(_spawn):
     """Per-rank batches (5, 3, 0) and (1, 1, 1); float64 and float32; (N, C), (N, C, L), NCHW, channels_last,
     NCDHW; momentum 0.1 and None: outputs, dx, dγ, dβ and running statistics; eval without communication;
     a single value in total refused; a layer over a sub-group."""
     _spawn("exact", 3)
 
 
-def test_ddp_training_matches_one_process_and_reverts():
+def test_ddp_training_matches_one_process_and_reverts(_spawn):
     _spawn("ddp", 3)
 
 
-def test_a_rank_that_never_arrives_ends_the_others_within_the_timeout():
+def test_a_non_finite_batch_on_one_rank_is_skipped_by_all_with_the_convention_kept(_spawn):
+    _spawn("guarded", 2)
+
+
+def test_a_rank_that_never_arrives_ends_the_others_within_the_timeout(_spawn):
     _spawn("never_arrives", 2, limit=40)
 
 
-def test_a_rank_that_dies_ends_the_others_with_the_layers_error():
+def test_a_rank_that_dies_ends_the_others_with_the_layers_error(_spawn):
     _spawn("dies", 3, limit=40)
 
 

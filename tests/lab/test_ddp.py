@@ -48,3 +48,24 @@ def test_group_norm_variant_has_no_batchnorm():
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 2
     assert math.isnan(ddp.running_error(model, torch.randn(4, 1, 12, 12))[0])
+
+
+def test_normlab_lab_run_nproc_launches_the_data_parallel_training(tiny_fashion, tmp_path, capsys):
+    """`normlab lab run --nproc 2 --suite smoke` as a user runs it: two torchrun processes train the CNN with
+    SyncBatchNorm and rank 0's result lands under --out; experiment names alongside are refused."""
+    import json
+    import time
+
+    from normlab.cli import main
+
+    start = time.monotonic()
+    code = main(["lab", "run", "--nproc", "2", "--suite", "smoke", "--data-dir", str(tiny_fashion), "--out",
+                 str(tmp_path), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert time.monotonic() - start < 120
+    result = json.loads((tmp_path / "ddp-2.json").read_text())
+    assert result["series"]["ddp"]["world"] == [2] and result["config"]["ddp"]["norm"] == "sync"
+    assert result["steps_done"] == ddp.SUITES["smoke"]["steps"]
+    assert "2 process(es), norm=sync: test accuracy" in capsys.readouterr().out
+    assert main(["lab", "run", "batch-size", "--nproc", "2", "--out", str(tmp_path)]) == 2
+    assert "no experiment names" in capsys.readouterr().err

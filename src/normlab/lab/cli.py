@@ -28,6 +28,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:  # the data-parallel training, launched with torchrun
+        from normlab.lab.ddp import lab_run
+
+        return lab_run(args)
     from normlab.lab.data import DataError
     from normlab.lab.engine import LabSettings, run_lab
     from normlab.lab.report import write_report
@@ -82,6 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p_run.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
     p_run.add_argument("--force", action="store_true", help="redo runs even when a finished result matches")
     p_run.set_defaults(func=cmd_run)
+    p_run.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="instead of experiments: train the lab's CNN data-parallel (DDP + SyncBatchNorm) in N "
+                            "local processes under torchrun, at the suite's size; writes OUT/ddp-N.json")
 
     p_report = sub.add_parser("report", help="render the report from the results already under --out")
     p_report.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")

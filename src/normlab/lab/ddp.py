@@ -12,6 +12,9 @@ the ranks: accuracy should not depend on the number of processes, only the speed
 mode, its running statistics) and writes the result. gloo on CPU, NCCL on CUDA (``--device cuda``, one GPU
 per rank, ``LOCAL_RANK``).
 
+``normlab lab run --nproc N [--suite smoke|quick|full]`` launches the same training in N local processes
+(:func:`lab_run`), at the suite's size, and writes rank 0's result under ``--out``.
+
 ``python -m normlab.lab.ddp --scaling 1 2 4`` launches torchrun once per process count and prints steps/s,
 final accuracy and the communication share of a step (1 − time of a step without any collective / time of
 a synchronized step, both measured in the same run). Several machines: the same command on each, with
@@ -249,6 +252,49 @@ def scaling(nprocs: list[int], base: dict[str, Any], data_dir: Path | None) -> l
     return rows
 
 
+# The size of ``normlab lab run --nproc N`` per suite (a suite the table lacks runs as "quick").
+SUITES = {
+    "smoke": dict(batch=16, steps=6, widths=[4, 8], n_train=320, n_test=160, size=12),
+    "quick": dict(batch=64, steps=300, widths=[8, 16, 32, 32], n_train=10000, n_test=2000, size=16),
+    "full": dict(batch=128, steps=3000, widths=[16, 32, 64, 64], n_train=None, n_test=None, size=28),
+}
+
+
+def lab_run(args: argparse.Namespace) -> int:
+    """``normlab lab run --nproc N``: the data-parallel training of the lab's CNN (SyncBatchNorm) in N local
+    processes under torchrun, at ``args.suite``'s size; rank 0's result goes to ``OUT/ddp-N.json``."""
+    if args.experiments:
+        print("error: --nproc runs the data-parallel training of the lab's CNN; give it no experiment names",
+              file=sys.stderr)
+        return 2
+    if args.nproc < 1:
+        print(f"error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    size = SUITES.get(args.suite, SUITES["quick"])
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    config = ddp_config("sync", args.nproc, size["batch"], size["steps"], 0.05, size["widths"],
+                        list(range(1, len(size["widths"]), 2)), size["n_train"], size["n_test"], size["size"],
+                        args.seed, device)
+    try:
+        result = launch(config, args.data_dir)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) / f"ddp-{args.nproc}.json"
+    write_json_atomic(out, result)
+    print(summary(result))
+    print(f"result: {out} ({result['seconds']:.1f} s)")
+    return 0
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line: processes, norm, final test accuracy, steps/s and the communication share."""
+    acc = result["series"]["eval"]["test_acc"][-1]
+    d = result["series"]["ddp"]
+    return (f"{d['world'][0]} process(es), norm={result['config']['ddp']['norm']}: test accuracy {acc:.3f}, "
+            f"{d['steps_per_s'][0]:.2f} steps/s, communication {100 * d['comm_share'][0]:.0f}% of a step")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m normlab.lab.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("--norm", choices=sorted(NORMS), default="sync")
@@ -296,10 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if result is not None:
-        acc = result["series"]["eval"]["test_acc"][-1]
-        d = result["series"]["ddp"]
-        print(f"{d['world'][0]} process(es), norm={config['ddp']['norm']}: test accuracy {acc:.3f}, "
-              f"{d['steps_per_s'][0]:.2f} steps/s, communication {100 * d['comm_share'][0]:.0f}% of a step")
+        print(summary(result))
         if args.out is not None:
             write_json_atomic(args.out, result)
     return 0

@@ -153,16 +153,36 @@ def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, 
         y = _batch_norm(op, input.movedim(channel_dim, 1), running_mean, running_var, weight, bias, False, momentum,
                         eps).movedim(1, channel_dim)
         return y if mask is None else torch.where(masked.mask_like(mask, input, channel_dim), y, 0.0)
+    if mask is None:  # every position valid: BatchNorm of the rows, a view where the layout allows
+        rows = masked.rows_of(input, channel_dim)
+        y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps, **guard)
+        return y.reshape(input.movedim(channel_dim, -1).shape).movedim(-1, channel_dim)
     index = masked.positions(mask)
-    # the padded output and the input's gradient are assembled in the backend's recycled memory where it has it
-    backend = select_backend(input, batch_plan((2, input.shape[channel_dim])))
-    empty_like = getattr(backend, "empty_like", torch.empty_like)
-    rows = masked.gather_valid(input, index, channel_dim, empty_like)
-    if rows.shape[0] == 1 and mask is not None:
+    count, c = index[0].numel(), input.shape[channel_dim]
+    if count == 1:
         raise ValueError(
             f"{op}: the mask leaves a single valid position, so every channel's batch statistics would come from one "
             f"value (variance 0, output beta). {checks.BN_SUGGESTION}"
         )
+    checks.check_eps(eps, op, positive=True)
+    checks.check_param(weight, (c,), op, "weight")
+    checks.check_param(bias, (c,), op, "bias")
+    checks.check_running(running_mean, running_var, c, op)
+    running = None
+    if running_mean is not None:
+        checks.check_momentum(momentum, op)
+        if count > 0:
+            running = RunningUpdate(running_mean, running_var, float(momentum),
+                                    guard_stats_enabled(guard.get("guard")), guard.get("unbiased", True))
+    backend = select_backend(input, batch_plan((max(count, 2), c)), True)
+    # the output and the input's gradient are written into the backend's recycled memory where it has it
+    empty_like = getattr(backend, "empty_like", torch.empty_like)
+    if backend is None:  # the torch engine: the statistics seam over the valid positions
+        y = masked.normalize_masked(input, index, channel_dim, weight, bias, float(eps), running, empty_like)
+        _report_skip(running, op, guard.get("on_skip"))
+        return y
+    # a kernel backend: its fused BatchNorm on the valid positions gathered as rows (see normlab.core.masked)
+    rows = masked.gather_valid(input, index, channel_dim, empty_like)
     y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps, **guard)
     return masked.scatter_valid(y, index, input, channel_dim, empty_like)
 

@@ -124,3 +124,74 @@ def test_errors():
     with pytest.raises(ValueError):
         F.batch_norm(x, rm, rv, training=True, mask=torch.ones(2, 3, dtype=torch.bool))
     assert torch.equal(rm, torch.zeros(3))  # nothing written before the error
+
+
+def _masked_run(x, mask, backend, monkeypatch, dy):
+    monkeypatch.setenv("NORMLAB_BACKEND", backend)
+    layer = nn.MaskedBatchNorm1d(x.shape[-1]).to(x.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 2.0, x.shape[-1]))
+    xs = x.clone().requires_grad_(True)
+    y = layer(xs, mask=mask)
+    y.backward(dy)
+    return y.detach(), xs.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var
+
+
+def test_the_seam_and_the_gathered_kernels_agree_on_hard_data(monkeypatch):
+    """The torch engine's statistics seam (masked partial moments → merge → apply) against BatchNorm of the
+    gathered rows in float64 and, where numba is installed, against its kernels on the gathered rows: data
+    with a mean of 1e4 and a spread of 1e-2, the first valid value (the shift) an outlier of 1e5, NaN and inf
+    at padded positions in x and in ∂L/∂y."""
+    gen = torch.Generator().manual_seed(0)
+    n, length, c = 6, 40, 7
+    mask = _mask(n, length, gen, min_len=5)
+    x = 1e4 + 1e-2 * torch.randn(n, length, c, generator=gen)
+    x[0, 0] = 1e5
+    x[~mask] = float("nan")
+    x[~mask & (torch.arange(length) % 2 == 0)] = float("inf")
+    dy = torch.randn(n, length, c, generator=gen)
+    dy[~mask] = float("nan")
+    rows = x.double()[mask]
+    ref = torch.nn.BatchNorm1d(c).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 2.0, c))
+    rows.requires_grad_(True)
+    yr = ref(rows)
+    yr.backward(dy.double()[mask])
+    runs = {"torch": _masked_run(x, mask, "torch", monkeypatch, dy)}
+    from normlab.kernels import available
+    if available("numba"):
+        runs["numba"] = _masked_run(x, mask, "numba", monkeypatch, dy)
+    for backend, (y, dx, dw, db, rm, rv) in runs.items():
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all(), backend
+        assert (y[~mask] == 0).all() and (dx[~mask] == 0).all(), backend
+        torch.testing.assert_close(y[mask].double(), yr.detach(), atol=2e-5, rtol=0, msg=backend)
+        rel = ((dx[mask].double() - rows.grad).abs().max() / rows.grad.abs().max()).item()
+        assert rel < 1e-5, (backend, rel)
+        torch.testing.assert_close(dw.double(), ref.weight.grad, atol=1e-2, rtol=1e-4, msg=backend)
+        torch.testing.assert_close(db.double(), ref.bias.grad, atol=1e-4, rtol=1e-5, msg=backend)
+        torch.testing.assert_close(rm.double(), ref.running_mean, rtol=1e-6, atol=0, msg=backend)
+        torch.testing.assert_close(rv.double(), ref.running_var, rtol=1e-6, atol=0, msg=backend)
+    if "numba" in runs:
+        for a, b in zip(runs["torch"], runs["numba"]):
+            torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+
+
+def test_masked_partial_moments_merge_to_the_gathered_rows_moments():
+    from normlab.core import stats
+    from normlab.core.masked import positions
+    from normlab.core.plan import batch_plan
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 3, generator=gen, dtype=torch.float64) * 3 + 7
+    mask = torch.rand(50, generator=gen) > 0.3
+    x[~mask] = float("nan")
+    valid, padded, _ = positions(mask)
+    packed, _ = stats.masked_partial_moments(x, valid, padded)
+    total, common, mean, var = stats.merge_moments(packed)
+    rows = x[mask]
+    assert total.tolist() == [float(mask.sum())] * 3
+    torch.testing.assert_close(common + mean, rows.mean(0), rtol=1e-14, atol=0)
+    torch.testing.assert_close(var, rows.var(0, unbiased=False), rtol=1e-13, atol=0)
+    whole = stats.merge_moments(stats.partial_moments(rows, batch_plan(tuple(rows.shape))))
+    torch.testing.assert_close(var, whole[3], rtol=1e-13, atol=0)

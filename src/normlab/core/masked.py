@@ -1,19 +1,32 @@
 r"""Batch statistics over the valid positions of a padded batch.
 
 Padded sequences (N, C, L) come with a mask (N, L), True where a position holds data. BatchNorm with a
-mask takes its per-channel statistics over the valid positions only, which is BatchNorm of the valid
-positions gathered into rows::
+mask takes its per-channel statistics over the valid positions only: the M valid positions of a channel
+are its batch. It is computed as a step of the statistics seam (:mod:`normlab.core.stats`), on the
+input read as rows (R, C) (a view for channels-last storage: (N, L, C) sequences, channels_last images,
+(N, C); a copy otherwise)::
 
-    rows = x[valid] ∈ R^{M×C}     (M = number of valid positions)
-    y[valid] = BatchNorm(rows),    y[padded] = 0
+    partial   (n, s, d, M2) over the valid rows    :func:`~normlab.core.stats.masked_partial_moments`
+    combine   one place: the identity
+    merge     Chan et al.                          :func:`~normlab.core.stats.merge_moments`
+    apply     y = γ (x − μ) · rstd + β at the valid rows,  y = 0 at the padded ones
 
-and that is how it is computed: the valid positions are gathered (one indexed read), normalized by the
-engine as a BatchNorm1d batch of M rows (on whichever backend runs it, with its running-statistics update
-over exactly those M values per channel), and placed back into a tensor of the input's shape and memory
-layout whose padded positions are set to 0 (each value written once). The backward is the composition's: BatchNorm's closed form over the M valid rows, whose
-statistics see only them, scattered back; the padded positions get a zero gradient (their output is the
-constant 0). With fixed statistics (eval mode) every position is normalized and the padded ones are set
-to 0, the same output as gathering would give.
+Nothing is gathered: the padded rows are set to 0 before each sum (whatever they hold, NaN included,
+takes no part) and in the output. The backward is BatchNorm's closed form over the valid rows
+(:func:`~normlab.core.stats.partial_grad_sums`, :func:`~normlab.core.stats.apply_backward`, count M),
+with the padded rows of ∂L/∂y ignored and a zero gradient at the padded positions (their output is the
+constant 0). A double backward recomputes the same steps with differentiable operations. With fixed
+statistics (eval mode) every position is normalized and the padded ones are set to 0.
+
+The result equals BatchNorm of the valid positions gathered into rows and placed back into zeros
+(outputs, gradients, running statistics), which is how the tests check it, and that is the other way
+it is computed: where a kernel backend (numba on CPU, Triton on CUDA) runs BatchNorm, the valid
+positions are gathered (:func:`gather_valid`, one indexed read), normalized by its fused BatchNorm
+kernels as M rows, and placed back (:func:`scatter_valid`, each value written once). The kernels take no
+mask, and their fused passes beat the seam's torch operations there (the seam took 1.1–1.4x their time,
+one thread, 2 cores); on the torch engine the seam is 2–4x faster than gathering
+(``benchmarks/masked_seam.py``). Kernels that compute masked partial moments would bring those backends
+onto the seam as well.
 
 Padded outputs are 0 rather than "normalized with the batch's statistics" so that whatever a padded
 position held (zeros, garbage, the previous sequence's values) cannot leak into the next layer.
@@ -23,7 +36,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_mask", "gather_valid", "mask_like", "positions", "scatter_valid"]
+from normlab.core import stats
+from normlab.core.engine import _param, accumulation_dtype
+from normlab.core.guard import commit
+from normlab.core.plan import Plan, batch_plan
+
+__all__ = ["check_mask", "gather_valid", "mask_like", "normalize_masked", "positions", "rows_of", "scatter_valid"]
 
 
 def check_mask(mask, x: torch.Tensor, op: str, channel_dim: int) -> None:
@@ -53,6 +71,115 @@ def positions(mask: torch.Tensor | None):
         return None
     flat = mask.reshape(-1)
     return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), mask
+
+
+def rows_of(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``x`` as rows (R, C), the channels last: a view where the storage has them last, else a copy."""
+    return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+
+
+def _dense_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (``x``'s shape) in ``x``'s memory format: channels_last where ``x`` is, else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
+def _forward(rows, weight, bias, valid, padded, eps: float, plan: Plan, out=None):
+    """The seam's steps on the rows: ``(y, shift, mean_shifted, var, rstd, total)``, ``y`` 0 at the padded
+    rows (written into ``out`` if given; ``out=None``: differentiable operations), the statistics in
+    ``plan.stat_shape`` and the accumulation dtype."""
+    acc = accumulation_dtype(rows.dtype)
+    packed, xs = stats.masked_partial_moments(rows.to(acc), valid, padded, out)
+    total, common, mean, var = stats.merge_moments(stats.identity(packed))  # one place: xs is x − shift there
+    shift, mean_shifted, var = (t.to(acc).reshape(plan.stat_shape) for t in (common, mean, var))
+    rstd = torch.rsqrt(var + eps)
+    # y = γ ((x − shift) − mean_shifted) rstd + β (the engine's normalize), in one pass over the shifted rows
+    scale = rstd if weight is None else rstd * _param(weight, plan, acc)
+    offset = -mean_shifted * scale
+    if bias is not None:
+        offset = offset + _param(bias, plan, acc)
+    y = torch.addcmul(offset, xs, scale, out=out).index_fill_(0, padded, 0.0)
+    return y, shift, mean_shifted, var, rstd, float(total.max().item())
+
+
+class MaskedNormalize(torch.autograd.Function):
+    """``y = MaskedNormalize.apply(rows, γ, β, valid, padded, eps, running, empty_like)``: BatchNorm's training
+    step on the rows (R, C) listed in ``valid``; the rows in ``padded`` give 0. ``running`` (a
+    :class:`~normlab.core.guard.RunningUpdate`, or ``None``) is updated with the statistics of the valid
+    rows when there is one. ``empty_like`` gives the memory of the output and of the input's gradient (a
+    backend's recycled memory, or ``torch.empty_like``). See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, valid, padded, eps: float, running, empty_like):
+        plan = batch_plan(tuple(rows.shape))
+        out = empty_like(torch.empty(rows.shape, dtype=accumulation_dtype(rows.dtype), device=rows.device))
+        y, shift, mean_shifted, var, rstd, total = _forward(rows, weight, bias, valid, padded, eps, plan, out)
+        if running is not None and total > 0:
+            commit(running, shift + mean_shifted, var, int(total))
+        ctx.save_for_backward(rows, weight, bias, valid, padded, shift, mean_shifted, rstd)
+        ctx.plan, ctx.eps, ctx.total, ctx.empty_like = plan, eps, total, empty_like
+        return y.to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, bias, valid, padded, shift, mean_shifted, rstd = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # a graph of the gradients is wanted: differentiate the steps themselves
+            return _double_backward(ctx, dy) + (None,) * 5
+        acc = accumulation_dtype(rows.dtype)
+        dym, padded_sum = _valid_grad(dy.to(acc), padded, ctx.empty_like)
+        xhat = ctx.empty_like(torch.empty(rows.shape, dtype=acc, device=rows.device))
+        xhat = torch.sub(rows, shift, out=xhat)
+        xhat = torch.addcmul(-(mean_shifted * rstd), xhat, rstd, out=xhat).index_fill_(0, padded, 0.0)
+        sums = stats.partial_grad_sums(dym, xhat, None, plan)  # (Σ ∂L/∂y, Σ ∂L/∂y·x̂), the first over every row
+        if padded_sum is not None:
+            sums[0] -= padded_sum  # now both over the valid rows: ∂L/∂β and ∂L/∂γ
+        dx = dw = db = None
+        if need_x:
+            w = _param(weight, plan, acc)
+            total = stats.identity(sums if w is None else sums * w.reshape(-1))
+            dx = stats.apply_backward(dym, xhat, rstd, w, total, max(ctx.total, 1.0), plan, out=xhat)
+            dx = dx.index_fill_(0, padded, 0.0).to(rows.dtype)
+        if need_w:
+            dw = sums[1].to(weight.dtype)
+        if need_b:
+            db = sums[0].to(bias.dtype)
+        return dx, dw, db, None, None, None, None, None
+
+
+def _valid_grad(dy: torch.Tensor, padded: torch.Tensor, empty_like) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(g, padded_sum)``: ∂L/∂y as the backward reads it, and the per-channel sum of its padded rows, to take
+    off Σ g (``None``: nothing to take off). Where the padded rows are finite, ``g`` is ``dy`` itself (they
+    meet x̂ = 0 in Σ g·x̂ and their ∂L/∂x is set to 0 afterwards); else a copy with them set to 0."""
+    pad = dy.index_select(0, padded)
+    if bool(torch.isfinite(pad).all()):
+        return dy, pad.sum(dim=0)
+    return empty_like(torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)).copy_(dy).index_fill_(0, padded,
+                                                                                                   0.0), None
+
+
+def _double_backward(ctx, dy):
+    """The first derivatives as a differentiable function of the inputs (``create_graph=True``)."""
+    rows, weight, bias, valid, padded = ctx.saved_tensors[:5]
+    inputs = [t for t, need in zip((rows, weight, bias), ctx.needs_input_grad[:3]) if need]
+    y = _forward(rows, weight, bias, valid, padded, ctx.eps, ctx.plan)[0].to(rows.dtype)
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+
+
+def normalize_masked(x: torch.Tensor, index, channel_dim: int, weight, bias, eps: float, running=None,
+                     empty_like=torch.empty_like):
+    """BatchNorm training forward of ``x`` over the positions ``index`` (from :func:`positions`) marks valid,
+    channels on ``channel_dim``: an output of ``x``'s shape and memory format, 0 at the padded positions;
+    ``running`` (or ``None``) updated with the valid positions' statistics. Differentiable in ``x``, γ, β;
+    the output and the input's gradient are written into ``empty_like`` memory."""
+    valid, padded, _ = index
+    rows = rows_of(x, channel_dim)
+    y = MaskedNormalize.apply(rows, weight, bias, valid, padded, float(eps), running, empty_like)
+    return _dense_like(y.reshape(x.movedim(channel_dim, -1).shape).movedim(-1, channel_dim), x)
 
 
 def _take(t: torch.Tensor, index, channel_dim: int, empty_like) -> torch.Tensor:

@@ -30,6 +30,9 @@ The combine steps are callables ``combine_moments(local) -> stacked`` (``local``
 result of shape (P, 4, C), every place's partials, in the same order everywhere) and
 ``combine_sums(local) -> total`` (shape (2, C), summed over places). :func:`identity` is the one-process
 combine for both.
+
+Masked statistics (:mod:`normlab.core.masked`) use the same steps with
+:func:`masked_partial_moments`, whose partials cover the valid positions only.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "PACKED_DTYPE",
     "identity",
     "partial_moments",
+    "masked_partial_moments",
     "merge_moments",
     "partial_grad_sums",
     "apply_backward",
@@ -84,6 +88,53 @@ def partial_moments(xv: torch.Tensor, plan: Plan) -> torch.Tensor:
     return packed
 
 
+def masked_partial_moments(rows: torch.Tensor, valid: torch.Tensor, padded: torch.Tensor,
+                           out: torch.Tensor | None = None):
+    """This place's ``(n, s, d, M2)`` over the *valid* rows of ``rows`` (R, C), packed as a ``(1, 4, C)``
+    float64 tensor as :func:`partial_moments` packs them, and the shifted rows ``x − s`` (their padded rows
+    set to d), written into ``out`` if given (``out=None``: differentiable operations, which a double
+    backward recomputes).
+
+    ``valid`` and ``padded`` are the indices of the rows that count and of those that do not; a padded row
+    takes no part whatever it holds (NaN and inf included): it is set to 0 before the sum that gives d and
+    to d before the one that gives M2 = Σ (x − s − d)², so it adds exactly 0 to both; it is never
+    multiplied by a 0 weight. The shift ``s`` is the first valid row, as :func:`~normlab.core.engine.moments`
+    shifts by one of the values.
+    """
+    c, n = rows.shape[1], valid.numel()
+    if n == 0:
+        xs = torch.zeros_like(rows) if out is None else out.zero_()
+        return torch.zeros(1, 4, c, dtype=PACKED_DTYPE, device=rows.device), xs
+    shift = rows[valid[0]]
+    xs = torch.sub(rows, shift, out=out).index_fill_(0, padded, 0.0)
+    d = xs.sum(dim=0) / n
+    xs = xs.index_copy_(0, padded, d.expand(padded.numel(), c))
+    m2 = sum_of_products(xs, xs, (0,), d)
+    packed = torch.stack([torch.full_like(d, n, dtype=PACKED_DTYPE), shift.to(PACKED_DTYPE), d.to(PACKED_DTYPE),
+                          m2.to(PACKED_DTYPE)])
+    return packed.unsqueeze(0), xs
+
+
+# Elements per piece of :func:`sum_of_products`: a product of this size stays in the cache.
+_PIECE = 1 << 16
+
+
+def sum_of_products(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...], centre=None) -> torch.Tensor:
+    """``(a · b).sum(dims)`` (``dims`` holding 0; with ``centre``, ``((a − centre) · (b − centre)).sum(dims)``)
+    without a temporary of ``a``'s size: formed and summed in pieces along axis 0 that stay in the cache,
+    then the pieces' sums are added."""
+    step = max(1, _PIECE // max(1, a[:1].numel()))
+    total = None
+    for i in range(0, a.shape[0], step):
+        pa, pb = a[i:i + step], b[i:i + step]
+        if centre is not None:
+            pa = pa - centre
+            pb = pa if b is a else pb - centre
+        part = (pa * pb).sum(dim=dims)
+        total = part if total is None else total + part
+    return (a * b).sum(dim=dims) if total is None else total
+
+
 def merge_moments(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chan's parallel merge of stacked partial moments ``(P, 4, C)`` into ``(N, K, D, σ²)`` per channel:
     the total count, a common shift, the mean about it (μ = K + D) and the biased variance, in float64.
@@ -105,19 +156,23 @@ def merge_moments(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """This place's per-channel ``(Σ g, Σ g·x̂)`` as a ``(2, C)`` tensor, g = γ ∂L/∂y (view shapes)."""
-    g = dy if weight is None else dy * weight
+    """This place's per-channel ``(Σ g, Σ g·x̂)`` as a ``(2, C)`` tensor, g = γ ∂L/∂y (view shapes); with
+    ``weight=None`` they are ``(Σ ∂L/∂y, Σ ∂L/∂y·x̂)``, i.e. ∂L/∂β and ∂L/∂γ."""
     c = plan.view_shape[1]
-    return torch.stack([g.sum(dim=plan.reduce).reshape(c), (g * xhat).sum(dim=plan.reduce).reshape(c)])
+    sums = torch.stack([dy.sum(dim=plan.reduce).reshape(c), sum_of_products(dy, xhat, plan.reduce).reshape(c)])
+    return sums if weight is None else sums * weight.reshape(c)
 
 
-def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: float, plan: Plan):
-    """∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N), sums and count over the whole batch (view shapes)."""
-    g = dy if weight is None else dy * weight
+def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: float, plan: Plan, out=None):
+    """∂L/∂x = rstd · (g − Σg/N − x̂ · Σ(g·x̂)/N), sums and count over the whole batch (view shapes),
+    computed as ``∂L/∂y · (rstd γ) − x̂ · (rstd Σ(g·x̂)/N) − rstd Σg/N`` in two passes (into ``out`` if
+    given, which may be ``xhat`` itself)."""
     shape = plan.stat_shape
+    scale = rstd if weight is None else rstd * weight
     g_mean = (total_sums[0] / count).reshape(shape)
     gx_mean = (total_sums[1] / count).reshape(shape)
-    return (g - g_mean - xhat * gx_mean) * rstd
+    dx = torch.addcmul(-(rstd * g_mean), xhat, -(rstd * gx_mean), out=out)
+    return dx.addcmul_(dy, scale)
 
 
 def _statistics(xv, plan: Plan, eps: float, combine_moments: Combine):

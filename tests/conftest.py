@@ -80,8 +80,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def gloo_spawn():
-    """``spawn(workers, scenario, world, limit=60)``: run ``python WORKERS SCENARIO RANK WORLD PORT`` in
-    ``world`` processes (a gloo group on 127.0.0.1) and fail with their stderr unless every one exits 0 within
+    """``spawn(workers, scenario, world, limit=60)``: run ``SCENARIO(rank, world)`` of the file ``workers`` in
+    ``world`` processes of a gloo group on 127.0.0.1 (tests/gloo_runner.py) and fail with their stderr unless every one exits 0 within
     ``limit`` seconds (stragglers are killed). Returns the seconds taken."""
     import subprocess
     import sys
@@ -96,8 +96,10 @@ def gloo_spawn():
                    OMP_NUM_THREADS="1", NORMLAB_BACKEND="torch")  # no kernels compiled in every process
         port = _free_port()
         start = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, str(workers), scenario, str(r), str(world), str(port)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        runner = Path(__file__).with_name("gloo_runner.py")
+        procs = [subprocess.Popen([sys.executable, str(runner), str(workers), scenario, str(r), str(world), str(port)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
         outputs = []
         for p in procs:
             try:

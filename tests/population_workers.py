@@ -1,11 +1,8 @@
-"""The processes of tests/test_population.py's distributed tests: ``python population_workers.py SCENARIO RANK
-WORLD PORT``. Each joins a gloo group on 127.0.0.1, runs its scenario (every rank can compute the one-process
-reference, since all data comes from one seed), destroys the group and exits 0; a failed check exits 1."""
+"""The scenarios of tests/test_population.py's distributed tests, each run in every process of a gloo group on
+127.0.0.1 by tests/gloo_runner.py (every rank can compute the one-process reference, since all data comes
+from one seed); a failed check exits 1 with the traceback."""
 
 from __future__ import annotations
-
-import datetime
-import sys
 
 import torch
 import torch.distributed as dist
@@ -71,17 +68,3 @@ def one_fails(rank, world):
         expected = "precise_bn: batch 0 raised" if rank == 1 else "other rank(s) of the process group failed"
         assert expected in str(error), str(error)
     assert torch.equal(model[1].running_mean, before)
-
-
-def main():
-    scenario, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        globals()[scenario](rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,11 @@
-"""The processes of tests/nn/test_sync_batchnorm.py: ``python sync_workers.py SCENARIO RANK WORLD PORT``.
-
-Each process joins a gloo group on 127.0.0.1, runs its scenario's checks (every rank can compute the
-one-process reference on the concatenated batch, since all data comes from one seed), destroys the group
-and exits 0; a failed check exits 1 with the traceback on stderr.
+"""The scenarios of tests/nn/test_sync_batchnorm.py, each run in every process of a gloo group on 127.0.0.1
+by tests/gloo_runner.py: a scenario runs its checks (every rank can compute the one-process reference on
+the concatenated batch, since all data comes from one seed); a failed check exits 1 with the traceback.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import sys
 import time
 
 import torch
@@ -215,17 +211,3 @@ def guarded(rank, world):
     torch.testing.assert_close(bn.running_mean, 0.01 * x.mean(0), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(bn.running_var, 0.99 + 0.01 * x.var(0, unbiased=False), rtol=1e-12, atol=1e-14)
     assert int(bn.num_batches_tracked) == 1
-
-
-def main():
-    scenario, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        globals()[scenario](rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from normlab._io import write_atomic
 
 HELP = """Fold every BatchNorm layer of a saved model into its convolutions (see normlab.fold) and write
 the folded eval-mode model. MODEL is either a state_dict (loaded with torch.load(weights_only=True),
@@ -93,18 +93,7 @@ def save_atomic(model, path: Path) -> None:
     """``torch.save(model, path)`` so that ``path`` holds either its old content or the whole new file."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(model, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda fh: torch.save(model, fh))
 
 
 def cmd_fold(args: argparse.Namespace) -> int:

@@ -3,14 +3,12 @@ config hash and written atomically, so an interrupted lab resumes where it stopp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from normlab._io import write_atomic
 from normlab.lab import data as labdata
 from normlab.lab.models import build_model
 from normlab.lab.probes import PROBES, ProbeContext, is_due
@@ -38,26 +37,10 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either its old content or the complete new one: a
-    temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the user's usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` so that ``path`` holds either its old content or the complete new one
+    (:func:`normlab._io.write_atomic`)."""
+    write_atomic(path, text)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

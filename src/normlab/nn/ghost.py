@@ -24,6 +24,7 @@ from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _BatchNorm
 from normlab.nn.conventions import DEFAULT, given
+from normlab.nn.layouts import LAYOUTS, variant_doc
 from normlab.nn.once import may_update
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -67,44 +68,26 @@ class _GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
+_WHAT, _FAMILY, _MODULE = "Ghost batch normalization", "GhostBatchNorm", "normlab.nn.ghost"
+
+
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
-    r"""Ghost batch normalization over a 2D input (N, C) or 3D input (N, C, L); see :mod:`normlab.nn.ghost`.
-
-    Args:
-        num_features: C.
-        virtual_batch_size: samples per virtual batch (a positive integer).
-        eps, momentum, affine, track_running_stats: as in :class:`~normlab.nn.BatchNorm1d`.
-
-    ``state_dict`` keys, parameters and buffers are BatchNorm1d's; ``isinstance(m, torch.nn.BatchNorm1d)``.
-
-    Example::
-
-        >>> import normlab.nn as nn
-        >>> bn = nn.GhostBatchNorm1d(100, virtual_batch_size=32)
-        >>> y = bn(torch.randn(200, 100))      # virtual batches of 32, 32, 32, 32, 32, 32 and 8
-    """
-
-    _ranks = (2, 3)
-    _layout = "of shape (N, C) or (N, C, L)"
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "1d", """
+num_features: C.
+virtual_batch_size: samples per virtual batch (a positive integer).
+eps, momentum, affine, track_running_stats, guard_stats, convention: as in :class:`~normlab.nn.BatchNorm1d`.""", """
+>>> bn = nn.GhostBatchNorm1d(100, virtual_batch_size=32)
+>>> y = bn(torch.randn(200, 100))      # virtual batches of 32, 32, 32, 32, 32, 32 and 8""")
+    _ranks, _layout, _ = LAYOUTS["1d"]
 
 
 class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
-    r"""Ghost batch normalization over a 4D input (N, C, H, W); arguments as :class:`GhostBatchNorm1d`.
-
-    Example::
-
-        >>> import normlab.nn as nn
-        >>> bn = nn.GhostBatchNorm2d(16, virtual_batch_size=8)
-        >>> y = bn(torch.randn(64, 16, 8, 8))
-    """
-
-    _ranks = (4,)
-    _layout = "of shape (N, C, H, W)"
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "2d", example="""
+>>> bn = nn.GhostBatchNorm2d(16, virtual_batch_size=8)
+>>> y = bn(torch.randn(64, 16, 8, 8))""")
+    _ranks, _layout, _ = LAYOUTS["2d"]
 
 
 class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
-    r"""Ghost batch normalization over a 5D input (N, C, D, H, W); arguments as :class:`GhostBatchNorm1d`."""
-
-    _ranks = (5,)
-    _layout = "of shape (N, C, D, H, W)"
-
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "3d")
+    _ranks, _layout, _ = LAYOUTS["3d"]

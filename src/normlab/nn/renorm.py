@@ -36,6 +36,7 @@ from normlab import functional as F
 from normlab.core import checks
 from normlab.nn.batchnorm import _BatchNorm
 from normlab.nn.conventions import DEFAULT, given
+from normlab.nn.layouts import LAYOUTS, variant_doc
 from normlab.nn.once import may_update
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -114,46 +115,29 @@ class _BatchRenorm(_BatchNorm):
                 f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}")
 
 
+_WHAT, _FAMILY, _MODULE = "Batch renormalization", "BatchRenorm", "normlab.nn.renorm"
+
+
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
-    r"""Batch renormalization over a 2D input (N, C) or 3D input (N, C, L); see :mod:`normlab.nn.renorm`.
-
-    Args:
-        num_features: C. eps, momentum, affine: as in :class:`~normlab.nn.BatchNorm1d` (the running
-            statistics are always tracked: r and d need them).
-        r_max: final clip of r (>= 1). Default 3.
-        d_max: final clip of d (>= 0). Default 5.
-        warmup_steps: training steps of plain BatchNorm. Default 5000.
-        r_max_steps, d_max_steps: steps at which r_max and d_max reach their final values. Defaults 40000, 25000.
-
-    ``state_dict`` keys, parameters and buffers are BatchNorm1d's; ``isinstance(m, torch.nn.BatchNorm1d)``.
-
-    Example::
-
-        >>> import normlab.nn as nn
-        >>> bn = nn.BatchRenorm1d(100, warmup_steps=0, r_max_steps=0, d_max_steps=0)
-        >>> y = bn(torch.randn(4, 100))
-    """
-
-    _ranks = (2, 3)
-    _layout = "of shape (N, C) or (N, C, L)"
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "1d", """
+num_features: C. eps, momentum, affine, guard_stats, convention: as in :class:`~normlab.nn.BatchNorm1d` (the
+    running statistics are always tracked: r and d need them).
+r_max: final clip of r (>= 1). Default 3.
+d_max: final clip of d (>= 0). Default 5.
+warmup_steps: training steps of plain BatchNorm. Default 5000.
+r_max_steps, d_max_steps: steps at which r_max and d_max reach their final values. Defaults 40000, 25000.""", """
+>>> bn = nn.BatchRenorm1d(100, warmup_steps=0, r_max_steps=0, d_max_steps=0)
+>>> y = bn(torch.randn(4, 100))""")
+    _ranks, _layout, _ = LAYOUTS["1d"]
 
 
 class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
-    r"""Batch renormalization over a 4D input (N, C, H, W); arguments as :class:`BatchRenorm1d`.
-
-    Example::
-
-        >>> import normlab.nn as nn
-        >>> bn = nn.BatchRenorm2d(16)
-        >>> y = bn(torch.randn(4, 16, 8, 8))
-    """
-
-    _ranks = (4,)
-    _layout = "of shape (N, C, H, W)"
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "2d", example="""
+>>> bn = nn.BatchRenorm2d(16)
+>>> y = bn(torch.randn(4, 16, 8, 8))""")
+    _ranks, _layout, _ = LAYOUTS["2d"]
 
 
 class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
-    r"""Batch renormalization over a 5D input (N, C, D, H, W); arguments as :class:`BatchRenorm1d`."""
-
-    _ranks = (5,)
-    _layout = "of shape (N, C, D, H, W)"
+    __doc__ = variant_doc(_WHAT, _FAMILY, _MODULE, "3d")
+    _ranks, _layout, _ = LAYOUTS["3d"]

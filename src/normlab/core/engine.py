@@ -331,8 +331,8 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def composes() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active: then the
     engine runs its torch operations (:func:`forward_torch`) without the :class:`Normalize` node, and
-    torch's own batching and differentiation rules of those operations apply. One C call (tens of
-    nanoseconds) when no transform is active."""
+    torch's own batching and differentiation rules of those operations apply. One C call when no transform
+    is active."""
     return _transforms_active()
 
 

@@ -28,8 +28,6 @@ Numerics
   c = Σdy'/m, k2 = −γ · rstd² · dγ / m. Per-row plans: γ' = γ of the value, k1 = rstd, c = Σg/m,
   k2 = −rstd³ · Σ g·(x − μ) / m with g = γ' · dy. With fixed statistics c = k2 = 0 and ``x`` is not read.
   The sums multiply ``dy'`` by the centred ``(x − shift) − mean_shifted``, so they do not cancel either.
-
-Kernels and their passes over memory
 """
 
 from __future__ import annotations

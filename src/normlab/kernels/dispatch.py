@@ -44,7 +44,6 @@ from normlab.core.plan import Plan
 __all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "backend_for", "available"]
 
 ENV = "NORMLAB_BACKEND"
-CHOICES = ("auto", "torch", "numba", "triton")
 
 
 class BackendError(RuntimeError):
@@ -69,7 +68,9 @@ BACKENDS = {
     "numba": _numba_backend,
     "triton": _triton_backend,
 }
-"""Backend constructors by name (each builds its backend once, on first use)."""
+"""Backend constructors by name (each builds its backend once, on first use): a new backend is one entry
+here (and its package in :func:`available`); the conformance tests then run it too."""
+CHOICES = ("auto", "torch", *BACKENDS)
 
 
 @functools.cache

@@ -34,14 +34,15 @@ where the backend can, inside the kernel that computes the batch's statistics), 
 a call that raises before that leaves them untouched, and a guarded call
 (:class:`~normlab.core.guard.RunningUpdate`) whose batch statistics are not finite leaves them as they were.
 
-Backends: :func:`run` asks :func:`normlab.kernels.select` which backend computes a call. The
-torch operations of this module are the reference and the fallback; the CPU kernels (numba) and GPU
-kernels (Triton) of :mod:`normlab.kernels` compute the same quantities, with the same precision
-guarantees, in fewer passes over memory.
+Backends: :func:`run` computes a call on the backend its caller chose (a
+:class:`~normlab.core.backend.Backend`, or ``None`` for this module's torch operations, which are the
+reference and the fallback). The backends compute the same quantities, with the same precision
+guarantees, in fewer passes over memory; which one runs a call is decided above the core.
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
-stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
-large mean and a tiny spread keeps its variance (see :func:`moments`).
+stays float64 (:mod:`normlab.core.conventions`). Statistics are taken on the centred data (``x − μ``),
+never as E[x²] − E[x]², so data with a large mean and a tiny spread keeps its variance (see
+:func:`moments`).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
+from normlab.core.conventions import EMPTY_STATISTICS, accumulation_dtype, channels_last_format
 from normlab.core.guard import commit, finite_statistics
 from normlab.core.plan import Plan
-from normlab.kernels.dispatch import select as select_backend
 
 __all__ = [
     "accumulation_dtype",
@@ -68,18 +69,9 @@ __all__ = [
     "forward_ad_active",
     "batched_tensor",
     "run",
-    "run_on",
     "Normalize",
     "NormalizeForwardAD",
 ]
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (float32, float16, bfloat16) accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _as_view(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype)).reshape(plan.view_shape)
@@ -88,8 +80,8 @@ def _as_view(x: torch.Tensor, plan: Plan) -> torch.Tensor:
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape an engine result back to ``x``'s shape, dtype and memory format."""
     t = t.reshape(x.shape).to(x.dtype)
-    fmt = _CHANNELS_LAST.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+    fmt = channels_last_format(x)
+    if fmt is not None:
         t = t.contiguous(memory_format=fmt)
     return t
 
@@ -105,8 +97,8 @@ def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, t
     μ itself is only representable to ±5e-4) keeps every digit of x − μ and of the variance.
     """
     if xv.numel() == 0:  # an empty batch: statistics of nothing, never written to running averages
-        zeros = xv.new_zeros(plan.stat_shape)
-        return zeros, zeros, zeros + 1, xv
+        shift, mean_shifted, var = (xv.new_full(plan.stat_shape, value) for value in EMPTY_STATISTICS)
+        return shift, mean_shifted, var, xv
     shift = _origin(xv, plan.reduce)
     shifted = xv - shift
     var, mean_shifted = torch.var_mean(shifted, dim=plan.reduce, correction=0, keepdim=True)
@@ -336,8 +328,8 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def composes() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active: then the
     engine runs its torch operations (:func:`forward_torch`) without the :class:`Normalize` node, and
-    torch's own batching and differentiation rules of those operations apply. One C call (tens of
-    nanoseconds) when no transform is active."""
+    torch's own batching and differentiation rules of those operations apply. One C call when no transform
+    is active."""
     return _transforms_active()
 
 
@@ -346,16 +338,9 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
-    """Normalize ``x`` with ``plan`` on the backend :func:`normlab.kernels.select` picks; see :func:`run_on`."""
-    if _transforms_active():  # composes(), inline: this runs at every call
-        return run_on(None, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
-    return run_on(select_backend(x, plan, fixed_mean is None), x, weight, bias, fixed_mean, fixed_var, plan, eps,
-                  running)
-
-
-def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
-    """``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
+def run(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
+    """Normalize ``x`` with ``plan`` on ``backend`` (``None``: the torch engine):
+    ``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
     autograd records nothing (inference, ``torch.no_grad()``) the same forward without an autograd node,
     which would cost more than the normalization of a small tensor. Under a ``torch.func`` transform
     (:func:`composes`) the torch operations of :func:`forward_torch`, recorded by the transform itself.
@@ -394,7 +379,7 @@ class Normalize(torch.autograd.Function):
     those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. ``running`` (or
     ``None``) is ``(running_mean, running_var, momentum)``, updated in place with the batch's statistics.
 
-    The work is done by ``backend`` (from :func:`normlab.kernels.select`; ``None``: the torch
+    The work is done by ``backend`` (a :class:`~normlab.core.backend.Backend`; ``None``: the torch
     operations of :func:`forward_torch` and :func:`backward_torch`); every backend saves the same
     statistics, so the backward may run on a different one than the forward.
 
@@ -454,7 +439,7 @@ class NormalizeForwardAD(Normalize):
     @staticmethod
     def jvp(ctx, dx, dw, db, *_):
         """The tangent of ``y`` from those of ``x``, γ and β (see the module docstring); the fixed
-        statistics carry none (:func:`run_on` refused or removed theirs)."""
+        statistics carry none (:func:`run` refused or removed theirs)."""
         x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
         return tangent(x, weight, shift, mean_shifted, rstd, dx, dw, db, ctx.plan, ctx.batch_stats)
 

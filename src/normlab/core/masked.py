@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from normlab.core import stats
+from normlab.core.conventions import channels_last_format, is_channels_last
 from normlab.core.engine import _param, accumulation_dtype
 from normlab.core.guard import commit
 from normlab.core.plan import Plan, batch_plan
@@ -80,10 +81,8 @@ def rows_of(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 def _dense_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` (``x``'s shape) in ``x``'s memory format: channels_last where ``x`` is, else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return t.contiguous(memory_format=fmt)
-    return t.contiguous()
+    fmt = channels_last_format(x)
+    return t.contiguous() if fmt is None else t.contiguous(memory_format=fmt)
 
 
 def _forward(rows, weight, bias, valid, padded, eps: float, plan: Plan, out=None):
@@ -240,8 +239,7 @@ class _Scatter(torch.autograd.Function):
 
 def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
     """``x``'s strides where it is channels_last, else the contiguous ones."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+    if is_channels_last(x):
         return x.stride()
     return torch.empty(x.shape, device="meta").stride()
 

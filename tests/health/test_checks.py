@@ -77,6 +77,23 @@ def test_guarded_skips(healthy):
     assert _flags(report)["1"] == {"guarded_skips"} and report.layers[0].batches_skipped == 1
 
 
+@pytest.mark.parametrize("kind", ["GhostBatchNorm2d", "BatchRenorm2d"])
+def test_guarded_skips_of_every_layer_kind(kind):
+    """A ghost or renorm layer's skipped batch (its guarded update, the same as BatchNorm's) is flagged too."""
+    torch.manual_seed(0)
+    layer = {"GhostBatchNorm2d": lambda: normlab.nn.GhostBatchNorm2d(8, virtual_batch_size=8),
+             "BatchRenorm2d": lambda: normlab.nn.BatchRenorm2d(8, warmup_steps=0, r_max_steps=0, d_max_steps=0)}[kind]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), layer(), torch.nn.ReLU())
+    with torch.no_grad():
+        for x in make_batches(20, seed=1):
+            model(x)
+        with pytest.warns(RuntimeWarning, match="num_batches_skipped"):
+            model(torch.full((32, 3, 8, 8), float("nan")))
+    report = normlab.inspect(model.eval(), make_batches(2, seed=2))
+    assert "guarded_skips" in _flags(report)["1"] and report.layers[0].batches_skipped == 1
+    assert torch.isfinite(model[1].running_mean).all()
+
+
 def test_small_batches_and_a_batch_training_mode_refuses():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), normlab.nn.BatchNorm1d(4))
     report = normlab.inspect(model, [torch.randn(4, 3)])

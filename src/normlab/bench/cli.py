@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from normlab.bench.cases import default_cases, quick_cases, select
-from normlab.bench.models import train_step
-from normlab.bench.report import format_table, render, report
+from normlab.bench.models import default_model_cases, quick_model_cases, run_models, train_step
+from normlab.bench.report import format_models, format_table, render, report
 from normlab.bench.timing import (COMPILE, DEFAULT_REPEATS, DEFAULT_STEP_REPEATS, DEFAULT_WARMUP, IMPLEMENTATIONS,
                                   Implementation, run_cases)
 
@@ -58,6 +58,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", action="store_true",
                         help="time BatchNorm's variants instead (ghost BN, batch renormalization, masked BN) against "
                              "their torch.nn compositions and against normlab's plain BatchNorm on the same input")
+    parser.add_argument("--models", action="store_true",
+                        help="time whole training steps and eval passes of real architectures (ResNet-18/50, "
+                             "MobileNet, the lab CNN, a Transformer block) built from torch.nn, converted to normlab, "
+                             "and converted with fusion, with torch.profiler's normalization share; --threads picks "
+                             "one thread count (default: 1 and 2), --filter rows by 'model bBATCH layout Nt mode'")
     parser.add_argument("--render", metavar="FILE",
                         help="print the table of records saved earlier with --json (from any machine) and exit; "
                              "nothing is timed")
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         return render(args.render)
     if args.variants:
         return _run_variants(args)
+    if args.models:
+        return _run_models(args)
     cases = select(quick_cases() if args.quick else default_cases(), args.filter)
     if not cases:
         print(f"normlab bench: no case matches {args.filter}", file=sys.stderr)
@@ -142,4 +149,31 @@ def _run_variants(args: argparse.Namespace) -> int:
     if mismatches:
         print(f"normlab bench: {mismatches} variant case(s) MISMATCH: their answers differ from the torch.nn "
               f"composition", file=sys.stderr)
+    return 1 if mismatches else 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    """``normlab bench --models`` (see :mod:`normlab.bench.models`); 1 on a MISMATCH or no row selected."""
+    threads = (args.threads,) if args.threads else (1,) if args.quick else (1, 2)
+    cases = quick_model_cases(threads) if args.quick else default_model_cases(threads)
+    cases = [c for c in cases if all(f.lower() in c.key.lower() for f in args.filter or ())]
+    if not cases:
+        print(f"normlab bench: no model row matches {args.filter}", file=sys.stderr)
+        return 1
+    if args.list:
+        print("\n".join(c.key for c in cases))
+        return 0
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    start = time.perf_counter()
+    records = run_models(cases, repeats=repeats, warmup=warmup, quick=args.quick, progress=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(format_models(records))
+        print(f"\n{len(records)} rows in {time.perf_counter() - start:.1f} s")
+    mismatches = sum(r["status"] != "ok" for r in records)
+    if mismatches:
+        print(f"normlab bench: {mismatches} model row(s) MISMATCH: normlab's outputs differ from torch.nn's",
+              file=sys.stderr)
     return 1 if mismatches else 0

@@ -15,7 +15,7 @@ from normlab.bench.cases import MODES
 from normlab.bench.models import format_step
 from normlab.bench.timing import COMPILE, IMPLEMENTATIONS, SAMPLE_MS, Implementation, ratio_key
 
-__all__ = ["Column", "columns", "format_table", "header", "render", "report"]
+__all__ = ["Column", "MODEL_COLUMNS", "columns", "format_models", "format_table", "header", "render", "report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +144,54 @@ def render(path: str) -> int:
               f"by normlab bench --json?", file=sys.stderr)
         return 2
     return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _model_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+MODEL_COLUMNS: tuple[Column, ...] = (
+    Column("model", lambda r: r["label"], right=False),
+    Column("input", lambda r: "x".join(map(str, r["shape"])), right=False),
+    Column("layout", lambda r: r["layout"], right=False),
+    Column("thr", lambda r: str(r["threads"])),
+    Column("mode", lambda r: r["mode"], right=False),
+    Column("torch ms", lambda r: _model_ms(r["torch_ms"])),
+    Column("normlab ms", lambda r: _model_ms(r["normlab_ms"])),
+    Column("fused ms", lambda r: _model_ms(r["fused_ms"])),
+    Column("drop-in", lambda r: _x(r["ratio"]) if r["status"] == "ok" else f"MISMATCH ({r['max_err']:.3g}x tol)"),
+    Column("fused", lambda r: _x(r["ratio_fused"])),
+    Column("norm", lambda r: _pct(r["norm_share"])),
+    Column("limit", lambda r: _x(r["limit"])),
+    Column("+relu", lambda r: _pct(None if r["limit_fused"] is None else r["norm_share"] + r["relu_share"])),
+    Column("limit fused", lambda r: _x(r["limit_fused"])),
+)
+"""The columns of ``normlab bench --models``."""
+
+
+def format_models(records: Sequence[dict[str, Any]]) -> str:
+    """The header and table of ``normlab bench --models`` records."""
+    first = records[0] if records else {"threads": 1, "repeats": 0, "warmup": 0, "device_name": "", "torch": ""}
+    head = "\n".join([
+        f"normlab bench --models: whole steps, torch.nn vs normlab (drop-in: normlab.nn.convert(model); fused: "
+        f"convert(model, fuse=True)), float32, cpu ({first['device_name']}), torch {first['torch']}",
+        f"Each row: median of {first['repeats']} timed samples after {first['warmup']} warmup(s), the three "
+        f"models interleaved; train = forward, cross-entropy, backward, SGD step; eval = no-grad forward.",
+        "drop-in, fused: torch ms / normlab ms (> 1: normlab faster). norm, +relu: share of torch.nn's time in "
+        "normalization (and ReLU) by torch.profiler; limit = 1 / (1 - share): the speed-up if it cost nothing.",
+    ])
+    cells = [[c.header for c in MODEL_COLUMNS]] + [[c.render(r) for c in MODEL_COLUMNS] for r in records]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(MODEL_COLUMNS))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(s.rjust(w) if c.right else s.ljust(w) for s, w, c in zip(row, widths, MODEL_COLUMNS)).rstrip()
+
+    return "\n".join([head, "", line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])

@@ -1,9 +1,10 @@
 """Functional normalization with the signatures and semantics of ``torch.nn.functional``.
 
 Each function validates its arguments, builds a :class:`~normlab.core.plan.Plan` (which axes are reduced,
-which carry γ and β) and runs the shared engine :class:`~normlab.core.engine.Normalize` (through
-:func:`~normlab.core.engine.run`), whose backward is the closed-form gradient. Running statistics, where
-given, are updated in place only after the computation has succeeded.
+which carry γ and β), asks :mod:`normlab.kernels.dispatch` which backend computes it, and runs the shared
+engine :class:`~normlab.core.engine.Normalize` (through :func:`~normlab.core.engine.run`), whose backward
+is the closed-form gradient. Running statistics, where given, are updated in place only after the
+computation has succeeded.
 
 >>> import torch, normlab.functional as F
 >>> x = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])
@@ -26,7 +27,7 @@ from normlab.core.fused import normalize_relu
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
 from normlab.core.ghost import ghost_normalize
 from normlab.core.renorm import renormalize
-from normlab.kernels.dispatch import select as select_backend
+from normlab.kernels.dispatch import backend_for, select as select_backend
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "ghost_batch_norm", "instance_norm", "group_norm",
            "layer_norm"]
@@ -85,10 +86,11 @@ def _run(
     running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
         running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard), unbiased)
+    backend = backend_for(x, plan, fixed_mean is None)
     if relu:
-        y = normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+        y = normalize_relu(backend, x, residual, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
     else:
-        y = normalize(x, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
+        y = normalize(backend, x, weight, bias, fixed_mean, fixed_var, plan, float(eps), running)
     if running is not None and running.skipped:
         (on_skip or _warn_skipped)(op)
     return y
@@ -207,8 +209,8 @@ def batch_renorm(
     checks.check_running(running_mean, running_var, plan.channels, op)
     checks.check_momentum(momentum, op)
     checks.check_enough_values(plan.count, op, tuple(input.shape), checks.BN_SUGGESTION)
-    return renormalize(input, weight, bias, running_mean, running_var, plan, float(eps), float(momentum),
-                       float(r_max), float(d_max))
+    return renormalize(select_backend(input, plan, True), input, weight, bias, running_mean, running_var, plan,
+                       float(eps), float(momentum), float(r_max), float(d_max))
 
 
 def ghost_batch_norm(
@@ -245,7 +247,8 @@ def ghost_batch_norm(
         checks.check_enough_values(size * per_sample, op, (size,) + tuple(input.shape[1:]), checks.ghost_suggestion(
             virtual_batch_size, n), running_mean is not None)
     running = None if running_mean is None else (running_mean, running_var, float(momentum))
-    return ghost_normalize(input, weight, bias, int(virtual_batch_size), float(eps), running)
+    return ghost_normalize(select_backend(input, plan, True), input, weight, bias, int(virtual_batch_size),
+                           float(eps), running)
 
 
 def _batch_norm(op, input, running_mean, running_var, weight, bias, training, momentum, eps, **epilogue):

@@ -34,10 +34,10 @@ where the backend can, inside the kernel that computes the batch's statistics), 
 a call that raises before that leaves them untouched, and a guarded call
 (:class:`~normlab.core.guard.RunningUpdate`) whose batch statistics are not finite leaves them as they were.
 
-Backends: :func:`run` asks :func:`normlab.kernels.select` which backend computes a call. The
-torch operations of this module are the reference and the fallback; the CPU kernels (numba) and GPU
-kernels (Triton) of :mod:`normlab.kernels` compute the same quantities, with the same precision
-guarantees, in fewer passes over memory.
+Backends: :func:`run` computes a call on the backend its caller chose (a
+:class:`~normlab.core.backend.Backend`, or ``None`` for this module's torch operations, which are the
+reference and the fallback). The backends compute the same quantities, with the same precision
+guarantees, in fewer passes over memory; which one runs a call is decided above the core.
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
 stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
@@ -51,7 +51,6 @@ from torch.autograd import forward_ad as _forward_ad
 
 from normlab.core.guard import finite_statistics
 from normlab.core.plan import Plan
-from normlab.kernels.dispatch import select as select_backend
 
 __all__ = [
     "accumulation_dtype",
@@ -68,7 +67,6 @@ __all__ = [
     "forward_ad_active",
     "batched_tensor",
     "run",
-    "run_on",
     "Normalize",
     "NormalizeForwardAD",
 ]
@@ -349,16 +347,9 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def run(x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
-    """Normalize ``x`` with ``plan`` on the backend :func:`normlab.kernels.select` picks; see :func:`run_on`."""
-    if _transforms_active():  # composes(), inline: this runs at every call
-        return run_on(None, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
-    return run_on(select_backend(x, plan, fixed_mean is None), x, weight, bias, fixed_mean, fixed_var, plan, eps,
-                  running)
-
-
-def run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
-    """``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
+def run(backend, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
+    """Normalize ``x`` with ``plan`` on ``backend`` (``None``: the torch engine):
+    ``y = Normalize.apply(x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)``; where
     autograd records nothing (inference, ``torch.no_grad()``) the same forward without an autograd node,
     which would cost more than the normalization of a small tensor. Under a ``torch.func`` transform
     (:func:`composes`) the torch operations of :func:`forward_torch`, recorded by the transform itself.
@@ -397,7 +388,7 @@ class Normalize(torch.autograd.Function):
     those tensors (shape ``(C,)``, e.g. running statistics) are used as constants. ``running`` (or
     ``None``) is ``(running_mean, running_var, momentum)``, updated in place with the batch's statistics.
 
-    The work is done by ``backend`` (from :func:`normlab.kernels.select`; ``None``: the torch
+    The work is done by ``backend`` (a :class:`~normlab.core.backend.Backend`; ``None``: the torch
     operations of :func:`forward_torch` and :func:`backward_torch`); every backend saves the same
     statistics, so the backward may run on a different one than the forward.
 
@@ -457,7 +448,7 @@ class NormalizeForwardAD(Normalize):
     @staticmethod
     def jvp(ctx, dx, dw, db, *_):
         """The tangent of ``y`` from those of ``x``, γ and β (see the module docstring); the fixed
-        statistics carry none (:func:`run_on` refused or removed theirs)."""
+        statistics carry none (:func:`run` refused or removed theirs)."""
         x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
         return tangent(x, weight, shift, mean_shifted, rstd, dx, dw, db, ctx.plan, ctx.batch_stats)
 

@@ -3,9 +3,9 @@ in one pass where the backend can fuse it.
 
 ``relu(normalize(x) + residual)`` written as three operations moves the data three times forward and
 again backward (ReLU's mask, then the add, then the normalization's backward). A backend that fuses it
-(the numba kernels do for BatchNorm) applies the add and the ReLU to each value as it is normalized, and
-its backward masks ``dy`` by ``y > 0`` inside the closed-form passes, also writing the residual's
-gradient. Everywhere else — the torch engine, plans a backend does not fuse, a residual that would
+(the CPU and GPU kernels do for BatchNorm) applies the add and the ReLU to each value as it is
+normalized, and its backward masks ``dy`` by ``y > 0`` inside the closed-form passes, also writing the
+residual's gradient. Everywhere else — the torch engine, plans a backend does not fuse, a residual that would
 broadcast or change the dtype, forward-mode AD and ``torch.func`` transforms — :func:`normalize_relu`
 composes :class:`~normlab.core.engine.Normalize` with :func:`torch.relu`, which is the definition.
 """
@@ -15,11 +15,9 @@ from __future__ import annotations
 import torch
 
 from normlab.core.engine import (
-    backward_torch, batched_tensor, composes, compute_forward, finish_param_grads, forward_ad_active, records_grad,
-    run_on,
+    backward_torch, batched_tensor, compute_forward, finish_param_grads, forward_ad_active, records_grad, run,
 )
 from normlab.core.plan import Plan
-from normlab.kernels.dispatch import select as select_backend
 
 __all__ = ["NormalizeReLU", "normalize_relu"]
 
@@ -78,12 +76,12 @@ def _fusable(backend, x: torch.Tensor, residual: torch.Tensor | None, plan: Plan
     )
 
 
-def normalize_relu(x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running=None):
-    """``relu(y + residual)`` where :func:`~normlab.core.engine.run` would give ``y``; fused when the
-    backend chosen for ``x`` can (see the module docstring). ``running`` as for ``run``."""
-    backend = None if composes() else select_backend(x, plan, fixed_mean is None)
+def normalize_relu(backend, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float,
+                   running=None):
+    """``relu(y + residual)`` where :func:`~normlab.core.engine.run` would give ``y``; fused when
+    ``backend`` (``None``: the torch engine) can (see the module docstring). ``running`` as for ``run``."""
     if not _fusable(backend, x, residual, plan) or forward_ad_active():  # the fused node has no jvp
-        y = run_on(backend, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
+        y = run(backend, x, weight, bias, fixed_mean, fixed_var, plan, eps, running)
         return torch.relu(y if residual is None else y + residual)
     if records_grad(x, residual, weight, bias):
         return NormalizeReLU.apply(x, residual, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)

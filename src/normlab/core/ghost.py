@@ -7,8 +7,8 @@ instead of a loop over chunks:
 
 * the G equal chunks: the samples viewed as (G, v, C, S) and read as (G, C, v, S), whose statistics over
   the last two axes are those of an instance plan (:func:`~normlab.core.plan.instance_plan`): one
-  statistic per (virtual batch, channel), on whatever backend runs that plan (the numba kernels read
-  channels_last and 2D inputs this way without a copy);
+  statistic per (virtual batch, channel), on the backend the caller gave where it runs that plan (the
+  CPU kernels read channels_last and 2D inputs this way without a copy);
 * the ragged last chunk, if any: an ordinary BatchNorm plan.
 
 The backward of each part is BatchNorm's closed form within its chunk (the engine's, per part); dγ and
@@ -45,7 +45,6 @@ from normlab.core.engine import (
 )
 from normlab.core.plan import Plan, batch_plan, instance_plan
 from normlab.core.stats import PACKED_DTYPE, merge_moments
-from normlab.kernels.dispatch import select as select_backend
 
 __all__ = ["GhostNormalize", "ghost_normalize", "virtual_batches"]
 
@@ -91,7 +90,7 @@ def _assemble(pieces, like: torch.Tensor, virtual_batch_size: int, channels_last
     """One tensor of ``like``'s shape and layout from the parts' results (in their parts' shapes): a view of
     the single result where its storage already is in that order (channels_last and 2D inputs that the
     virtual batches divide), else a copy into memory from ``backend.empty_like`` where the backend has it
-    (recycled pages: fresh ones cost more to write than the copy, see :mod:`normlab.kernels.buffers`)."""
+    (recycled pages: fresh ones cost more to write than the copy)."""
     groups = like.shape[0] // virtual_batch_size
     first = pieces[0]
     if len(pieces) == 1 and channels_last and groups and first.permute(0, 2, 3, 1).is_contiguous():
@@ -127,9 +126,11 @@ def _dense(z: torch.Tensor, backend) -> torch.Tensor:
     return empty_like(torch.empty(z.shape, dtype=z.dtype, device=z.device)).copy_(z)
 
 
-def _forward_part(z, weight, bias, plan: Plan, eps: float):
-    """``(y, shift, mean_shifted, var, rstd, backend)`` of one part, on the backend chosen for it."""
-    backend = select_backend(z, plan, True)
+def _forward_part(backend, z, weight, bias, plan: Plan, eps: float):
+    """``(y, shift, mean_shifted, var, rstd, backend)`` of one part, on ``backend`` where it runs the part's
+    plan, else on the torch engine (``None``)."""
+    if backend is not None and backend.unsupported(z, plan) is not None:
+        backend = None
     z = _dense(z, backend)
     if backend is None:
         y, shift, mean_shifted, var, rstd = forward_torch(z, weight, bias, None, None, plan, eps)
@@ -146,14 +147,14 @@ def _partials(shift, mean_shifted, var, count: int, c: int) -> torch.Tensor:
     return torch.stack([torch.full_like(shift, count), shift, mean_shifted, var * count], dim=1)
 
 
-def _forward(x, weight, bias, virtual_batch_size: int, eps: float, running):
+def _forward(backend, x, weight, bias, virtual_batch_size: int, eps: float, running):
     c = x.shape[1]
     cl = _channels_last_like(x)
     ys, saved, partials = [], [], []
     for z, plan, _ in _parts(x, virtual_batch_size, cl):
-        y, shift, mean_shifted, var, rstd, backend = _forward_part(z, weight, bias, plan, eps)
+        y, shift, mean_shifted, var, rstd, used = _forward_part(backend, z, weight, bias, plan, eps)
         ys.append(y)
-        saved.append((shift, mean_shifted, rstd, backend))
+        saved.append((shift, mean_shifted, rstd, used))
         partials.append(_partials(shift, mean_shifted, var, plan.count, c))
     if running is not None:
         _, common, mean, var = merge_moments(torch.cat(partials))
@@ -162,13 +163,13 @@ def _forward(x, weight, bias, virtual_batch_size: int, eps: float, running):
 
 
 class GhostNormalize(torch.autograd.Function):
-    """``y = GhostNormalize.apply(x, γ, β, virtual_batch_size, eps, running)``; ``running``:
-    ``(running_mean, running_var, momentum)`` updated in place with the merged statistics, or ``None``.
-    See the module docstring."""
+    """``y = GhostNormalize.apply(x, γ, β, virtual_batch_size, eps, running, backend)``; ``running``:
+    ``(running_mean, running_var, momentum)`` updated in place with the merged statistics, or ``None``;
+    ``backend``: the one to run the parts on (``None``: the torch engine). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, virtual_batch_size: int, eps: float, running):
-        y, saved = _forward(x, weight, bias, virtual_batch_size, eps, running)
+    def forward(ctx, x, weight, bias, virtual_batch_size: int, eps: float, running, backend):
+        y, saved = _forward(backend, x, weight, bias, virtual_batch_size, eps, running)
         stats = [t for shift, mean_shifted, rstd, _ in saved for t in (shift, mean_shifted, rstd)]
         ctx.save_for_backward(x, weight, *stats)
         ctx.backends = [backend for *_, backend in saved]
@@ -181,7 +182,7 @@ class GhostNormalize(torch.autograd.Function):
         x, weight, *stats = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
-            return (None,) * 6
+            return (None,) * 7
         v, cl = ctx.virtual_batch_size, _channels_last_like(x)
         dxs, dw, db = [], None, None
         dy_parts = [z for z, _, _ in _parts(dy, v, cl)]
@@ -198,7 +199,7 @@ class GhostNormalize(torch.autograd.Function):
             dw, db = _add(dw, dwp), _add(db, dbp)
         dx = _assemble(dxs, x, v, cl, ctx.backends[0]).to(x.dtype) if need[0] else None
         dw, db = finish_param_grads(dw, db, weight, batch_plan(tuple(x.shape)), ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
@@ -209,9 +210,10 @@ def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor 
     return part if total is None else total + part
 
 
-def ghost_normalize(x, weight, bias, virtual_batch_size: int, eps: float, running=None) -> torch.Tensor:
-    """Ghost batch normalization of ``x`` (N, C, *S) with batch statistics per virtual batch; without an
-    autograd node where nothing would be recorded. ``running`` as for :class:`GhostNormalize`."""
+def ghost_normalize(backend, x, weight, bias, virtual_batch_size: int, eps: float, running=None) -> torch.Tensor:
+    """Ghost batch normalization of ``x`` (N, C, *S) with batch statistics per virtual batch, on ``backend``
+    (``None``: the torch engine); without an autograd node where nothing would be recorded. ``running`` as
+    for :class:`GhostNormalize`."""
     if records_grad(x, weight, bias):
-        return GhostNormalize.apply(x, weight, bias, virtual_batch_size, eps, running)
-    return _forward(x, weight, bias, virtual_batch_size, eps, running)[0]
+        return GhostNormalize.apply(x, weight, bias, virtual_batch_size, eps, running, backend)
+    return _forward(backend, x, weight, bias, virtual_batch_size, eps, running)[0]

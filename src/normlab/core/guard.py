@@ -9,7 +9,7 @@ averaged over different batches), and the layers do not count the batch in ``num
 The batch's output is not touched: it is what the math gives (NaN propagates as in torch.nn).
 
 The decision needs the statistics on the host: free on the CPU kernels (they check as they finish each
-channel, :mod:`normlab.kernels.cpu`), one device synchronization per layer call on the torch engine's
+channel), one device synchronization per layer call on the torch engine's
 path for CUDA tensors (``guard_stats=False`` removes it). While ``torch.compile`` or ``torch.export``
 traces a model, and under a ``torch.func`` transform (``vmap`` with batched running statistics), the guard
 is off: the skip would be a data-dependent branch, which neither can express.

@@ -37,7 +37,6 @@ from normlab.core.engine import (
     records_grad,
 )
 from normlab.core.plan import Plan
-from normlab.kernels.dispatch import select as select_backend
 
 __all__ = ["Renormalize", "renorm_factors", "renormalize"]
 
@@ -113,11 +112,10 @@ def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, moment
     return _like_input(y, x), (shift, mean_shifted, rstd, r, d)
 
 
-def renormalize(x, weight, bias, running_mean, running_var, plan: Plan, eps: float, momentum: float,
+def renormalize(backend, x, weight, bias, running_mean, running_var, plan: Plan, eps: float, momentum: float,
                 r_max: float, d_max: float) -> torch.Tensor:
-    """Batch renormalization of ``x`` (training) on the backend :func:`normlab.kernels.select` picks; the
-    running statistics are updated in place. Without an autograd node where nothing would be recorded."""
-    backend = select_backend(x, plan, True)
+    """Batch renormalization of ``x`` (training) on ``backend`` (``None``: the torch engine); the running
+    statistics are updated in place. Without an autograd node where nothing would be recorded."""
     if records_grad(x, weight, bias):
         return Renormalize.apply(x, weight, bias, running_mean, running_var, plan, eps, momentum, r_max, d_max,
                                  backend)

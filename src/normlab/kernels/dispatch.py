@@ -11,9 +11,9 @@
   tensors under Triton's interpreter (``TRITON_INTERPRET=1``); a case they cannot run raises
   :class:`BackendError`.
 
-A backend is an object with ``unsupported(x, plan) -> str | None`` (why it cannot run a case),
-``forward`` and ``backward`` with the signatures of :class:`~normlab.kernels.numba_backend.NumbaBackend`.
-:func:`select` returns ``None`` for the torch engine.
+A backend implements :class:`normlab.core.backend.Backend`; :func:`select` returns ``None`` for the torch
+engine. The core never chooses: :mod:`normlab.functional` asks :func:`backend_for` (or :func:`select`)
+and passes the answer to the engine.
 
 What ``auto`` picks, and why (measured with ``normlab bench`` and per-kernel timings on the 2-core
 development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md for the table):
@@ -59,14 +59,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # normlab.core imports this module: no import back at run time
-    from normlab.core.plan import Plan
+from normlab.core.backend import Backend
+from normlab.core.plan import Plan
 
-__all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "available"]
+__all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "backend_for", "available"]
 
 ENV = "NORMLAB_BACKEND"
 CHOICES = ("auto", "torch", "numba", "triton")
@@ -117,7 +116,18 @@ def requested_backend() -> str:
     return value
 
 
-def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True):
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def backend_for(x: torch.Tensor, plan: Plan, batch_stats: bool = True) -> Backend | None:
+    """The backend that runs one engine call: ``None`` (the torch engine) while a ``torch.func`` transform
+    is active, whose own rules then apply to the engine's torch operations; else :func:`select`'s."""
+    if _transforms_active():  # normlab.core.engine.composes(), inline: this runs at every call
+        return None
+    return select(x, plan, batch_stats)
+
+
+def select(x: torch.Tensor, plan: Plan, batch_stats: bool = True) -> Backend | None:
     """The backend for normalizing ``x`` with ``plan`` (with statistics of the batch, or fixed ones:
     ``batch_stats``, which no current choice depends on), or ``None`` for the torch engine."""
     if torch.compiler.is_compiling():

@@ -87,7 +87,7 @@ def owned(y: torch.Tensor) -> torch.Tensor:
     """``y`` as a tensor that is not a view: the same memory, sizes and strides. A backend may hand out its
     output as a view of recycled memory; an autograd Function's output that is a view cannot be modified
     in place (``out += identity``, ``ReLU(inplace=True)`` after a BatchNorm), so the Functions return this."""
-    if not y._is_view():
+    if torch.compiler.is_compiling() or not y._is_view():  # compiled: the torch engine's output, no view
         return y
     return torch.empty(0, dtype=y.dtype, device=y.device).set_(y.untyped_storage(), y.storage_offset(), y.size(),
                                                               y.stride())

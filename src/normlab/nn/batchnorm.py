@@ -10,6 +10,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 
 from normlab import functional as F
 from normlab.core import checks
@@ -138,12 +139,35 @@ class _BatchNorm(_RunningStatsMixin):
     def _normalize(self, input: torch.Tensor, **epilogue) -> torch.Tensor:
         """Check ``input``, normalize it with this layer's state and mode (``epilogue``: ``relu=True`` and
         an optional ``residual``, as in :func:`~normlab.functional.batch_norm_relu`), count the batch.
-        Errors name the layer."""
+        Errors name the layer.
+
+        The checks depend only on the call's signature (the input's and residual's shapes, strides and dtypes,
+        the mode and configuration, which parameter and buffer tensors the layer holds); a call with the
+        signature of the last call that passed them skips them. In eval mode a
+        small dense input (:data:`EVAL_ATEN_MAX_BYTES`) whose call records no gradient goes to ATen's
+        ``torch.batch_norm``, whose per-call cost is below normlab's there: the same function, rounded as
+        torch.nn rounds it (``x·α + β`` with ``α = γ/√(var+ε)``, ``β = b − mean·α``)."""
+        state = self.__dict__
+        weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
+        running_mean, running_var = self._buffers.get("running_mean"), self._buffers.get("running_var")
+        residual = epilogue.get("residual")
+        key = (input.shape, input.stride(), input.dtype, input.device, state["training"],
+               state.get("track_running_stats"), state.get("eps"), state.get("momentum"),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype))
+        held = state.get("_validated_tensors")  # compared by identity: the layer holds the very same tensors
+        validated = (key == state.get("_validated") and held[0] is weight and held[1] is bias
+                     and held[2] is running_mean and held[3] is running_var)
+        if validated and state.get("_aten_eval") and _aten_eval_now(input, weight, bias):
+            y = torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, state["eps"], False)
+            if residual is not None:
+                y.add_(residual)
+            return y.relu_() if epilogue.get("relu") else y
         name = type(self).__name__
-        self._check_config()
-        checks.check_floating(input, name)
-        checks.check_ndim(input, name, self._ranks, self._layout)
-        checks.check_channels(input, self.num_features, name)
+        if not validated:
+            self._check_config()
+            checks.check_floating(input, name)
+            checks.check_ndim(input, name, self._ranks, self._layout)
+            checks.check_channels(input, self.num_features, name)
         training, tracking = self.training, self.track_running_stats
         # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
         updating = training and tracking and may_update(self)
@@ -151,17 +175,51 @@ class _BatchNorm(_RunningStatsMixin):
         running_mean = self.running_mean if not training or updating else None
         running_var = self.running_var if running_mean is not None else None
         skipped = getattr(self, "num_batches_skipped", 0)  # getattr: a layer pickled before these attributes
-        y = F._run(
-            name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
-            training or running_mean is None, factor,
-            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
-            eps_positive=training or running_mean is None,
+        plan = batch_plan(input.shape)
+        use_batch_stats = training or running_mean is None
+        if not validated:
+            F._check(name, input, plan, self.weight, self.bias, self.eps, running_mean, running_var, use_batch_stats,
+                     factor, checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
+                     epilogue.get("residual"), eps_positive=use_batch_stats)
+        y = F._execute(
+            name, input, plan, self.weight, self.bias, self.eps, running_mean, running_var, use_batch_stats, factor,
             guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
-            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
+            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var, **epilogue,
         )
+        if not validated:
+            state["_validated"], state["_validated_tensors"] = key, (weight, bias, running_mean, running_var)
+            state["_aten_eval"] = _aten_eval_fits(self, input, residual)
         if updating and self.num_batches_skipped == skipped:
             self._count_batch(input)
         return y
+
+
+EVAL_ATEN_MAX_BYTES = 4 << 20
+"""Eval-mode inputs up to this size go to ATen's ``torch.batch_norm`` (see ``benchmarks/README.md``,
+"Eval on small tensors")."""
+
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _aten_eval_fits(layer: _BatchNorm, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether eval calls of this signature may go to ATen: running statistics, a dense float32 CPU input no
+    larger than :data:`EVAL_ATEN_MAX_BYTES`, parameters and statistics of its dtype, a residual of its shape."""
+    mean, weight = layer.running_mean, layer.weight
+    return (not layer.training and mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and 0 < x.numel() * 4 <= EVAL_ATEN_MAX_BYTES
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and mean.dtype == layer.running_var.dtype == torch.float32
+            and (weight is None or weight.dtype == torch.float32)
+            and (layer.bias is None or layer.bias.dtype == torch.float32)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+
+
+def _aten_eval_now(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """The per-call part: no gradient recorded, no ``torch.func`` transform, forward-mode AD or compilation."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return not _transforms_active() and _forward_ad._current_level < 0 and not torch.compiler.is_compiling()
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

@@ -119,3 +119,19 @@ def test_every_check_still_raises_after_a_validated_call(train):
             layer.momentum = 0.1
             with pytest.raises(ValueError):
                 layer(torch.randn(1, 4, 1, 1))  # one value per channel in training
+
+
+def test_a_large_offset_stays_on_normlabs_kernel_and_keeps_its_precision():
+    """1e4 + N(0, 1e-2) with matching running statistics: ATen's eval would round mean·α (≈ 1e6) first."""
+    torch.manual_seed(3)
+    x = 1e4 + 1e-2 * torch.randn(8, 4, 6, 6)
+    layer = nl.BatchNorm2d(4).eval()
+    layer.running_mean.fill_(1e4), layer.running_var.fill_(1e-4)
+    with torch.no_grad():
+        layer(x), layer(x)
+        assert layer.__dict__["_aten_eval"] is None
+        exact = (x.double() - 1e4) / (1e-4 + 1e-5) ** 0.5
+        assert (layer(x).double() - exact).abs().max() < 1e-4
+        layer.running_mean.zero_(), layer.running_var.fill_(1.0)  # in place: decided again
+        layer(x)
+        assert layer.__dict__["_aten_eval"] is not None

@@ -130,7 +130,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet18": Architecture("ResNet-18 w32", lambda s: nets.resnet18(32, s), (3, 32, 32), (3, 16, 16)),
     "mobilenet": Architecture("MobileNet v1", lambda s: nets.mobilenet(s), (3, 32, 32), (3, 16, 16)),
     "resnet50": Architecture("ResNet-50 w32", lambda s: nets.resnet50(32, s), (3, 64, 64), (3, 16, 16)),
-    "small_cnn": Architecture("lab CNN", lambda s: small_cnn(torch.nn), (1, 28, 28), (1, 28, 28)),
+    "small_cnn": Architecture("small_cnn", lambda s: small_cnn(torch.nn), (1, 28, 28), (1, 28, 28)),
     "transformer": Architecture("Transformer block", lambda s: nets.transformer_block(256, s), (128, 256), (16, 64)),
 }
 """The architectures by name (see :mod:`normlab.bench.nets`; the lab CNN is :func:`normlab.demo.small_cnn`)."""

@@ -146,19 +146,24 @@ class _BatchNorm(_RunningStatsMixin):
         signature of the last call that passed them skips them. In eval mode a
         small dense input (:data:`EVAL_ATEN_MAX_BYTES`) whose call records no gradient goes to ATen's
         ``torch.batch_norm``, whose per-call cost is below normlab's there: the same function, rounded as
-        torch.nn rounds it (``x·α + β`` with ``α = γ/√(var+ε)``, ``β = b − mean·α``)."""
+        torch.nn rounds it (``x·α + β`` with ``α = γ/√(var+ε)``, ``β = b − mean·α``), where that rounding
+        is as good as normlab's (:func:`_aten_eval_fits`)."""
         state = self.__dict__
         weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
-        running_mean, running_var = self._buffers.get("running_mean"), self._buffers.get("running_var")
+        mean_buf, var_buf = self._buffers.get("running_mean"), self._buffers.get("running_var")
         residual = epilogue.get("residual")
         key = (input.shape, input.stride(), input.dtype, input.device, state["training"],
                state.get("track_running_stats"), state.get("eps"), state.get("momentum"),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype))
         held = state.get("_validated_tensors")  # compared by identity: the layer holds the very same tensors
         validated = (key == state.get("_validated") and held[0] is weight and held[1] is bias
-                     and held[2] is running_mean and held[3] is running_var)
-        if validated and state.get("_aten_eval") and _aten_eval_now(input, weight, bias):
-            y = torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, state["eps"], False)
+                     and held[2] is mean_buf and held[3] is var_buf)
+        # ATen's eval where it was found to fit, for statistics and γ as they were then (in-place changes,
+        # such as load_state_dict's, bump a tensor's _version)
+        aten = state.get("_aten_eval")
+        if (validated and aten is not None and aten == _versions(weight, mean_buf, var_buf)
+                and _aten_eval_now(input, weight, bias)):
+            y = torch.batch_norm(input, weight, bias, mean_buf, var_buf, False, 0.0, state["eps"], False)
             if residual is not None:
                 y.add_(residual)
             return y.relu_() if epilogue.get("relu") else y
@@ -168,28 +173,27 @@ class _BatchNorm(_RunningStatsMixin):
             checks.check_floating(input, name)
             checks.check_ndim(input, name, self._ranks, self._layout)
             checks.check_channels(input, self.num_features, name)
-        training, tracking = self.training, self.track_running_stats
+        training, tracking = state["training"], state["track_running_stats"]
         # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
         updating = training and tracking and may_update(self)
         factor = self._update_factor() if updating else 0.0
-        running_mean = self.running_mean if not training or updating else None
-        running_var = self.running_var if running_mean is not None else None
-        skipped = getattr(self, "num_batches_skipped", 0)  # getattr: a layer pickled before these attributes
+        running_mean = mean_buf if not training or updating else None
+        running_var = var_buf if running_mean is not None else None
+        skipped = state.get("num_batches_skipped", 0)  # a layer pickled before these attributes has none
         plan = batch_plan(input.shape)
         use_batch_stats = training or running_mean is None
         if not validated:
-            F._check(name, input, plan, self.weight, self.bias, self.eps, running_mean, running_var, use_batch_stats,
+            F._check(name, input, plan, weight, bias, self.eps, running_mean, running_var, use_batch_stats,
                      factor, checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
-                     epilogue.get("residual"), eps_positive=use_batch_stats)
-        y = F._execute(
-            name, input, plan, self.weight, self.bias, self.eps, running_mean, running_var, use_batch_stats, factor,
-            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
-            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var, **epilogue,
-        )
+                     residual, eps_positive=use_batch_stats)
+        y = F._execute(name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats,
+                       factor, epilogue.get("relu", False), residual, state.get("guard_stats"), self._skipped_batch,
+                       not CONVENTIONS[state.get("convention", "torch")].biased_running_var)
         if not validated:
-            state["_validated"], state["_validated_tensors"] = key, (weight, bias, running_mean, running_var)
+            state["_validated"], state["_validated_tensors"] = key, (weight, bias, mean_buf, var_buf)
+        if not training and (not validated or aten != _versions(weight, mean_buf, var_buf)):
             state["_aten_eval"] = _aten_eval_fits(self, input, residual)
-        if updating and self.num_batches_skipped == skipped:
+        if updating and state.get("num_batches_skipped", 0) == skipped:
             self._count_batch(input)
         return y
 
@@ -201,17 +205,36 @@ EVAL_ATEN_MAX_BYTES = 4 << 20
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
-def _aten_eval_fits(layer: _BatchNorm, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether eval calls of this signature may go to ATen: running statistics, a dense float32 CPU input no
-    larger than :data:`EVAL_ATEN_MAX_BYTES`, parameters and statistics of its dtype, a residual of its shape."""
-    mean, weight = layer.running_mean, layer.weight
-    return (not layer.training and mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+EVAL_ATEN_MAX_OFFSET = 64.0
+"""ATen's eval rounds ``mean·α`` (``α = γ/√(var+ε)``) before subtracting it: it is used only where
+``|mean|·|α| ≤`` this in every channel, so that its error stays within 2⁻¹⁸ of the output's unit (data with a
+large mean and a small spread, 1e4 + N(0, 1e-2), stays on normlab's kernels, exact to float32 rounding)."""
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(-1 if t is None else t._version for t in tensors)
+
+
+def _aten_eval_fits(layer: _BatchNorm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, ...] | None:
+    """Whether eval calls of this signature may go to ATen: running statistics with no large offset
+    (:data:`EVAL_ATEN_MAX_OFFSET`), a dense float32 CPU input no larger than :data:`EVAL_ATEN_MAX_BYTES`,
+    parameters and statistics of its dtype, a residual of its shape. Returns the versions of γ and the
+    statistics it was decided for (``None``: not ATen)."""
+    mean, var, weight = layer.running_mean, layer.running_var, layer.weight
+    fits = (mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
             and 0 < x.numel() * 4 <= EVAL_ATEN_MAX_BYTES
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and mean.dtype == layer.running_var.dtype == torch.float32
+            and mean.dtype == var.dtype == torch.float32
             and (weight is None or weight.dtype == torch.float32)
             and (layer.bias is None or layer.bias.dtype == torch.float32)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+    if not fits:
+        return None
+    with torch.no_grad():
+        alpha = (var + layer.eps).rsqrt() * (1.0 if weight is None else weight.abs())
+        if not bool((mean.abs() * alpha).max() <= EVAL_ATEN_MAX_OFFSET):  # NaN or inf: not ATen either
+            return None
+    return _versions(weight, mean, var)
 
 
 def _aten_eval_now(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:

@@ -198,7 +198,7 @@ class _BatchNorm(_RunningStatsMixin):
         return y
 
 
-EVAL_ATEN_MAX_BYTES = 4 << 20
+EVAL_ATEN_MAX_BYTES = 8 << 20
 """Eval-mode inputs up to this size go to ATen's ``torch.batch_norm`` (see ``benchmarks/README.md``,
 "Eval on small tensors")."""
 
@@ -221,7 +221,7 @@ def _aten_eval_fits(layer: _BatchNorm, x: torch.Tensor, residual: torch.Tensor |
     parameters and statistics of its dtype, a residual of its shape. Returns the versions of γ and the
     statistics it was decided for (``None``: not ATen)."""
     mean, var, weight = layer.running_mean, layer.running_var, layer.weight
-    fits = (mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    fits = (not torch.compiler.is_compiling() and mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
             and 0 < x.numel() * 4 <= EVAL_ATEN_MAX_BYTES
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and mean.dtype == var.dtype == torch.float32

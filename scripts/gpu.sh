@@ -6,7 +6,7 @@
 #
 # Writes into OUTDIR (default gpu-results/):
 #   env.txt     the GPU, torch, triton and Python versions
-#   tests.txt   pytest of TestOnCuda (tests/kernels/test_triton_backend.py): every layer the backend runs,
+#   tests.txt   pytest of TestOnCuda (tests/kernels/triton/test_backend.py): every layer the backend runs,
 #               in float32, float64, float16 and bfloat16, both layouts, train and eval, against torch.nn in
 #               float64 (the interpreter tests are CI's, on the CPU)
 #   bench.json  `normlab bench --device cuda --json` (default options: --no-compile; pass others after --)
@@ -44,7 +44,7 @@ EOF
 cat "$OUTDIR/env.txt"
 
 echo "[gpu] tests: TestOnCuda"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_backend.py -k TestOnCuda 2>&1 \
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/triton/test_backend.py -k TestOnCuda 2>&1 \
   | tee "$OUTDIR/tests.txt" || status=1
 
 echo "[gpu] normlab bench --device cuda ${BENCH_ARGS[*]}"

@@ -1,7 +1,9 @@
 """PyTorch's own tests of its normalization modules and functions, ported to run against either library.
 
 Every test takes the ``impl`` fixture: ``torch`` (torch.nn / torch.nn.functional themselves), or normlab
-on each installed backend (``normlab-torch``, ``normlab-numba``, forced with NORMLAB_BACKEND). A test
+on its torch engine and on every backend of :data:`normlab.kernels.dispatch.BACKENDS` that runs CPU tensors
+here (``normlab-torch``, ``normlab-numba``, ``normlab-triton`` under Triton's interpreter; forced with
+NORMLAB_BACKEND): a new backend gets the whole table by its one entry there. A test
 that torch itself fails here is marked ``torch_fails(reason)``: strict xfail on the torch implementation,
 so it is seen, not hidden. Where normlab differs on purpose (README, "Differences from torch.nn") the test
 asserts normlab's documented behaviour, with a comment saying why.
@@ -10,6 +12,8 @@ asserts normlab's documented behaviour, with a comment saying why.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import types
 
 import pytest
@@ -17,9 +21,33 @@ import torch
 
 import normlab.functional
 import normlab.nn
-from normlab.kernels import available
+from normlab.core.plan import batch_plan
+from normlab.kernels import available, dispatch
 
-IMPLS = ["torch"] + [f"normlab-{name}" for name in ("torch", "numba") if available(name)]
+INTERPRETED = {"triton": {"TRITON_INTERPRET": "1"}}
+"""The environment a backend needs to run CPU tensors (Triton: its interpreter)."""
+
+
+def _runs_cpu_tensors(name: str) -> bool:
+    """Whether backend ``name`` is installed and can run CPU tensors in this process."""
+    if not available(name):
+        return False
+    env = INTERPRETED.get(name, {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if name == "triton" and "triton" not in sys.modules:
+            import triton  # noqa: F401  (its library is built for the interpreter only if imported so)
+        return dispatch.BACKENDS[name]().unsupported(torch.zeros(2, 2), batch_plan((2, 2))) is None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+IMPLS = ["torch", "normlab-torch"] + [f"normlab-{name}" for name in dispatch.BACKENDS if _runs_cpu_tensors(name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,5 +113,8 @@ def impl(request, monkeypatch) -> Impl:
     if request.param == "torch":
         monkeypatch.delenv("NORMLAB_BACKEND", raising=False)
         return Impl("torch", torch.nn, torch.nn.functional)
-    monkeypatch.setenv("NORMLAB_BACKEND", request.param.split("-", 1)[1])
+    backend = request.param.split("-", 1)[1]
+    monkeypatch.setenv("NORMLAB_BACKEND", backend)
+    for key, value in INTERPRETED.get(backend, {}).items():
+        monkeypatch.setenv(key, value)
     return Impl(request.param, normlab.nn, normlab.functional)

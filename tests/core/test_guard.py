@@ -1,7 +1,7 @@
 """Guarded running statistics: a batch whose statistics are not finite leaves the running statistics and
 num_batches_tracked as they were, is counted in num_batches_skipped, warns once, and its output is what
 torch.nn gives. Every test runs once per backend (tests/conftest.py); the Triton kernels are checked in
-tests/kernels/test_triton_backend.py."""
+tests/kernels/triton/test_backend.py."""
 
 import io
 import warnings

@@ -40,8 +40,9 @@ reference and the fallback). The backends compute the same quantities, with the 
 guarantees, in fewer passes over memory; which one runs a call is decided above the core.
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in their own dtype; float64
-stays float64. Statistics are taken on the centred data (``x − μ``), never as E[x²] − E[x]², so data with a
-large mean and a tiny spread keeps its variance (see :func:`moments`).
+stays float64 (:mod:`normlab.core.conventions`). Statistics are taken on the centred data (``x − μ``),
+never as E[x²] − E[x]², so data with a large mean and a tiny spread keeps its variance (see
+:func:`moments`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
+from normlab.core.conventions import EMPTY_STATISTICS, accumulation_dtype, channels_last_format
 from normlab.core.guard import finite_statistics
 from normlab.core.plan import Plan
 
@@ -71,14 +73,6 @@ __all__ = [
     "NormalizeForwardAD",
 ]
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (float32, float16, bfloat16) accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _as_view(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype)).reshape(plan.view_shape)
 
@@ -96,8 +90,8 @@ def owned(y: torch.Tensor) -> torch.Tensor:
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape an engine result back to ``x``'s shape, dtype and memory format."""
     t = t.reshape(x.shape).to(x.dtype)
-    fmt = _CHANNELS_LAST.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+    fmt = channels_last_format(x)
+    if fmt is not None:
         t = t.contiguous(memory_format=fmt)
     return t
 
@@ -113,8 +107,8 @@ def moments(xv: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, t
     μ itself is only representable to ±5e-4) keeps every digit of x − μ and of the variance.
     """
     if xv.numel() == 0:  # an empty batch: statistics of nothing, never written to running averages
-        zeros = xv.new_zeros(plan.stat_shape)
-        return zeros, zeros, zeros + 1, xv
+        shift, mean_shifted, var = (xv.new_full(plan.stat_shape, value) for value in EMPTY_STATISTICS)
+        return shift, mean_shifted, var, xv
     shift = _origin(xv, plan.reduce)
     shifted = xv - shift
     var, mean_shifted = torch.var_mean(shifted, dim=plan.reduce, correction=0, keepdim=True)
@@ -347,8 +341,8 @@ _transforms_active = torch._C._are_functorch_transforms_active
 def composes() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active: then the
     engine runs its torch operations (:func:`forward_torch`) without the :class:`Normalize` node, and
-    torch's own batching and differentiation rules of those operations apply. One C call (tens of
-    nanoseconds) when no transform is active."""
+    torch's own batching and differentiation rules of those operations apply. One C call when no transform
+    is active."""
     return _transforms_active()
 
 

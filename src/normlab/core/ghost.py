@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from normlab.core.conventions import CHANNELS_LAST, is_channels_last
 from normlab.core.engine import (
     _like_input,
     backward_torch,
@@ -56,10 +57,7 @@ def virtual_batches(n: int, virtual_batch_size: int) -> tuple[int, int]:
 
 def _channels_last_like(x: torch.Tensor) -> bool:
     """2D inputs and channels_last 4D/5D ones, whose channels are the fastest axis."""
-    if x.dim() == 2:
-        return True
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    return x.dim() == 2 or is_channels_last(x)
 
 
 def _grouped(t: torch.Tensor, groups: int, channels_last: bool) -> torch.Tensor:
@@ -98,7 +96,7 @@ def _assemble(pieces, like: torch.Tensor, virtual_batch_size: int, channels_last
         return first.permute(0, 2, 3, 1).reshape((like.shape[0],) + spatial + (c,)).movedim(-1, 1)
     fmt = torch.contiguous_format
     if channels_last and like.dim() > 2:
-        fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+        fmt = CHANNELS_LAST[like.dim()]
     out = torch.empty(like.shape, dtype=first.dtype, device=like.device).contiguous(memory_format=fmt)
     empty_like = getattr(backend, "empty_like", None)
     if empty_like is not None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from normlab.core.conventions import is_channels_last
+
 __all__ = ["check_mask", "gather_valid", "mask_like", "positions", "scatter_valid"]
 
 
@@ -113,8 +115,7 @@ class _Scatter(torch.autograd.Function):
 
 def _dense_strides(x: torch.Tensor) -> tuple[int, ...]:
     """``x``'s strides where it is channels_last, else the contiguous ones."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+    if is_channels_last(x):
         return x.stride()
     return torch.empty(x.shape, device="meta").stride()
 

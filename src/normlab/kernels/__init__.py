@@ -5,8 +5,8 @@ computed by kernels that move the data fewer times than a sequence of torch oper
 - :mod:`.numba_backend` — the CPU backend: tensors in, tensors out, on NumPy views of their memory.
 - :mod:`.cpu` — its numba kernels, compiled on first use and cached on disk.
 - :mod:`.stream` — the streaming (non-temporal) stores those kernels write large outputs with.
-- :mod:`.triton_backend` — the GPU backend for CUDA tensors, Triton kernels with the same conventions.
-- :mod:`.triton_compile` — those kernels compiled for a GPU architecture on a machine without a GPU.
+- :mod:`.triton` — the GPU backend for CUDA tensors, Triton kernels with the same conventions (runtime
+  probing, device code, launch heuristics, host class, offline compile for a GPU architecture).
 - :mod:`.layout` — how a plan maps onto the kernels' flat views of memory.
 
 Importing this package imports neither numba nor triton nor any kernel.

@@ -7,7 +7,7 @@
 * ``torch`` — always the engine's own torch operations (:mod:`normlab.core.engine`);
 * ``numba`` — always the numba CPU kernels (:mod:`normlab.kernels.numba_backend`); a case they cannot
   run raises :class:`BackendError` instead of falling back;
-* ``triton`` — always the Triton kernels (:mod:`normlab.kernels.triton_backend`): CUDA tensors, or CPU
+* ``triton`` — always the Triton kernels (:mod:`normlab.kernels.triton`): CUDA tensors, or CPU
   tensors under Triton's interpreter (``TRITON_INTERPRET=1``); a case they cannot run raises
   :class:`BackendError`.
 
@@ -15,43 +15,19 @@ A backend implements :class:`normlab.core.backend.Backend`; :func:`select` retur
 engine. The core never chooses: :mod:`normlab.functional` asks :func:`backend_for` (or :func:`select`)
 and passes the answer to the engine.
 
-What ``auto`` picks, and why (measured with ``normlab bench`` and per-kernel timings on the 2-core
-development machine, torch 2.13, float32, 2 threads; see benchmarks/README.md for the table):
+What ``auto`` picks (the measurements behind each rule: benchmarks/README.md, "Backend choice"):
 
-* CPU tensors in float32/float64 (float16/bfloat16 converted to float32 and back, as the torch engine
-  converts them), every plan the kernels handle, of every size, train and eval: **numba**. Against the
-  torch engine the kernels win by more the larger the input: its separate operations move the data five
-  to eight times and allocate as many temporaries (BatchNorm2d (64, 64, 8, 8) eval: 205–222 µs against
-  70 µs), and even on the smallest inputs the kernels' per-call set-up costs less than those operations
-  (BatchNorm2d (8, 16, 4, 4) eval: 37–40 µs against 43–45 µs).
-* Against ATen's own kernels (``torch.nn.functional``), which ``auto`` could route a case to: the kernels
-  are faster on every large case, where writing into recycled memory (:mod:`.buffers`) instead of fresh
-  pages matters as much as the fewer passes (BatchNorm2d train forward 3.2–6.7x, eval 4.3–4.9x, LayerNorm
-  (64, 196, 768) forward+backward 2.85x; medians of three ``normlab bench`` runs). On small and mid-sized
-  tensors that stay in cache the kernels still win where ATen's statistics pass is slow (contiguous
-  (32, 512, 7, 7) training forward 3.4x), and elsewhere the two are close or ATen is faster (channels_last
-  (32, 512, 7, 7) 0.95–1.04x, contiguous (32, 512, 7, 7) eval 1.03x, BatchNorm1d (4096, 1024) eval 0.74x,
-  GroupNorm on 7x7 maps 0.56–0.87x): normlab's Python per call (35–66 µs on a tiny input against ATen's
-  14–26 µs) against ATen's extra passes over memory.
-  Those cases still go to **numba**, not to ATen: ATen's CPU kernels do not keep the variance of data
-  with a large mean and a tiny spread (1e4 + N(0, 1e-2) in float32, shape (64, 32, 16, 16), normalizes
-  with errors of 0.04 for BatchNorm, 0.09 for LayerNorm, 0.16 for GroupNorm(8) and 11 — E[x²] − E[x]² —
-  for channels_last GroupNorm(8), against at most 4e-7 for normlab's kernels), and in eval, folding the
-  mean into a float32 offset (x · a + b), ATen is off by 0.03 where normlab, subtracting the running mean
-  first, is off by 2e-7 (running mean 1e4 + N(0, 1e-3), running variance 1e-4 to 2e-4). Routing by shape
-  would make that guarantee depend on the shape.
+* CPU tensors of every dtype the kernels take (float16/bfloat16 computed in float32), every plan they
+  handle, any size, train and eval: **numba**. It beats the torch engine on every size, and is never
+  swapped for ATen where ATen is faster, because ATen's CPU kernels lose the variance of data with a large
+  mean and a tiny spread: routing by shape would make that guarantee depend on the shape.
 * Plans the kernels do not handle, tensors on other devices, other dtypes: **torch**.
-* While ``torch.compile`` or ``torch.export`` traces a model (``torch.compiler.is_compiling()``), whatever
-  ``NORMLAB_BACKEND`` says: **torch**. The tracer records the engine's torch operations (same formulas,
-  same shifted statistics) and its backend generates code for them; numba's and Triton's launches are
-  opaque to it.
-* CUDA tensors: **triton** (:mod:`normlab.kernels.triton_backend`) when triton is installed and the
-  backend handles the case (float32/float64/float16/bfloat16, every plan the kernels handle, train and
-  eval alike) and the process does not build its kernels for Triton's interpreter (``TRITON_INTERPRET=1``,
-  which would copy the tensors to the host at every launch), else the torch engine. Its kernels keep the
-  engine's precision guarantees (statistics of ``x − shift``, merged Welford partials). They have not been
-  timed on a GPU yet, against the torch engine or ATen, so no size threshold sends small cases elsewhere
-  as it does on CPU.
+* While ``torch.compile`` or ``torch.export`` traces (``torch.compiler.is_compiling()``), whatever
+  ``NORMLAB_BACKEND`` says: **torch** (the tracer records the engine's torch operations; foreign kernels
+  are opaque to it).
+* CUDA tensors: **triton** (:mod:`normlab.kernels.triton`) when triton is installed, the backend handles
+  the case and the process does not build its kernels for Triton's interpreter; else the torch engine.
+  Not yet timed on a GPU, so no size threshold sends small cases elsewhere.
 """
 
 from __future__ import annotations
@@ -68,7 +44,6 @@ from normlab.core.plan import Plan
 __all__ = ["BACKENDS", "BackendError", "ENV", "requested_backend", "select", "backend_for", "available"]
 
 ENV = "NORMLAB_BACKEND"
-CHOICES = ("auto", "torch", "numba", "triton")
 
 
 class BackendError(RuntimeError):
@@ -84,7 +59,7 @@ def _numba_backend():
 
 @functools.cache
 def _triton_backend():
-    from normlab.kernels.triton_backend import TritonBackend
+    from normlab.kernels.triton import TritonBackend
 
     return TritonBackend()
 
@@ -93,7 +68,9 @@ BACKENDS = {
     "numba": _numba_backend,
     "triton": _triton_backend,
 }
-"""Backend constructors by name (each builds its backend once, on first use)."""
+"""Backend constructors by name (each builds its backend once, on first use): a new backend is one entry
+here (and its package in :func:`available`); the conformance tests then run it too."""
+CHOICES = ("auto", "torch", *BACKENDS)
 
 
 @functools.cache

@@ -14,6 +14,9 @@ Two shapes of plan cover the whole family:
   statistics are computed on (N, S, C).
 
 Plans of any other shape are not handled by the kernels.
+
+Each shape is read from memory in one of four *families* (:func:`family`), the same names in every
+backend: :data:`CHANNEL_PLANES`, :data:`CHANNEL_ROWS`, :data:`ROW` and :data:`ROW_CHANNELS_LAST`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ import math
 from dataclasses import dataclass
 
 from normlab.core.plan import Plan
+
+CHANNEL_PLANES = "channel_planes"
+"""A channel shape on contiguous (N, C, S) data with S > 1: each channel N runs of S values, C·S apart."""
+CHANNEL_ROWS = "channel_rows"
+"""A channel shape read as (M, C) rows with C contiguous: 2D input, channels_last data, 1x1 maps."""
+ROW = "row"
+"""A row shape on contiguous data: R rows of K contiguous values."""
+ROW_CHANNELS_LAST = "row_channels_last"
+"""A row shape with one parameter per channel (GroupNorm, InstanceNorm: ``lead == 2``, a run of every
+spatial value) on channels_last data, read as (N, S, C) in place."""
 
 
 @dataclass(frozen=True)
@@ -72,3 +85,16 @@ def _classify(plan: Plan) -> ChannelShape | RowShape | None:
         per_row=math.prod(view[a] for a in inner),
         lead=k,
     )
+
+
+def family(plan: Plan, channels_last: bool) -> str:
+    """How the kernels read an input of ``plan`` (``channels_last``: stored so, see
+    :func:`normlab.core.conventions.is_channels_last`); ``plan`` must be one :func:`classify` handles. A
+    backend without kernels for :data:`ROW_CHANNELS_LAST` copies such input to contiguous and reads it as
+    :data:`ROW`."""
+    shape = classify(plan)
+    if isinstance(shape, ChannelShape):
+        return CHANNEL_ROWS if channels_last or shape.spatial == 1 else CHANNEL_PLANES
+    if channels_last and shape.lead == 2 and shape.run == math.prod(plan.input_shape[2:]):
+        return ROW_CHANNELS_LAST
+    return ROW

@@ -33,7 +33,7 @@ import normlab.functional as F  # noqa: E402
 import normlab.nn as nl  # noqa: E402
 from normlab.core.plan import batch_plan, layer_plan  # noqa: E402
 from normlab.kernels import BackendError, dispatch, select  # noqa: E402
-from normlab.kernels import triton_backend as tb  # noqa: E402
+from normlab.kernels.triton import TritonBackend, launch, runtime  # noqa: E402
 
 CL = torch.channels_last
 SMALL_TILES = dict(BLOCK=16, ROW_TILE=8, COLUMNS=4, INTERPRETER_PROGRAMS=64)
@@ -44,7 +44,7 @@ def interpreter(monkeypatch):
     """Triton's interpreter on and the triton backend forced, for the length of one test."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("NORMLAB_BACKEND", "triton")
-    reason = tb.TritonBackend().unsupported(torch.zeros(2, 2), batch_plan((2, 2)))
+    reason = TritonBackend().unsupported(torch.zeros(2, 2), batch_plan((2, 2)))
     if reason is not None:
         pytest.skip(f"Triton's interpreter cannot be used in this process: {reason}")
 
@@ -53,7 +53,7 @@ def interpreter(monkeypatch):
 def tiles(request, monkeypatch):
     if request.param == "small tiles":
         for name, value in SMALL_TILES.items():
-            monkeypatch.setattr(tb, name, value)
+            monkeypatch.setattr(launch, name, value)
     return request.param
 
 
@@ -93,7 +93,7 @@ def test_matches_torch_engine(name, need, matches_engine):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_torch_engine_with_small_tiles(name, monkeypatch, matches_engine):
     for attr, value in SMALL_TILES.items():
-        monkeypatch.setattr(tb, attr, value)
+        monkeypatch.setattr(launch, attr, value)
     matches_engine(CASES[name], "triton")
 
 
@@ -119,11 +119,11 @@ def test_small_tiles_split_the_reductions(name, kernels, monkeypatch, run_case):
     """With small tiles the statistics and gradient sums are split across several programs per unit (the
     second grid axis), and the per-row plans leave the whole-row kernels for the long-row ones."""
     for attr, value in SMALL_TILES.items():
-        monkeypatch.setattr(tb, attr, value)
-    tb._kernels()  # jitted, so that they can be wrapped
+        monkeypatch.setattr(launch, attr, value)
+    built = runtime.kernels()  # jitted, so that they can be wrapped
     grids = {k: [] for k in kernels + ("_row_forward_tile", "_row_backward_tile")}
     for k in grids:
-        monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
+        monkeypatch.setitem(built, k, _Spy(built[k], grids[k]))
     run_case(CASES[name], "triton")
     for k in kernels:
         assert grids[k] and all(len(g) == 2 for g in grids[k]), (k, grids[k])
@@ -132,10 +132,10 @@ def test_small_tiles_split_the_reductions(name, kernels, monkeypatch, run_case):
 
 
 def test_default_tiles_keep_short_rows_whole(monkeypatch, run_case):
-    tb._kernels()
+    built = runtime.kernels()
     grids = {k: [] for k in ("_row_forward_tile", "_row_backward_tile", "_moments_planar")}
     for k in grids:
-        monkeypatch.setattr(tb, k, _Spy(getattr(tb, k), grids[k]))
+        monkeypatch.setitem(built, k, _Spy(built[k], grids[k]))
     run_case(CASES["ln"], "triton")
     assert grids["_row_forward_tile"] == [(9,)] and len(grids["_row_backward_tile"]) == 1
     assert not grids["_moments_planar"]
@@ -418,7 +418,7 @@ def test_cuda_tensors_are_refused_where_the_kernels_are_interpreted(monkeypatch)
     namespace: dict = {}
     exec(_FAKE_CUDA, namespace)
     x, plan = namespace["FakeCudaTensor"](), batch_plan((4, 3))
-    reason = tb.TritonBackend().unsupported(x, plan)
+    reason = TritonBackend().unsupported(x, plan)
     assert reason is not None and "TRITON_INTERPRET" in reason and "GPU" in reason
     with pytest.raises(BackendError, match=r"NORMLAB_BACKEND=triton: .*TRITON_INTERPRET"):
         select(x, plan)
@@ -428,7 +428,7 @@ def test_cuda_tensors_are_refused_where_the_kernels_are_interpreted(monkeypatch)
 
 def test_importing_the_backend_imports_no_triton():
     code = (
-        "import sys, torch, normlab.kernels.triton_backend as tb, normlab.functional as F; "
+        "import sys, torch, normlab.kernels.triton as tb, normlab.functional as F; "
         "F.batch_norm(torch.randn(4, 3), None, None, training=True); "
         "assert tb.TritonBackend().unsupported(torch.randn(2, 2), None) is not None; "
         "assert 'triton' not in sys.modules"

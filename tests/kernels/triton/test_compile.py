@@ -1,10 +1,10 @@
 """The Triton kernels compiled for an H100 (sm_90) on a machine without a GPU
-(:mod:`normlab.kernels.triton_compile`): every specialization the backend reaches on the benchmark's
+(:mod:`normlab.kernels.triton.compile`): every specialization the backend reaches on the benchmark's
 shapes, in every dtype, goes through Triton's compiler and ptxas, and none spills registers under
 pressure.
 
 Each test runs in a subprocess: the test process has Triton in interpreter mode
-(``test_triton_backend.py`` imports it that way), and compiling for a GPU needs it off. Every run has
+(``test_backend.py`` imports it that way), and compiling for a GPU needs it off. Every run has
 a Triton cache of its own, so that the kernels are compiled, not loaded.
 """
 
@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from normlab.kernels.triton_compile import launched_kernels
+from normlab.kernels.triton.compile import launched_kernels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -32,7 +32,7 @@ def _python(args, tmp_path, timeout, interpret=False):
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
-    done = _python(["-m", "normlab.kernels.triton_compile", "--arch", "90", "--json"], tmp_path, timeout=900)
+    done = _python(["-m", "normlab.kernels.triton.compile", "--arch", "90", "--json"], tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["failures"] == []
@@ -56,14 +56,14 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
 
 _PROBE = textwrap.dedent("""
     import json, torch
-    from normlab.kernels import triton_backend as tb, triton_compile as tc
+    from normlab.kernels.triton import compile as tc, launch
 
     case = [c for c in tc.cases() if c.name == "BatchNorm2d (32, 512, 7, 7) channels_last"]
-    warps = tb._warps
-    tb._warps = lambda elements: 4  # every kernel on 4 warps, as the finishing kernels once were
+    warps = launch.warps
+    launch.warps = lambda elements: 4  # every kernel on 4 warps, as the finishing kernels once were
     compiled, _ = tc.compile_cases(case, (torch.float64,))
-    tb._warps = warps
-    tb.COLUMNS = 3  # channels per tile, not a power of two: tl.arange cannot take it
+    launch.warps = warps
+    launch.COLUMNS = 3  # channels per tile, not a power of two: tl.arange cannot take it
     _, failures = tc.compile_cases(case[:1], (torch.float32,))
     print(json.dumps({"spilling": sorted({c.kernel for c in compiled if c.spills}),
                       "failures": [(f.kernel, f.error) for f in failures]}))
@@ -83,6 +83,6 @@ def test_spills_and_compile_errors_are_reported(tmp_path):
 
 
 def test_refuses_to_run_under_the_interpreter(tmp_path):
-    done = _python(["-m", "normlab.kernels.triton_compile", "--quick"], tmp_path, timeout=120, interpret=True)
+    done = _python(["-m", "normlab.kernels.triton.compile", "--quick"], tmp_path, timeout=120, interpret=True)
     assert done.returncode == 2
     assert "unset TRITON_INTERPRET" in done.stderr

@@ -7,7 +7,7 @@ The compiler (Triton's MLIR passes, LLVM, and the ``ptxas`` Triton ships) runs o
 and launching a kernel need the GPU. So the question "do these kernels compile for that GPU, and how many
 registers do they take?" can be answered anywhere:
 
-1. run the backend's host code (:class:`~normlab.kernels.triton_backend.TritonBackend` ``forward`` and
+1. run the backend's host code (:class:`~normlab.kernels.triton.backend.TritonBackend` ``forward`` and
    ``backward``, unchanged) on CPU tensors of the cases below, with the program counts of a GPU with
    ``sms`` multiprocessors, so that it chooses the tiles, splits and flags it would choose there;
 2. where it would launch a kernel, compile that specialization for the target architecture instead
@@ -18,10 +18,10 @@ registers do they take?" can be answered anywhere:
 What it shows: every specialization these cases reach is accepted by Triton's front end, LLVM's NVPTX back
 end and ``ptxas`` for that architecture, and what each costs in registers and spills. What it cannot
 show: that the kernels compute the right values (the interpreter tests in
-``tests/kernels/test_triton_backend.py`` do), or how fast they run (``normlab bench --device cuda``,
+``tests/kernels/triton/test_backend.py`` do), or how fast they run (``normlab bench --device cuda``,
 on a GPU).
 
-Run it as ``python -m normlab.kernels.triton_compile [--arch 90] [--sms 132] [--quick] [--json]`` in a
+Run it as ``python -m normlab.kernels.triton.compile [--arch 90] [--sms 132] [--quick] [--json]`` in a
 process where Triton's interpreter is off (``TRITON_INTERPRET`` unset): the backend builds its kernels
 for one mode per process.
 """
@@ -43,8 +43,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from normlab.core.conventions import CHANNELS_LAST
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
-from normlab.kernels import triton_backend as tb
+from normlab.kernels.triton import launch, runtime
+from normlab.kernels.triton import backend as host
+from normlab.kernels.triton.backend import TritonBackend
 
 __all__ = ["Case", "Compiled", "Failure", "cases", "compile_cases", "launched_kernels", "summarize", "main"]
 
@@ -105,9 +108,9 @@ class Failure:
 
 
 def launched_kernels() -> tuple[str, ...]:
-    """The kernels :class:`~normlab.kernels.triton_backend.TritonBackend` launches (``k["name"][grid]``),
+    """The kernels :class:`~normlab.kernels.triton.backend.TritonBackend` launches (``k["name"][grid]``),
     read from its source so that a new kernel is compiled here without being listed twice."""
-    source = inspect.getsource(tb.TritonBackend)
+    source = inspect.getsource(host)
     return tuple(sorted(set(re.findall(r'k\["(\w+)"\]\[', source))))
 
 
@@ -117,7 +120,7 @@ def cases(quick: bool = False) -> list[Case]:
     ``normlab bench`` times (their tiles and splits), or on small ones with ``quick``.
 
     ``quick`` still reaches every kernel and every flag (the tiles differ: fewer values per tile), and
-    keeps one LayerNorm row of :data:`~normlab.kernels.triton_backend.ROW_TILE` values, the largest tile a
+    keeps one LayerNorm row of :data:`~normlab.kernels.triton.launch.ROW_TILE` values, the largest tile a
     kernel holds in registers."""
     cl = dict(channels_last=True)
     n_narrow = 2 if quick else 8
@@ -172,12 +175,12 @@ _NEEDS = ((True, True, True), (True, False, False), (False, True, True))
 """The gradients the backward is asked for: all; dx only (frozen γ/β); dγ/dβ only (an input that needs none)."""
 
 
-def _exercise(backend: tb.TritonBackend, case: Case, dtype: torch.dtype) -> None:
+def _exercise(backend: TritonBackend, case: Case, dtype: torch.dtype) -> None:
     """The backend's forward, then its backward for every combination of gradients, on ``case``.
 
     The tensors are CPU tensors that no kernel reads (the kernels are compiled, not run): only their
     shapes, strides, dtypes and alignment steer the host code, as they would on the GPU."""
-    fmt = tb._CHANNELS_LAST[len(case.shape)] if case.channels_last else torch.contiguous_format
+    fmt = CHANNELS_LAST[len(case.shape)] if case.channels_last else torch.contiguous_format
     x = torch.empty(case.shape, dtype=dtype, memory_format=fmt)
     w = torch.empty(case.plan.param_shape, dtype=dtype) if case.affine else None
     b = torch.empty(case.plan.param_shape, dtype=dtype) if case.affine else None
@@ -287,28 +290,28 @@ def _compiling_for(arch: int, sms: int) -> Iterator[_Compiler]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or tb.built_for() == "interpreter":
+    if os.environ.get("TRITON_INTERPRET") == "1" or runtime.built_for() == "interpreter":
         raise RuntimeError("the Triton kernels can be compiled for a GPU only in a process where Triton's "
                            "interpreter is off: unset TRITON_INTERPRET (this process built them for the "
-                           "interpreter)" if tb.built_for() == "interpreter" else
+                           "interpreter)" if runtime.built_for() == "interpreter" else
                            "the Triton kernels can be compiled for a GPU only with Triton's interpreter off: "
                            "unset TRITON_INTERPRET")
-    namespace = tb._kernels()
+    namespace = runtime.kernels()
     names = launched_kernels()
     compiler = _Compiler({n: namespace[n] for n in names}, _ptxas(arch))
     device = f"normlab-compile-sm{arch}"
     saved = {n: namespace[n] for n in names}
-    saved_programs = tb._target_programs
+    saved_programs = launch.target_programs
     previous = getattr(driver, "_active", None)  # not `driver.active`: that would create a real driver
     driver.set_active(_TargetOnly(GPUTarget("cuda", arch, 32), device))
     try:
         for n in names:
             namespace[n] = compiler.proxy(n)
-        tb._target_programs = lambda x: tb.PROGRAMS_PER_SM * sms
+        launch.target_programs = lambda x: launch.PROGRAMS_PER_SM * sms
         yield compiler
     finally:
         namespace.update(saved)
-        tb._target_programs = saved_programs
+        launch.target_programs = saved_programs
         driver._active = previous
         for fn in saved.values():  # the compiled kernels are for a device this process does not have
             fn.device_caches.pop(device, None)
@@ -332,7 +335,7 @@ def compile_cases(case_list: Sequence[Case], dtypes: Sequence[torch.dtype] = DTY
     Returns the compiled specializations (each once, with the number of launches that asked for it) and the
     failures (case, dtype, kernel, first lines of the error); a failure stops its case, not the others.
     ``progress`` wraps the iteration over (case, dtype) pairs (e.g. ``tqdm``)."""
-    backend = tb.TritonBackend()
+    backend = TritonBackend()
     failures = []
     work = [(case, dtype) for case in case_list for dtype in dtypes]
     with _compiling_for(arch, sms) as compiler:
@@ -392,7 +395,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m normlab.kernels.triton_compile",
+        prog="python -m normlab.kernels.triton.compile",
         description="Compile normlab's Triton kernels for an NVIDIA GPU architecture without a GPU: every "
                     "specialization the backend's host code reaches on the listed cases, to a cubin, with "
                     "its registers, spills and shared memory. Exit status 1 if any does not compile.")
@@ -410,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import triton
     except ImportError:
-        print("normlab triton_compile: triton is not installed (pip install 'normlab[gpu]')", file=sys.stderr)
+        print("normlab.kernels.triton.compile: triton is not installed (pip install 'normlab[gpu]')", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=lambda it: tqdm(it, total=len(case_list) * len(dtypes), desc=f"compiling for sm_{args.arch}",
                                      unit="case", file=sys.stderr, disable=None))
     except RuntimeError as exc:
-        print(f"normlab triton_compile: {exc}", file=sys.stderr)
+        print(f"normlab.kernels.triton.compile: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"arch": args.arch, "sms": args.sms, "triton": triton.__version__,

@@ -58,6 +58,15 @@ def test_models_quick_rows_are_timed_profiled_and_checked(run_cli):
         assert r["limit_fused"] == pytest.approx(1 / (1 - r["norm_share"] - r["relu_share"]))
 
 
+def test_models_records_render_as_the_run_printed_them(run_cli, tmp_path):
+    code, out, _ = run_cli("--models", "--quick", "--json", "--filter", "small_cnn", "--filter", "eval")
+    path = tmp_path / "models.json"
+    path.write_text(out)
+    code, rendered, err = run_cli("--render", str(path))
+    assert code == 0 and err == "" and rendered.startswith("normlab bench --models")
+    assert next(line for line in rendered.splitlines() if line.startswith("small_cnn"))
+
+
 def test_models_table_and_list(run_cli):
     code, out, _ = run_cli("--models", "--quick", "--filter", "transformer", "--filter", "eval")
     assert code == 0

@@ -138,6 +138,9 @@ def render(path: str) -> int:
     steps = [r for r in records if r["op"] == "small_cnn"]
     compiled = any("compile_ms" in r or "compile_error" in r for r in cases)
     try:
+        if all(r["op"] == "model" for r in records):  # normlab bench --models --json
+            print(format_models(records))
+            return 0
         print(report(cases, (*IMPLEMENTATIONS, COMPILE) if compiled else IMPLEMENTATIONS, steps))
     except (KeyError, TypeError) as exc:
         print(f"normlab bench: --render {path}: a record lacks a field the table needs ({exc}); was it written "

@@ -55,3 +55,15 @@ def test_fine_tune_and_deploy_example_runs_as_documented(capsys):
     assert namespace["counts"] == {"1": 8 * 32 * 32 * 32, "4": 8 * 32 * 32 * 32}
     assert type(namespace["model"][4]).__module__ == "normlab.nn.batchnorm"  # unfrozen to normlab's class
     assert not namespace["adapted"][1].running_mean.equal(namespace["model"][1].running_mean)
+
+
+def test_speed_section_fusion_example_runs_as_documented(capsys):
+    text = README.read_text(encoding="utf-8")
+    code = text.split("## Speed, end to end", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert printed.startswith("fused 17 BatchNorm2d layer(s) via torch.fx")
+    report = namespace["model"].fusion_report
+    assert [kind for _, kind in report.fused].count("BN+add+ReLU") == 8
+    assert namespace["y"].shape == (8, 10)

@@ -63,6 +63,17 @@ def _run(
     stores the biased batch variance in ``running_var`` (Keras' and Flax's convention). ``eps_positive``:
     refuse eps = 0 (batch normalization with the batch's statistics, as torch does).
     """
+    _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, suggestion, residual,
+           eps_positive)
+    return _execute(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, relu,
+                    residual, guard, on_skip, unbiased)
+
+
+def _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, suggestion, residual,
+           eps_positive) -> None:
+    """:func:`_run`'s validation: raise the error torch would (or normlab's more specific one) for arguments
+    the engine cannot take. Depends only on shapes, dtypes and the configuration, so a layer that has seen a
+    call with the same of those pass it may skip it (:meth:`normlab.nn.batchnorm._BatchNorm._normalize`)."""
     checks.check_eps(eps, op, positive=eps_positive)
     if residual is not None:
         checks.check_residual(residual, x, op)
@@ -75,14 +86,18 @@ def _run(
             checks.check_momentum(momentum, op)
         if suggestion is not None and x.numel() > 0:
             checks.check_enough_values(plan.count, op, tuple(x.shape), suggestion, running_mean is not None)
-        fixed_mean = fixed_var = None
-    else:
-        if running_mean is None:
-            raise checks.InputError(
-                f"{op}: running_mean and running_var are needed to normalize without batch statistics "
-                f"(evaluation mode). Pass them, or normalize with batch statistics (training=True)."
-            )
-        fixed_mean, fixed_var = running_mean, running_var
+    elif running_mean is None:
+        raise checks.InputError(
+            f"{op}: running_mean and running_var are needed to normalize without batch statistics "
+            f"(evaluation mode). Pass them, or normalize with batch statistics (training=True)."
+        )
+
+
+def _execute(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, relu=False,
+             residual=None, guard=None, on_skip=None, unbiased=True) -> torch.Tensor:
+    """:func:`_run` after :func:`_check`: the engine call on the backend :mod:`normlab.kernels.dispatch` picks,
+    the running statistics updated by the engine."""
+    fixed_mean, fixed_var = (None, None) if use_batch_stats else (running_mean, running_var)
     running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
         running = RunningUpdate(running_mean, running_var, float(momentum), guard_stats_enabled(guard), unbiased)

@@ -151,3 +151,23 @@ def test_empty_batch_leaves_running_statistics_alone():
     y = F.batch_norm(torch.randn(0, 3, 4, 4), rm, rv, training=True)
     assert y.shape == (0, 3, 4, 4)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_outputs_can_be_modified_in_place_as_torch_nn_outputs_can():
+    """``out += identity`` and ``ReLU(inplace=True)`` after a BatchNorm whose output comes from recycled
+    memory (large enough for the buffer pool): the Function's output is not a view, and the gradient is
+    torch.nn's."""
+    import normlab.nn as nl
+
+    shape = (16, 64, 16, 16)  # 1 MiB of float32: above the pool's threshold
+    torch.manual_seed(0)
+    ours, theirs = nl.BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    x = torch.randn(shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, z = ours(x), theirs(x2)
+    assert not y._is_view() and not nl.BatchNormReLU2d(64)(x)._is_view()
+    for out in (y, z):
+        out += 1.0
+        torch.relu_(out).square().sum().backward()
+    torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)

@@ -77,6 +77,16 @@ def _as_view(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype)).reshape(plan.view_shape)
 
 
+def owned(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor that is not a view: the same memory, sizes and strides. A backend may hand out its
+    output as a view of recycled memory; an autograd Function's output that is a view cannot be modified
+    in place (``out += identity``, ``ReLU(inplace=True)`` after a BatchNorm), so the Functions return this."""
+    if torch.compiler.is_compiling() or not y._is_view():  # compiled: the torch engine's output, no view
+        return y
+    return torch.empty(0, dtype=y.dtype, device=y.device).set_(y.untyped_storage(), y.storage_offset(), y.size(),
+                                                              y.stride())
+
+
 def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape an engine result back to ``x``'s shape, dtype and memory format."""
     t = t.reshape(x.shape).to(x.dtype)
@@ -395,7 +405,7 @@ class Normalize(torch.autograd.Function):
     def forward(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
         y, saved = Normalize._compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
         ctx.save_for_backward(*saved)
-        return y
+        return owned(y)
 
     @staticmethod
     def _compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
@@ -434,7 +444,7 @@ class NormalizeForwardAD(Normalize):
         y, saved = Normalize._compute(ctx, x, weight, bias, fixed_mean, fixed_var, plan, eps, running, backend)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
-        return y
+        return owned(y)
 
     @staticmethod
     def jvp(ctx, dx, dw, db, *_):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from normlab.core.engine import (
-    backward_torch, batched_tensor, compute_forward, finish_param_grads, forward_ad_active, records_grad, run,
+    backward_torch, batched_tensor, compute_forward, finish_param_grads, forward_ad_active, owned, records_grad, run,
 )
 from normlab.core.plan import Plan
 
@@ -37,6 +37,7 @@ class NormalizeReLU(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float, running, backend):
         y, (shift, mean_shifted, rstd) = compute_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, running,
                                                          backend, residual=residual, relu=True)
+        y = owned(y)
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd, y)
         ctx.plan, ctx.eps, ctx.batch_stats, ctx.backend = plan, eps, fixed_mean is None, backend
         ctx.has_residual = residual is not None

@@ -10,6 +10,7 @@ from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, MaskedBa
 from normlab.nn.conventions import keras_kernel, load_flax_batchnorm, load_keras_batchnorm
 from normlab.nn.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
+from normlab.nn.fuse import FusionReport, fuse
 from normlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from normlab.nn.fused import BatchNormAddReLU2d, BatchNormReLU2d
 from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -29,6 +30,7 @@ __all__ = [
     "BatchRenorm3d",
     "CovariateShiftNoise",
     "FrozenBatchNorm1d",
+    "FusionReport",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "GhostBatchNorm1d",
@@ -46,6 +48,7 @@ __all__ = [
     "SyncBatchNormError",
     "convert",
     "convert_sync_batchnorm",
+    "fuse",
     "keras_kernel",
     "load_flax_batchnorm",
     "load_keras_batchnorm",

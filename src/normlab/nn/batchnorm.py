@@ -10,6 +10,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 
 from normlab import functional as F
 from normlab.core import checks
@@ -147,30 +148,110 @@ class _BatchNorm(_RunningStatsMixin):
     def _normalize(self, input: torch.Tensor, **epilogue) -> torch.Tensor:
         """Check ``input``, normalize it with this layer's state and mode (``epilogue``: ``relu=True`` and
         an optional ``residual``, as in :func:`~normlab.functional.batch_norm_relu`), count the batch.
-        Errors name the layer."""
+        Errors name the layer.
+
+        The checks depend only on the call's signature (the input's and residual's shapes, strides and dtypes,
+        the mode and configuration, which parameter and buffer tensors the layer holds); a call with the
+        signature of the last call that passed them skips them. In eval mode a
+        small dense input (:data:`EVAL_ATEN_MAX_BYTES`) whose call records no gradient goes to ATen's
+        ``torch.batch_norm``, whose per-call cost is below normlab's there: the same function, rounded as
+        torch.nn rounds it (``x·α + β`` with ``α = γ/√(var+ε)``, ``β = b − mean·α``), where that rounding
+        is as good as normlab's (:func:`_aten_eval_fits`)."""
+        state = self.__dict__
+        weight, bias = self._parameters.get("weight"), self._parameters.get("bias")
+        mean_buf, var_buf = self._buffers.get("running_mean"), self._buffers.get("running_var")
+        residual = epilogue.get("residual")
+        key = (input.shape, input.stride(), input.dtype, input.device, state["training"],
+               state.get("track_running_stats"), state.get("eps"), state.get("momentum"),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype))
+        held = state.get("_validated_tensors")  # compared by identity: the layer holds the very same tensors
+        validated = (key == state.get("_validated") and held[0] is weight and held[1] is bias
+                     and held[2] is mean_buf and held[3] is var_buf)
+        # ATen's eval where it was found to fit, for statistics and γ as they were then (in-place changes,
+        # such as load_state_dict's, bump a tensor's _version)
+        aten = state.get("_aten_eval")
+        if (validated and aten is not None and aten == _versions(weight, mean_buf, var_buf)
+                and _aten_eval_now(input, weight, bias)):
+            y = torch.batch_norm(input, weight, bias, mean_buf, var_buf, False, 0.0, state["eps"], False)
+            if residual is not None:
+                y.add_(residual)
+            return y.relu_() if epilogue.get("relu") else y
         name = type(self).__name__
-        self._check_config()
-        checks.check_floating(input, name)
-        checks.check_ndim(input, name, self._ranks, self._layout)
-        checks.check_channels(input, self.num_features, name)
-        training, tracking = self.training, self.track_running_stats
+        if not validated:
+            self._check_config()
+            checks.check_floating(input, name)
+            checks.check_ndim(input, name, self._ranks, self._layout)
+            checks.check_channels(input, self.num_features, name)
+        training, tracking = state["training"], state["track_running_stats"]
         # Not on a checkpointed segment's recomputation, nor after the first call inside update_once.
         updating = training and tracking and may_update(self)
         factor = self._update_factor() if updating else 0.0
-        running_mean = self.running_mean if not training or updating else None
-        running_var = self.running_var if running_mean is not None else None
-        skipped = getattr(self, "num_batches_skipped", 0)  # getattr: a layer pickled before these attributes
-        y = F._run(
-            name, input, batch_plan(input.shape), self.weight, self.bias, self.eps, running_mean, running_var,
-            training or running_mean is None, factor,
-            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, **epilogue,
-            eps_positive=training or running_mean is None,
-            guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
-            unbiased=not CONVENTIONS[getattr(self, "convention", "torch")].biased_running_var,
-        )
-        if updating and self.num_batches_skipped == skipped:
+        running_mean = mean_buf if not training or updating else None
+        running_var = var_buf if running_mean is not None else None
+        skipped = state.get("num_batches_skipped", 0)  # a layer pickled before these attributes has none
+        plan = batch_plan(input.shape)
+        use_batch_stats = training or running_mean is None
+        if not validated:
+            F._check(name, input, plan, weight, bias, self.eps, running_mean, running_var, use_batch_stats,
+                     factor, checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
+                     residual, eps_positive=use_batch_stats)
+        y = F._execute(name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats,
+                       factor, epilogue.get("relu", False), residual, state.get("guard_stats"), self._skipped_batch,
+                       not CONVENTIONS[state.get("convention", "torch")].biased_running_var)
+        if not validated:
+            state["_validated"], state["_validated_tensors"] = key, (weight, bias, mean_buf, var_buf)
+        if not training and (not validated or aten != _versions(weight, mean_buf, var_buf)):
+            state["_aten_eval"] = _aten_eval_fits(self, input, residual)
+        if updating and state.get("num_batches_skipped", 0) == skipped:
             self._count_batch(input)
         return y
+
+
+EVAL_ATEN_MAX_BYTES = 8 << 20
+"""Eval-mode inputs up to this size go to ATen's ``torch.batch_norm`` (see ``benchmarks/README.md``,
+"Eval on small tensors")."""
+
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+EVAL_ATEN_MAX_OFFSET = 64.0
+"""ATen's eval rounds ``mean·α`` (``α = γ/√(var+ε)``) before subtracting it: it is used only where
+``|mean|·|α| ≤`` this in every channel, so that its error stays within 2⁻¹⁸ of the output's unit (data with a
+large mean and a small spread, 1e4 + N(0, 1e-2), stays on normlab's kernels, exact to float32 rounding)."""
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(-1 if t is None else t._version for t in tensors)
+
+
+def _aten_eval_fits(layer: _BatchNorm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, ...] | None:
+    """Whether eval calls of this signature may go to ATen: running statistics with no large offset
+    (:data:`EVAL_ATEN_MAX_OFFSET`), a dense float32 CPU input no larger than :data:`EVAL_ATEN_MAX_BYTES`,
+    parameters and statistics of its dtype, a residual of its shape. Returns the versions of γ and the
+    statistics it was decided for (``None``: not ATen)."""
+    mean, var, weight = layer.running_mean, layer.running_var, layer.weight
+    fits = (not torch.compiler.is_compiling() and mean is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and 0 < x.numel() * 4 <= EVAL_ATEN_MAX_BYTES
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and mean.dtype == var.dtype == torch.float32
+            and (weight is None or weight.dtype == torch.float32)
+            and (layer.bias is None or layer.bias.dtype == torch.float32)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+    if not fits:
+        return None
+    with torch.no_grad():
+        alpha = (var + layer.eps).rsqrt() * (1.0 if weight is None else weight.abs())
+        if not bool((mean.abs() * alpha).max() <= EVAL_ATEN_MAX_OFFSET):  # NaN or inf: not ATen either
+            return None
+    return _versions(weight, mean, var)
+
+
+def _aten_eval_now(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """The per-call part: no gradient recorded, no ``torch.func`` transform, forward-mode AD or compilation."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return not _transforms_active() and _forward_ad._current_level < 0 and not torch.compiler.is_compiling()
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

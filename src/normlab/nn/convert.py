@@ -61,7 +61,7 @@ def _swap(m: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
+def convert(model: nn.Module, to: str = "normlab", fuse: bool = False) -> nn.Module:
     """Replace every normalization layer of ``model`` by its normlab (or, with ``to="torch"``, its
     torch.nn) counterpart, keeping parameters, running statistics, hooks, train/eval mode and configuration.
 
@@ -71,6 +71,13 @@ def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
     ``torch.nn`` (BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm) are swapped;
     subclasses, lazy and synchronized variants are left as they are.
 
+    ``fuse=True`` (``to="normlab"`` only) then rewrites each BatchNorm2d → ReLU into
+    :class:`~normlab.nn.BatchNormReLU2d` and each BatchNorm2d + residual add → ReLU into
+    :class:`~normlab.nn.BatchNormAddReLU2d` (see :func:`normlab.nn.fuse`): same parameters and
+    ``state_dict`` keys, same outputs and gradients. Where the model traces with torch.fx the result is a
+    ``torch.fx.GraphModule``. What was fused, and why a BatchNorm2d was not, is in the returned model's
+    ``fusion_report`` attribute (a :class:`~normlab.nn.fuse.FusionReport`) and logged to ``normlab.fuse``.
+
     >>> import torch, normlab.nn
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
     >>> model = normlab.nn.convert(model)
@@ -79,7 +86,15 @@ def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
     """
     if to not in _TARGETS:
         raise ValueError(f"convert: to must be 'normlab' or 'torch', got {to!r}.")
-    return _convert(model, _TARGETS[to], {})
+    if fuse and to != "normlab":
+        raise ValueError("convert: fuse=True rewrites layers into normlab's fused layers; it needs to='normlab'.")
+    model = _convert(model, _TARGETS[to], {})
+    if fuse:
+        from normlab.nn.fuse import fuse as fuse_model
+
+        model, report = fuse_model(model)
+        model.fusion_report = report
+    return model
 
 
 def _convert(model: nn.Module, table: dict, done: dict[int, nn.Module]) -> nn.Module:

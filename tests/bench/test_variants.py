@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from normlab import bench, bench_variants
+from normlab import bench
+from normlab.bench import variants as bench_variants
 
 
 def test_quick_variants_agree_with_their_torch_compositions_and_are_timed_against_batchnorm(capsys):

@@ -1,7 +1,7 @@
 """``normlab bench --variants``: BatchNorm's variants for small and unusual batches, timed beside plain BatchNorm.
 
 torch.nn has no ghost batch norm, batch renormalization or masked BatchNorm, so each case runs three
-implementations, interleaved as in :mod:`normlab.bench`:
+implementations, interleaved as in :mod:`normlab.bench.timing`:
 
 * ``normlab`` — the variant (:class:`~normlab.nn.GhostBatchNorm2d`, :class:`~normlab.nn.BatchRenorm2d`,
   :class:`~normlab.nn.MaskedBatchNorm1d`, ...), the subject;
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import normlab.nn
-from normlab.bench import Case, Implementation
+from normlab.bench.cases import Case
+from normlab.bench.timing import Implementation
 
 __all__ = ["BASELINE", "GOAL", "IMPLEMENTATIONS", "REFERENCE", "bench_mask", "default_cases", "quick_cases",
            "summary"]

@@ -1,0 +1,99 @@
+"""``santurkar-lr``: Santurkar, Tsipras, Ilyas & Madry 2018 (arXiv 1805.11604), Fig. 1.
+
+Claim: BN trains faster at lr 0.1 and 0.5, yet the distribution of a layer's input changes over
+training about as much with BN as without.
+
+Run it with ``normlab lab run santurkar-lr`` (``--suite smoke|quick|full``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from normlab.lab.papers.common import (
+    accuracy_check, accuracy_rows, ACTIVATION_BLOCKS, CNN_BUDGETS, cnn_protocol, cnn_run, POINT, shift,
+)
+from normlab.lab.spec import band, Check, curves, Experiment, Figure, num, Panel, ratio, Row, Runs, series, Setup
+
+SANTURKAR_LRS = (0.1, 0.5)
+DISTRIBUTION_LR = 0.1
+LR_LABELS = {f"{norm}-lr{lr:g}": f"{'BN' if norm == 'bn' else 'no BN'}, lr {lr:g}"
+             for lr in SANTURKAR_LRS for norm in ("bn", "none")}
+
+
+def _lr_build(setup: Setup, b: dict[str, Any]) -> dict[str, Any]:
+    return {f"{norm}-lr{lr:g}": cnn_run(setup, b, norm, lr) for lr in SANTURKAR_LRS for norm in ("bn", "none")}
+
+
+def _mean_train_acc(run: dict[str, Any]) -> float:
+    """Mean training accuracy over the evaluation schedule; a run that diverged keeps the accuracy
+    it ended at for the evaluations it did not reach."""
+    values = [v for v in series(run, "eval", "train_acc") if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan
+    optim, every = run["config"]["optim"], run["config"]["eval_every"]
+    scheduled = math.ceil(optim["steps"] / every)
+    return float(np.mean(values + [values[-1]] * max(0, scheduled - len(values))))
+
+
+def _lr_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
+    rows = accuracy_rows(runs, LR_LABELS, {"bn-lr0.1": "83% (CIFAR-10, 15k steps)",
+                                           "none-lr0.1": "80% (CIFAR-10, 15k steps)"})
+    checks = []
+    for lr in SANTURKAR_LRS:
+        bn, none = runs[f"bn-lr{lr:g}"], runs[f"none-lr{lr:g}"]
+        diff = _mean_train_acc(bn) - _mean_train_acc(none)
+        rows.append(Row(f"mean training accuracy over training (BN − no BN), lr {lr:g}",
+                        f"{100 * diff:+.1f} points", "BN trains faster (Fig. 1)"))
+        checks.append(accuracy_check(f"lr {lr:g}: BN's mean training accuracy over the run beats no-BN's by ≥ 1 point",
+                                     diff, POINT))
+    s_bn = shift(runs[f"bn-lr{DISTRIBUTION_LR:g}"], "pre_norm")
+    s_none = shift(runs[f"none-lr{DISTRIBUTION_LR:g}"], "pre_norm")
+    r = ratio(s_bn, s_none)
+    rows.append(Row(f"layer-input distribution shift per probe, BN / no BN, lr {DISTRIBUTION_LR:g}",
+                    f"{num(s_bn)} / {num(s_none)}", "about the same (Fig. 1, layers 3 and 11)"))
+    checks.append(Check.of(
+        f"lr {DISTRIBUTION_LR:g}: the activation distributions move about as much with BN as without "
+        "(shift ratio BN/no BN within [1/2, 2]; fails outside [1/4, 4])",
+        num(r), 0.5 <= r <= 2, r < 0.25 or r > 4))
+    return rows, checks
+
+
+def _activation_panels(keys: dict[str, str], title: str) -> tuple[Panel, ...]:
+    return tuple(
+        Panel(f"{title}: conv {block + 1}, {label}", "step", "conv output before norm (15/50/85th pct)",
+              (band(key, label, "activations", f"b{block}_pre_norm_pct"),))
+        for block in ACTIVATION_BLOCKS for key, label in keys.items())
+
+
+SANTURKAR_LR = Experiment(
+    name="santurkar-lr",
+    title="BN at a small and a large learning rate, and what happens to layer inputs",
+    paper="Santurkar, Tsipras, Ilyas & Madry 2018, arXiv 1805.11604, Fig. 1",
+    claim=("BN trains faster at both learning rates (0.1 and 0.5), yet the distribution of an activation in a "
+           "low and a high layer changes over training about as much with BN as without."),
+    protocol=lambda b: cnn_protocol(b) + (
+        " Distributions: unit 0 of convolutions 2 and 6 (every position counts), the convolution's output "
+        "before any normalization, on 512 fixed test images in training mode, every probe interval. "
+        "Shift = mean over consecutive probes of (|Δmean| + |Δstd|) / mean std. (After BN the unit's mean "
+        "and std over the probe batch are β and γ by construction, so the comparison is made before it.)"),
+    criterion=("Reproduced if at each learning rate BN's mean training accuracy over the run beats no-BN's by ≥ 1 "
+               "point (a diverged run counts with the chance-level accuracy it ends at) and, at lr 0.1, the shift "
+               "ratio BN/no BN lies in [1/2, 2]. Not reproduced if BN is ≥ 1 point behind or the ratio leaves "
+               "[1/4, 4]. Inconclusive otherwise."),
+    budgets=CNN_BUDGETS,
+    build=_lr_build,
+    evaluate=_lr_evaluate,
+    figures=(
+        Figure("santurkar-lr-accuracy", "Training and test accuracy, with and without BN", (
+            Panel("training accuracy", "step", "training accuracy (since last evaluation)",
+                  curves(LR_LABELS, "eval", "train_acc")),
+            Panel("test accuracy", "step", "test accuracy", curves(LR_LABELS, "eval", "test_acc")),
+        )),
+        Figure("santurkar-lr-activations", "Distribution of one activation over training, lr 0.1",
+               _activation_panels({"bn-lr0.1": "BN", "none-lr0.1": "no BN"}, "lr 0.1")),
+    ),
+)

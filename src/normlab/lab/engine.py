@@ -8,12 +8,13 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from normlab.lab.models import build_model
 from normlab.lab.probes import PROBES, ProbeContext, is_due
 from normlab.lab.spec import Experiment, Setup, assess
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RunConfig = dict[str, Any]
 RunResult = dict[str, Any]
 
@@ -73,6 +74,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a run's numbers may depend on besides its config: threads, backend, versions, machine and load."""
+    try:
+        from importlib.metadata import version
+
+        numba = version("numba")
+    except Exception:  # noqa: BLE001 - numba is optional
+        numba = None
+    return {
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "backend": os.environ.get("NORMLAB_BACKEND", "auto"),
+        "torch": torch.__version__,
+        "numba": numba,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,6 +177,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         if bar is not None:
             bar.update(config["optim"]["steps"])
         return result
+    wall_started = time.perf_counter()
     seed = config["seed"]
     seed_everything(seed)
     task = prepare_task(config["data"], data_dir, device, seed)
@@ -226,6 +250,8 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         "diverged_at": diverged_at,
         "steps_done": step,
         "seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - wall_started,
+        "env": environment(device),
         "series": {name: dict(values) for name, values in series.items()},
     }
 
@@ -238,6 +264,7 @@ class LabSettings:
     device: str = "auto"
     seed: int = 0
     force: bool = False
+    seeds: int | None = None
 
 
 @dataclass
@@ -286,12 +313,15 @@ def run_lab(experiments: list[Experiment], settings: LabSettings) -> LabOutcome:
     a finished run is reused unless ``settings.force``, and each finished run is written at once."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    setup = Setup.create(settings.suite, settings.data_dir, settings.seed, device.type)
-    planned = [(exp, exp.runs(setup)) for exp in experiments]
+    setup = Setup.create(settings.suite, settings.data_dir, settings.seed, device.type, settings.seeds)
+    seeds = setup.seed_list()
+    planned = [(exp, [exp.runs(replace(setup, seed=s)) for s in seeds]) for exp in experiments]
     todo: dict[str, tuple[str, RunConfig]] = {}
-    for exp, runs in planned:
-        for key, config in runs.items():
-            todo.setdefault(config_hash(config), (f"{exp.name}/{key}", config))
+    for exp, per_seed in planned:
+        for seed, runs in zip(seeds, per_seed):
+            for key, config in runs.items():
+                label = f"{exp.name}/{key}" + (f"@seed{seed}" if len(seeds) > 1 else "")
+                todo.setdefault(config_hash(config), (label, config))
     results: dict[str, RunResult] = {}
     pending = []
     for digest, (label, config) in todo.items():
@@ -316,9 +346,9 @@ def run_lab(experiments: list[Experiment], settings: LabSettings) -> LabOutcome:
     finally:
         overall.close()
     outcome = LabOutcome(0.0, len(pending), reused)
-    for exp, runs in planned:
-        by_key = {key: results[config_hash(config)] for key, config in runs.items()}
-        summary = assess(exp, setup, by_key)
+    for exp, per_seed in planned:
+        by_seed = [{key: results[config_hash(config)] for key, config in runs.items()} for runs in per_seed]
+        summary = assess(exp, setup, by_seed)
         write_json_atomic(experiment_path(settings.out, exp.name), summary)
         outcome.summaries[exp.name] = summary
     outcome.seconds = time.perf_counter() - started

@@ -199,7 +199,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         return [(task.train_x[i.to(device)], task.train_y[i.to(device)]) for i in picks]
 
     series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    run_loss, run_correct, run_n, run_seen = 0.0, 0, 0, 0
+    run_loss, run_correct, run_n, run_seen, run_max = 0.0, 0, 0, 0, -math.inf
     diverged_at = None
     model.train()
     started = time.perf_counter()
@@ -216,7 +216,8 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
             ev["test_acc"].append(test_acc)
             ev["train_loss"].append(run_loss / run_n if run_n else math.nan)
             ev["train_acc"].append(run_correct / run_seen if run_seen and task.classify else math.nan)
-            run_loss, run_correct, run_n, run_seen = 0.0, 0, 0, 0
+            ev["train_loss_max"].append(run_max if run_n else math.nan)
+            run_loss, run_correct, run_n, run_seen, run_max = 0.0, 0, 0, 0, -math.inf
         if diverged_at is None:
             ctx = ProbeContext(model, x, y, task.loss, lr, task.probe_x, task.probe_y, extra_batches, data_dir)
             for pcfg in config.get("probes", []):
@@ -238,6 +239,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         if not math.isfinite(loss_value):
             diverged_at = step
         run_loss += loss_value
+        run_max = max(run_max, loss_value) if math.isfinite(loss_value) else math.inf
         run_n += 1
         run_seen += len(y)
         if task.classify:

@@ -13,7 +13,7 @@ from normlab.lab import papers
 from normlab.lab.papers import domain_shift, fold, precise_stats, transfer
 from normlab.lab.papers.sync_bn import EXPERIMENTS as SYNC_BN
 from normlab.lab.papers.bjorck import BJORCK
-from normlab.lab.papers.ics import ICS
+from normlab.lab.papers.ics import ICS, ICS_SLOW
 from normlab.lab.papers.ioffe import IOFFE
 from normlab.lab.papers.landscape import LANDSCAPE
 from normlab.lab.papers.lp_norm import LP_NORM
@@ -23,7 +23,7 @@ from normlab.lab.papers.santurkar_lr import SANTURKAR_LR
 from normlab.lab.spec import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
-    IOFFE, SANTURKAR_LR, NOISY_BN, ICS, LANDSCAPE, LP_NORM, BJORCK, POSITION,
+    IOFFE, SANTURKAR_LR, NOISY_BN, ICS, ICS_SLOW, LANDSCAPE, LP_NORM, BJORCK, POSITION,
     *papers.EXPERIMENTS, *SYNC_BN,
     precise_stats.EXPERIMENT, domain_shift.EXPERIMENT, transfer.EXPERIMENT, fold.EXPERIMENT,
 )}

@@ -189,8 +189,10 @@ def combine_rows(per_seed: Sequence[Sequence[Row]]) -> list[dict[str, Any]]:
     for group in zip(*per_seed):
         first = group[0]
         ours = first.ours
-        if len(group) > 1 and all(r.value is not None for r in group):
-            ci = stats.interval([r.value for r in group])
+        ci = stats.interval([r.value for r in group if r.value is not None])
+        if len(group) > 1 and ci.n == 0:
+            ours = "n/a"
+        elif len(group) > 1 and all(r.value is not None for r in group):
             show = pct if first.fmt == "pct" else num
             spread = f"{100 * ci.sd:.1f} pts" if first.fmt == "pct" else num(ci.sd)
             ours = f"{show(ci.mean)} ± {spread} (n={ci.n})"
@@ -312,11 +314,11 @@ def series(run: dict[str, Any], probe: str, key: str) -> list:
 
 
 def final(run: dict[str, Any], key: str = "test_acc", last: int = 3) -> float:
-    """Mean of the last ``last`` evaluations of ``key``; for a diverged run, the evaluation after
-    it diverged. NaN when the run has none."""
+    """Mean of the last ``last`` evaluations of ``key`` that have a value (the training metrics have none at
+    step 0); for a diverged run, the evaluation after it diverged. NaN when the run has none."""
     if run["diverged_at"] is not None:
         last = 1
-    values = [v for v in series(run, "eval", key)[-last:] if v is not None]
+    values = [v for v in series(run, "eval", key) if v is not None and not math.isnan(v)][-last:]
     return float(np.mean(values)) if values else math.nan
 
 

@@ -16,22 +16,30 @@ from normlab.lab import measure
 from normlab.lab.spec import Check, Panel, Row, Runs, Setup, curves, final, pct, run_config, series
 
 POINT = 0.01
+"""One percentage point of accuracy: the smallest accuracy difference the lab's checks call an effect (their
+margin is raised to the measured seed-to-seed noise floor when that is larger)."""
 
 CNN_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 256, "n_test": 128, "size": 16, "widths": [4, 4, 8, 8, 8, 8],
               "pool_after": [1, 3, 5], "batch": 32, "steps": 6, "eval_every": 3, "probe_every": 3},
-    "quick": {"n_train": 10000, "n_test": 2000, "size": 16, "widths": [8, 16, 32, 32, 64, 64],
+    "quick": {"n_train": 10000, "n_test": None, "size": 16, "widths": [8, 16, 32, 32, 64, 64],
               "pool_after": [1, 3, 5], "batch": 128, "steps": 500, "eval_every": 50, "probe_every": 25},
     "full": {"n_train": None, "n_test": None, "size": None, "widths": [32, 64, 128, 128, 256, 256],
              "pool_after": [1, 3, 5], "batch": 128, "steps": 15000, "eval_every": 500, "probe_every": 250},
 }
 DLN_BUDGETS: dict[str, dict[str, Any]] = {
-    "smoke": {"n": 64, "dim": 10, "depth": 6, "steps": 6, "eval_every": 3, "probe_every": 3},
-    "quick": {"n": 1000, "dim": 10, "depth": 25, "steps": 500, "eval_every": 25, "probe_every": 50},
-    "full": {"n": 1000, "dim": 10, "depth": 25, "steps": 10000, "eval_every": 100, "probe_every": 250},
+    "smoke": {"n": 64, "dim": 10, "depth": 6, "steps": 6, "eval_every": 1, "probe_every": 3},
+    "quick": {"n": 1000, "dim": 10, "depth": 25, "steps": 500, "eval_every": 1, "probe_every": 50},
+    "full": {"n": 1000, "dim": 10, "depth": 25, "steps": 10000, "eval_every": 1, "probe_every": 250},
 }
+"""The DLN is evaluated at every step (a cheap full-batch forward): the fraction of steps on which the loss
+rises tells how close its learning rate is to the edge of stability."""
 CNN_LR = 0.1
 DLN_LR = 1e-6
+"""The learning rate Santurkar et al. state for the DLN (summed loss); it sits at the edge of stability here."""
+DLN_SLOW_LR = 1e-7
+"""Their Fig. 3(b)'s other learning rate: there the largest landscape probe step (30·lr) lies just below
+where the DLN without BN diverges (~3e-6), as the paper chose it."""
 ACTIVATION_BLOCKS = (1, 5)
 CNN_LANDSCAPE = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
 DLN_LANDSCAPE = [float(f) for f in np.logspace(-2, math.log10(30), 8)]
@@ -44,8 +52,8 @@ CNN_PROTOCOL = (
 )
 DLN_PROTOCOL = (
     "Deep linear network: {depth} bias-free {dim}x{dim} linear layers (Glorot-normal init) fitting y = A x "
-    "with x and A Gaussian, {n} samples as one full batch, summed squared error, plain SGD at lr 1e-6, "
-    "{steps} steps."
+    "with x and A Gaussian, {n} samples as one full batch, summed squared error, plain SGD at lr 1e-6 "
+    "(and 1e-7 where stated), {steps} steps, the loss evaluated at every step."
 )
 
 
@@ -97,11 +105,11 @@ def cnn_gradient_run(setup: Setup, b: dict[str, Any], norm: str) -> dict[str, An
     return cnn_run(setup, b, norm, probes=gradient_probes(b, CNN_LANDSCAPE))
 
 
-def dln_run(setup: Setup, b: dict[str, Any], norm: str) -> dict[str, Any]:
+def dln_run(setup: Setup, b: dict[str, Any], norm: str, lr: float = DLN_LR) -> dict[str, Any]:
     """A deep-linear-network run with the gradient probes (ICS and landscape)."""
     data = {"name": "gaussian", "n": b["n"], "dim": b["dim"]}
     model = {"arch": "dln", "depth": b["depth"], "norm": norm}
-    return run_config(setup, data, model, lr=DLN_LR, steps=b["steps"], batch=b["n"],
+    return run_config(setup, data, model, lr=lr, steps=b["steps"], batch=b["n"],
                       eval_every=b["eval_every"], probes=gradient_probes(b, DLN_LANDSCAPE))
 
 
@@ -118,15 +126,16 @@ def shift(run: dict[str, Any], site: str, blocks: tuple[int, ...] = ACTIVATION_B
                           for k in blocks]))
 
 
-def accuracy_check(text: str, diff: float, margin: float) -> Check:
-    """Pass when ``diff`` (an accuracy difference) is at least ``margin``, fail when it is at most
-    ``-margin``: a margin inside which two runs on one seed are not told apart."""
-    return Check.of(text, f"{100 * diff:+.1f} points", diff >= margin, diff <= -margin)
+def accuracy_check(text: str, a: float, b: float, claim: str = ">", margin: float = POINT) -> Check:
+    """Accuracy ``a`` against ``b`` of the same seed, in percentage points (see :meth:`Check.compare`)."""
+    return Check.compare(text, a, b, claim, margin, unit="points")
 
 
-def accuracy_rows(runs: Runs, labels: dict[str, str], paper: dict[str, str]) -> list[Row]:
-    return [Row(f"final test accuracy, {label}", pct(final(runs[key])), paper.get(key, "—"))
-            for key, label in labels.items()]
+def accuracy_rows(runs: Runs, labels: dict[str, str], paper: dict[str, str], key: str = "test_acc",
+                  what: str = "final test accuracy") -> list[Row]:
+    values = {k: final(runs[k], key) for k in labels}
+    return [Row(f"{what}, {label}", pct(values[k]), paper.get(k, "—"), values[k], "pct")
+            for k, label in labels.items()]
 
 
 def accuracy_panels(labels: dict[str, str], title: str) -> tuple[Panel, ...]:

@@ -10,7 +10,7 @@ setups (CIFAR-10 when ``--data-dir`` holds it).
 from __future__ import annotations
 
 from normlab.lab import papers
-from normlab.lab.papers import domain_shift, fold, precise_stats, transfer
+from normlab.lab.papers import domain_shift, fold, loss_surface, precise_stats, transfer
 from normlab.lab.papers.sync_bn import EXPERIMENTS as SYNC_BN
 from normlab.lab.papers.bjorck import BJORCK
 from normlab.lab.papers.ics import ICS, ICS_SLOW
@@ -25,5 +25,5 @@ from normlab.lab.spec import Experiment
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     IOFFE, SANTURKAR_LR, NOISY_BN, ICS, ICS_SLOW, LANDSCAPE, LP_NORM, BJORCK, POSITION,
     *papers.EXPERIMENTS, *SYNC_BN,
-    precise_stats.EXPERIMENT, domain_shift.EXPERIMENT, transfer.EXPERIMENT, fold.EXPERIMENT,
+    precise_stats.EXPERIMENT, domain_shift.EXPERIMENT, transfer.EXPERIMENT, fold.EXPERIMENT, loss_surface.EXPERIMENT,
 )}

@@ -37,6 +37,18 @@ def _seed_spread(traces: list[Trace]) -> tuple[list[float], list[float], list[fl
         return list(np.nanmean(ys, 0)), list(np.nanmin(ys, 0)), list(np.nanmax(ys, 0))
 
 
+def _contour(ax: plt.Axes, trace: Trace) -> None:
+    """Filled contours of log10 of ``trace.z`` (a loss surface spans decades), seed 0's."""
+    if not trace.z:
+        return
+    z = np.log10(np.clip(np.asarray(trace.z, dtype=float), 1e-12, None))
+    z = np.where(np.isfinite(z), z, np.nanmax(np.where(np.isfinite(z), z, np.nan)))
+    filled = ax.contourf(_clean(trace.x), _clean(trace.y), z, levels=20, cmap="viridis")
+    ax.contour(_clean(trace.x), _clean(trace.y), z, levels=10, colors="k", linewidths=0.4)
+    ax.figure.colorbar(filled, ax=ax, label="log10 loss")
+    ax.plot([0], [0], marker="*", color="w", markersize=9, label=f"{trace.label}: trained weights")
+
+
 def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs | list[Runs]) -> None:
     """Draw ``panel`` from one seed's runs, or from several seeds' runs: then each line is the mean over
     the seeds with a band from their minimum to their maximum (a percentile band is seed 0's, with every
@@ -47,6 +59,9 @@ def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs | list[Runs]) -> None:
         for i, trace in enumerate(made[0]):
             if trace.kind == "hist":
                 ax.stairs(trace.y, trace.x, label=trace.label, fill=False, linewidth=1.5)
+                continue
+            if trace.kind == "contour":
+                _contour(ax, trace)
                 continue
             same = [m[i] for m in made if i < len(m) and m[i].label == trace.label]
             x, y = _clean(trace.x), _clean(trace.y)

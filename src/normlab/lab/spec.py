@@ -189,13 +189,11 @@ def combine_rows(per_seed: Sequence[Sequence[Row]]) -> list[dict[str, Any]]:
     for group in zip(*per_seed):
         first = group[0]
         ours = first.ours
-        ci = stats.interval([r.value for r in group if r.value is not None])
-        if len(group) > 1 and ci.n == 0:
-            ours = "n/a"
-        elif len(group) > 1 and all(r.value is not None for r in group):
+        if len(group) > 1 and all(r.value is not None for r in group):
+            ci = stats.interval([r.value for r in group])
             show = pct if first.fmt == "pct" else num
             spread = f"{100 * ci.sd:.1f} pts" if first.fmt == "pct" else num(ci.sd)
-            ours = f"{show(ci.mean)} ± {spread} (n={ci.n})"
+            ours = "n/a" if ci.n == 0 else f"{show(ci.mean)} ± {spread} (n={ci.n})"
         elif len(group) > 1:
             ours = f"{first.ours} (seed 0)"
         out.append({"quantity": first.quantity, "ours": ours, "paper": first.paper})
@@ -204,8 +202,8 @@ def combine_rows(per_seed: Sequence[Sequence[Row]]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Trace:
-    """One plotted thing: a line (``x``, ``y``), a band around it (``lo``, ``hi``) or, with
-    ``kind="hist"``, bin edges ``x`` and counts ``y``."""
+    """One plotted thing: a line (``x``, ``y``), a band around it (``lo``, ``hi``), with ``kind="hist"`` bin
+    edges ``x`` and counts ``y``, or with ``kind="contour"`` the values ``z[j][i]`` at (``x[i]``, ``y[j]``)."""
 
     label: str
     x: list[float]
@@ -213,6 +211,7 @@ class Trace:
     lo: list[float] | None = None
     hi: list[float] | None = None
     kind: str = "line"
+    z: list[list[float]] | None = None
 
 
 TraceFn = Callable[[Runs], list[Trace]]

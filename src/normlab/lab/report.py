@@ -19,6 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from normlab.lab.engine import experiment_path, read_json, run_path, write_text_atomic  # noqa: E402
 from normlab.lab.spec import Experiment, Figure, Panel, Runs, Trace  # noqa: E402
 
+DECISION_RULE = (
+    "How verdicts are decided: each check compares two arms of the same seed (or one arm with the paper's mark). "
+    "Over n paired seeds its quantity (a difference, or a log-ratio for multiplicative quantities) gets a 95% "
+    "t-interval; the check passes when the interval lies wholly on the paper's side of its margin, fails when it "
+    "lies wholly on the other side and is unclear when it straddles it; a 'matches' claim passes when the 90% "
+    "interval lies inside ±margin (two one-sided tests). Margins are the spec's constants, raised to the measured "
+    "noise floor (the seed-to-seed SD of one arm) when that is larger. An experiment is reproduced when every "
+    "check passes, not reproduced when any fails, inconclusive otherwise. With one seed the point decides: "
+    "such verdicts are marked indicative.")
 VERDICT_COLORS = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "inconclusive": "#9a6700"}
 STATUS_MARKS = {"pass": "✔ pass", "fail": "✘ fail", "unclear": "~ unclear"}
 
@@ -224,12 +233,13 @@ def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
             f"{len(entries)} experiment(s); {len(run_seconds)} training runs, {total:.0f} s of training; "
             f"{environment_line(list(all_runs.values()))}")
 
-    md = ["# normlab lab report", "", meta, "", "| experiment | verdict |", "| --- | --- |"]
+    md = ["# normlab lab report", "", meta, "", DECISION_RULE, "", "| experiment | verdict |", "| --- | --- |"]
     md += [f"| [{s['name']}](#{s['name']}) | **{_label(s)}** |" for s, _ in entries]
     overview = "".join(
         f"<tr><td><a href='#{html.escape(s['name'])}'>{html.escape(s['name'])}</a></td>"
         f"<td>{html.escape(s['title'])}</td><td>{_badge(s['verdict'], s)}</td></tr>" for s, _ in entries)
     body = [f"<h1>normlab lab report</h1><p class='meta'>{html.escape(meta)}</p>",
+            f"<p>{html.escape(DECISION_RULE)}</p>"
             "<table><thead><tr><th>experiment</th><th>what</th><th>verdict</th></tr></thead>"
             f"<tbody>{overview}</tbody></table>"]
     for summary, pngs in entries:

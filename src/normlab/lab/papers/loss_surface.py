@@ -40,7 +40,7 @@ _INITIAL: "weakref.WeakKeyDictionary[nn.Module, list[Tensor]]" = weakref.WeakKey
 BUDGETS: dict[str, dict[str, Any]] = {
     suite: {**CNN_BUDGETS[suite], **extra} for suite, extra in {
         "smoke": {"steps": 4, "eval_every": 2, "alphas": 7, "grid": 3, "probe_n": 64},
-        "quick": {"steps": 300, "eval_every": 100, "alphas": 25, "grid": 11, "probe_n": 512},
+        "quick": {"steps": 200, "eval_every": 100, "alphas": 25, "grid": 9, "probe_n": 256},
         "full": {"steps": 3000, "eval_every": 500, "alphas": 49, "grid": 31, "probe_n": 1000},
     }.items()
 }

@@ -16,8 +16,8 @@ def test_filter_normalization_gives_every_filter_the_weights_norm_and_leaves_1d_
 
 def test_barrier_and_flatness_known_answers():
     alphas = [-0.25, 0.0, 0.5, 1.0, 1.25]
-    assert ls.barrier(alphas, [3.0, 2.0, 1.5, 1.0, 1.2]) == pytest.approx(0.0)   # on the chord
-    assert ls.barrier(alphas, [3.0, 2.0, 2.5, 1.0, 1.2]) == pytest.approx(1.0 / 2.0)  # 1 above it at α = 0.5
+    assert ls.barrier(alphas, [3.0, 2.0, 2.0, 1.0, 1.2]) == pytest.approx(0.0)  # a plateau, then down: no barrier
+    assert ls.barrier(alphas, [3.0, 2.0, 2.5, 1.0, 1.2]) == pytest.approx(0.5 / 2.0)  # a bump of 0.5 from 2.0
     assert ls.flatness([-1, 0, 1], [[2, 2, 2], [2, 1, 2], [2, 2, 2]]) == pytest.approx(17 / 9)
 
 

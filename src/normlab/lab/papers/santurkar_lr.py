@@ -44,6 +44,9 @@ TRAIN_MARGIN = POINT
 SAME_FACTOR = 2.0
 """The layer-input shifts with and without BN "look about the same": their ratio within 1/2 … 2."""
 SITES = {"pre_norm": "the convolution's output (before BN)", "act_input": "the ReLU's input (after BN)"}
+CHECKED_SITE = "pre_norm"
+"""The site the check reads: after BN, in training mode, the unit's mean and std over the probe batch are β and
+γ by construction, so its shift there is the affine parameters' drift and is reported, not checked."""
 
 
 def _lr_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
@@ -62,10 +65,11 @@ def _lr_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]
         rows.append(Row(f"distribution shift per probe at {where}, BN / no BN, lr {DISTRIBUTION_LR:g}",
                         f"{num(s_bn)} / {num(s_none)}", "about the same (Fig. 1, layers 3 and 11)",
                         ratio(s_bn, s_none)))
-        checks.append(Check.compare(
-            f"lr {DISTRIBUTION_LR:g}, {where}: the distribution moves about as much with BN as without "
-            f"(ratio BN/no BN within 1/{SAME_FACTOR:g} … {SAME_FACTOR:g})",
-            s_bn, s_none, "=", math.log(SAME_FACTOR), log=True))
+        if site == CHECKED_SITE:
+            checks.append(Check.compare(
+                f"lr {DISTRIBUTION_LR:g}, {where}: the distribution moves about as much with BN as without "
+                f"(ratio BN/no BN within 1/{SAME_FACTOR:g} … {SAME_FACTOR:g})",
+                s_bn, s_none, "=", math.log(SAME_FACTOR), log=True))
     return rows, checks
 
 
@@ -90,9 +94,10 @@ SANTURKAR_LR = Experiment(
         "and std over the probe batch are β and γ by construction, so its shift is the affine parameters' drift)."),
     criterion=(f"Reproduced if at each learning rate BN's mean training accuracy over the run (a diverged run "
                f"counts with the chance-level accuracy it ends at) beats no-BN's by more than {100 * TRAIN_MARGIN:g} "
-               f"point, and at lr {DISTRIBUTION_LR:g} the shift ratio BN/no BN lies within 1/{SAME_FACTOR:g} … "
-               f"{SAME_FACTOR:g} at both sites (equivalence: the 90% CI of the log-ratio inside ±log "
-               f"{SAME_FACTOR:g}). Not reproduced if any check's CI lies wholly on the other side."),
+               f"point, and at lr {DISTRIBUTION_LR:g} the shift ratio BN/no BN of {SITES[CHECKED_SITE]} lies within "
+               f"1/{SAME_FACTOR:g} … {SAME_FACTOR:g} (equivalence: the 90% CI of the log-ratio inside ±log "
+               f"{SAME_FACTOR:g}); the shift after BN is reported beside it (β and γ's drift by construction). "
+               "Not reproduced if any check's CI lies wholly on the other side."),
     budgets=CNN_BUDGETS,
     build=_lr_build,
     evaluate=_lr_evaluate,

@@ -8,9 +8,9 @@ from normlab.lab.experiments import EXPERIMENTS
 from normlab.lab.report import write_report
 from normlab.lab.data import DEFAULT_FASHION_DIR as REAL_FASHION
 
-NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "landscape", "lp-norm", "bjorck", "position", "batch-size",
-         "sequence", "sync-bn", "scaling",
-         "precise-stats", "domain-shift", "transfer", "fold"]
+NAMES = ["ioffe-mnist", "santurkar-lr", "noisy-bn", "ics", "ics-1e-7", "landscape", "lp-norm", "bjorck", "position",
+         "batch-size", "sequence", "sync-bn", "scaling",
+         "precise-stats", "domain-shift", "transfer", "fold", "loss-surface"]
 
 
 def settings(tmp_path, data_dir, **kw):
@@ -103,6 +103,25 @@ def test_same_seed_same_numbers(tmp_path, tiny_fashion):
     assert c.summaries["noisy-bn"]["runs"] != a.summaries["noisy-bn"]["runs"]
 
 
+def test_paired_seeds_run_every_arm_once_per_seed_and_decide_from_the_interval(tmp_path, tiny_fashion):
+    exp = EXPERIMENTS["ioffe-mnist"]
+    out = engine.run_lab([exp], settings(tmp_path, tiny_fashion, seed=4, seeds=3))
+    summary = out.summaries["ioffe-mnist"]
+    assert out.ran == 6 and summary["seeds"] == [4, 5, 6] and not summary["indicative"]
+    assert len(summary["seed_runs"]) == 3 and summary["runs"] == summary["seed_runs"][0]
+    for mapping, seed in zip(summary["seed_runs"], [4, 5, 6]):
+        configs = {k: json.loads(engine.run_path(tmp_path / "out", d).read_text()) for k, d in mapping.items()}
+        assert {c["config"]["seed"] for c in configs.values()} == {seed}  # both arms of a seed share it
+        env = configs["bn"]["env"]
+        assert env["threads"] >= 1 and env["torch"] and "backend" in env and configs["bn"]["wall_seconds"] > 0
+    accuracy = summary["checks"][0]
+    assert accuracy["n"] == 3 and accuracy["lo"] <= accuracy["mean"] <= accuracy["hi"] and "[" in accuracy["value"]
+    html, md = write_report(tmp_path / "out", [exp])
+    assert "3 paired seeds" in md.read_text() and "(indicative)" not in md.read_text()
+    one = engine.run_lab([exp], settings(tmp_path / "one", tiny_fashion))
+    assert one.summaries["ioffe-mnist"]["indicative"]
+
+
 def test_config_hash_is_stable_and_sensitive():
     cfg = {"a": 1, "b": [1, 2], "c": {"d": None}}
     assert engine.config_hash(cfg) == engine.config_hash({"c": {"d": None}, "b": [1, 2], "a": 1})
@@ -133,7 +152,15 @@ def test_cli_list_run_report(tmp_path, tiny_fashion, capsys):
 
 def test_cli_defaults():
     args = parse(["run"])
-    assert str(args.out) == "lab-report" and args.suite == "quick" and args.experiments == []
+    assert str(args.out) == "lab-report" and args.suite == "quick" and args.experiments == [] and args.seeds is None
+    args = parse(["run", "--suite", "standard", "--seeds", "7"])
+    assert args.suite == "standard" and args.seeds == 7
+
+
+def test_cli_refuses_zero_seeds(tmp_path, tiny_fashion, capsys):
+    args = parse(["run", "ioffe-mnist", "--suite", "smoke", "--seeds", "0", "--out", str(tmp_path / "o"),
+                  "--data-dir", str(tiny_fashion)])
+    assert args.func(args) == 2 and "--seeds must be at least 1" in capsys.readouterr().err
 
 
 def test_cli_missing_data_names_package_and_flag(tmp_path, monkeypatch, capsys):

@@ -129,3 +129,20 @@ def test_lp_layers_are_in_normlab_nn():
 
     assert nl.LpBatchNorm2d is LpBatchNorm2d and nl.LpBatchNorm1d is LpBatchNorm1d
     assert nl.CovariateShiftNoise is CovariateShiftNoise
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_uncentred_lp_divides_by_the_norm_taken_before_the_mean_is_subtracted(p):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 0.5 + 2.0
+    layer = LpBatchNorm2d(3, p=p, eps=0.0, centered=False).double()
+    y = layer(x)
+    v = x.transpose(0, 1).reshape(3, -1)
+    s = v.abs().amax(1) if p == math.inf else v.abs().pow(p).mean(1).pow(1 / p)
+    mu = v.mean(1)
+    torch.testing.assert_close(y, (x - mu.view(1, 3, 1, 1)) / s.view(1, 3, 1, 1))
+    torch.testing.assert_close(layer.running_scale, 0.9 + 0.1 * s)
+    torch.testing.assert_close(layer.running_mean, 0.1 * mu)
+    centred = LpBatchNorm2d(3, p=p, eps=0.0).double()(x)
+    assert not torch.allclose(centred, y)  # the mean of 2 makes the un-centred norm larger
+    assert "centered=False" in repr(layer)

@@ -38,10 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     experiments = _experiments(args.experiments)
     settings = LabSettings(out=args.out, suite=args.suite, data_dir=args.data_dir, device=args.device,
-                           seed=args.seed, force=args.force)
+                           seed=args.seed, force=args.force, seeds=args.seeds)
     try:
         outcome = run_lab(experiments, settings)
-    except (DataError, RuntimeError) as exc:
+    except (DataError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     html_path, md_path = write_report(args.out, _experiments([]))
@@ -74,16 +74,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p_run = sub.add_parser("run", help="run experiments (all by default) and write the report")
     p_run.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="names from `normlab lab list`")
-    p_run.add_argument("--suite", choices=("quick", "full", "smoke"), default="quick",
-                       help="quick: minutes on 2 CPU cores; full: longer runs, wider nets, all data; "
-                            "smoke: seconds, tiny data, to check the setup (default quick)")
+    p_run.add_argument("--suite", choices=("quick", "standard", "full", "smoke"), default="quick",
+                       help="quick: one seed, minutes on 2 CPU cores, verdicts indicative; standard: the quick "
+                            "budgets over 5 paired seeds, every verdict from a 95%% confidence interval; full: "
+                            "longer runs, wider nets, all data, 5 seeds; smoke: seconds, tiny data, to check the "
+                            "setup (default quick)")
     p_run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p_run.add_argument("--data-dir", type=Path, default=None,
                        help="folder with the Fashion-MNIST idx files and/or CIFAR-10 python batches "
                             "(default: /usr/share/datasets/fashion-mnist from the dataset-fashion-mnist package)")
     p_run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto picks CUDA when torch sees it (default auto)")
-    p_run.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p_run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p_run.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help="paired seeds seed..seed+N-1, every arm once per seed (default: 1 for smoke and quick, "
+                            "5 for standard and full)")
     p_run.add_argument("--force", action="store_true", help="redo runs even when a finished result matches")
     p_run.set_defaults(func=cmd_run)
     p_run.add_argument("--nproc", type=int, default=None, metavar="N",

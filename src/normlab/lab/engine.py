@@ -7,11 +7,12 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from normlab.lab.models import build_model
 from normlab.lab.probes import PROBES, ProbeContext, is_due
 from normlab.lab.spec import Experiment, Setup, assess
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RunConfig = dict[str, Any]
 RunResult = dict[str, Any]
 
@@ -56,6 +57,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a run's numbers may depend on besides its config: threads, backend, versions, machine and load."""
+    try:
+        from importlib.metadata import version
+
+        numba = version("numba")
+    except Exception:  # noqa: BLE001 - numba is optional
+        numba = None
+    return {
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "backend": os.environ.get("NORMLAB_BACKEND", "auto"),
+        "torch": torch.__version__,
+        "numba": numba,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +160,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         if bar is not None:
             bar.update(config["optim"]["steps"])
         return result
+    wall_started = time.perf_counter()
     seed = config["seed"]
     seed_everything(seed)
     task = prepare_task(config["data"], data_dir, device, seed)
@@ -158,7 +182,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         return [(task.train_x[i.to(device)], task.train_y[i.to(device)]) for i in picks]
 
     series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    run_loss, run_correct, run_n, run_seen = 0.0, 0, 0, 0
+    run_loss, run_correct, run_n, run_seen, run_max = 0.0, 0, 0, 0, -math.inf
     diverged_at = None
     model.train()
     started = time.perf_counter()
@@ -175,7 +199,8 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
             ev["test_acc"].append(test_acc)
             ev["train_loss"].append(run_loss / run_n if run_n else math.nan)
             ev["train_acc"].append(run_correct / run_seen if run_seen and task.classify else math.nan)
-            run_loss, run_correct, run_n, run_seen = 0.0, 0, 0, 0
+            ev["train_loss_max"].append(run_max if run_n else math.nan)
+            run_loss, run_correct, run_n, run_seen, run_max = 0.0, 0, 0, 0, -math.inf
         if diverged_at is None:
             ctx = ProbeContext(model, x, y, task.loss, lr, task.probe_x, task.probe_y, extra_batches, data_dir)
             for pcfg in config.get("probes", []):
@@ -197,6 +222,7 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         if not math.isfinite(loss_value):
             diverged_at = step
         run_loss += loss_value
+        run_max = max(run_max, loss_value) if math.isfinite(loss_value) else math.inf
         run_n += 1
         run_seen += len(y)
         if task.classify:
@@ -209,6 +235,8 @@ def train(config: RunConfig, data_dir: Path | None, device: torch.device, bar: t
         "diverged_at": diverged_at,
         "steps_done": step,
         "seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - wall_started,
+        "env": environment(device),
         "series": {name: dict(values) for name, values in series.items()},
     }
 
@@ -221,6 +249,7 @@ class LabSettings:
     device: str = "auto"
     seed: int = 0
     force: bool = False
+    seeds: int | None = None
 
 
 @dataclass
@@ -269,12 +298,15 @@ def run_lab(experiments: list[Experiment], settings: LabSettings) -> LabOutcome:
     a finished run is reused unless ``settings.force``, and each finished run is written at once."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    setup = Setup.create(settings.suite, settings.data_dir, settings.seed, device.type)
-    planned = [(exp, exp.runs(setup)) for exp in experiments]
+    setup = Setup.create(settings.suite, settings.data_dir, settings.seed, device.type, settings.seeds)
+    seeds = setup.seed_list()
+    planned = [(exp, [exp.runs(replace(setup, seed=s)) for s in seeds]) for exp in experiments]
     todo: dict[str, tuple[str, RunConfig]] = {}
-    for exp, runs in planned:
-        for key, config in runs.items():
-            todo.setdefault(config_hash(config), (f"{exp.name}/{key}", config))
+    for exp, per_seed in planned:
+        for seed, runs in zip(seeds, per_seed):
+            for key, config in runs.items():
+                label = f"{exp.name}/{key}" + (f"@seed{seed}" if len(seeds) > 1 else "")
+                todo.setdefault(config_hash(config), (label, config))
     results: dict[str, RunResult] = {}
     pending = []
     for digest, (label, config) in todo.items():
@@ -299,9 +331,9 @@ def run_lab(experiments: list[Experiment], settings: LabSettings) -> LabOutcome:
     finally:
         overall.close()
     outcome = LabOutcome(0.0, len(pending), reused)
-    for exp, runs in planned:
-        by_key = {key: results[config_hash(config)] for key, config in runs.items()}
-        summary = assess(exp, setup, by_key)
+    for exp, per_seed in planned:
+        by_seed = [{key: results[config_hash(config)] for key, config in runs.items()} for runs in per_seed]
+        summary = assess(exp, setup, by_seed)
         write_json_atomic(experiment_path(settings.out, exp.name), summary)
         outcome.summaries[exp.name] = summary
     outcome.seconds = time.perf_counter() - started

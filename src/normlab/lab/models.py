@@ -7,7 +7,9 @@ nonlinearity and pooling that follow. ``norm=`` picks the normalization:
 
 * ``"none"``, ``"bn"`` (``normlab.nn`` batch norm), ``"bn+noise"`` (batch norm followed by
   :class:`~normlab.nn.extra.CovariateShiftNoise`), ``"noise"`` (the noise alone),
-  ``"lp1"``, ``"lp2"``, ``"lpinf"`` (:class:`~normlab.nn.extra.LpBatchNorm2d` and friends);
+  ``"lp1"``, ``"lp2"``, ``"lpinf"`` (:class:`~normlab.nn.extra.LpBatchNorm2d` and friends with the ℓp norm
+  taken before the mean is subtracted, as Santurkar et al. §3.3 put it) and ``"lp1-centred"`` etc. (the norm
+  of x − μ: with p = 2 that is batch norm, a control);
 * for small batches (:mod:`normlab.lab.norms`): ``"gn"``, ``"ln"``, ``"in"``, ``"ghost:v=G"``,
   ``"renorm:v=G,warmup=W,rsteps=R,dsteps=D"``.
 
@@ -26,8 +28,9 @@ import normlab.nn as nnl
 from normlab.lab.norms import SMALL_BATCH_NORMS, parse, small_batch_norm
 from normlab.nn.extra import CovariateShiftNoise, LpBatchNorm1d, LpBatchNorm2d
 
-NORMS = ("none", "bn", "bn+noise", "noise", "lp1", "lp2", "lpinf")
 _LP = {"lp1": 1.0, "lp2": 2.0, "lpinf": float("inf")}
+_LP_CENTRED = {f"{k}-centred": p for k, p in _LP.items()}
+NORMS = ("none", "bn", "bn+noise", "noise", *_LP, *_LP_CENTRED)
 
 
 def make_norm(kind: str, channels: int, spatial: bool, affine: bool = True,
@@ -40,8 +43,10 @@ def make_norm(kind: str, channels: int, spatial: bool, affine: bool = True,
     parts: list[nn.Module] = []
     if kind in ("bn", "bn+noise"):
         parts.append((nnl.BatchNorm2d if spatial else nnl.BatchNorm1d)(channels, affine=affine))
-    elif kind in _LP:
-        parts.append((LpBatchNorm2d if spatial else LpBatchNorm1d)(channels, p=_LP[kind], affine=affine))
+    elif kind in _LP or kind in _LP_CENTRED:
+        centred = kind in _LP_CENTRED
+        p = _LP_CENTRED[kind] if centred else _LP[kind]
+        parts.append((LpBatchNorm2d if spatial else LpBatchNorm1d)(channels, p=p, affine=affine, centered=centred))
     if kind in ("bn+noise", "noise"):
         gen = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
         parts.append(CovariateShiftNoise(generator=gen))

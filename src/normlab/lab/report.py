@@ -6,17 +6,28 @@ from __future__ import annotations
 import base64
 import html
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.lab.engine import experiment_path, read_json, run_path, write_text_atomic  # noqa: E402
-from normlab.lab.spec import Experiment, Figure, Panel, Runs  # noqa: E402
+from normlab.lab.spec import Experiment, Figure, Panel, Runs, Trace  # noqa: E402
 
+DECISION_RULE = (
+    "How verdicts are decided: each check compares two arms of the same seed (or one arm with the paper's mark). "
+    "Over n paired seeds its quantity (a difference, or a log-ratio for multiplicative quantities) gets a 95% "
+    "t-interval; the check passes when the interval lies wholly on the paper's side of its margin, fails when it "
+    "lies wholly on the other side and is unclear when it straddles it; a 'matches' claim passes when the 90% "
+    "interval lies inside ±margin (two one-sided tests). Margins are the spec's constants, raised to the measured "
+    "noise floor (the seed-to-seed SD of one arm) when that is larger. An experiment is reproduced when every "
+    "check passes, not reproduced when any fails, inconclusive otherwise. With one seed the point decides: "
+    "such verdicts are marked indicative.")
 VERDICT_COLORS = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "inconclusive": "#9a6700"}
 STATUS_MARKS = {"pass": "✔ pass", "fail": "✘ fail", "unclear": "~ unclear"}
 
@@ -25,17 +36,56 @@ def _clean(values: list[Any]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
-def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs) -> None:
+def _seed_spread(traces: list[Trace]) -> tuple[list[float], list[float], list[float]] | None:
+    """Mean, min and max over the seeds' traces of one label, when they share their x values."""
+    if len(traces) < 2 or any(_clean(t.x) != _clean(traces[0].x) for t in traces):
+        return None
+    ys = np.array([_clean(t.y) for t in traces], dtype=float)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return list(np.nanmean(ys, 0)), list(np.nanmin(ys, 0)), list(np.nanmax(ys, 0))
+
+
+def _contour(ax: plt.Axes, trace: Trace) -> None:
+    """Filled contours of log10 of ``trace.z`` (a loss surface spans decades), seed 0's."""
+    if not trace.z:
+        return
+    z = np.log10(np.clip(np.asarray(trace.z, dtype=float), 1e-12, None))
+    z = np.where(np.isfinite(z), z, np.nanmax(np.where(np.isfinite(z), z, np.nan)))
+    filled = ax.contourf(_clean(trace.x), _clean(trace.y), z, levels=20, cmap="viridis")
+    ax.contour(_clean(trace.x), _clean(trace.y), z, levels=10, colors="k", linewidths=0.4)
+    ax.figure.colorbar(filled, ax=ax, label="log10 loss")
+    ax.plot([0], [0], marker="*", color="w", markersize=9, label=f"{trace.label}: trained weights")
+
+
+def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs | list[Runs]) -> None:
+    """Draw ``panel`` from one seed's runs, or from several seeds' runs: then each line is the mean over
+    the seeds with a band from their minimum to their maximum (a percentile band is seed 0's, with every
+    seed's median drawn thin)."""
+    per_seed = runs if isinstance(runs, list) else [runs]
     for make in panel.traces:
-        for trace in make(runs):
+        made = [make(r) for r in per_seed]
+        for i, trace in enumerate(made[0]):
             if trace.kind == "hist":
                 ax.stairs(trace.y, trace.x, label=trace.label, fill=False, linewidth=1.5)
                 continue
+            if trace.kind == "contour":
+                _contour(ax, trace)
+                continue
+            same = [m[i] for m in made if i < len(m) and m[i].label == trace.label]
             x, y = _clean(trace.x), _clean(trace.y)
-            (line,) = ax.plot(x, y, label=trace.label, linewidth=1.4, marker="o" if len(x) <= 12 else None,
+            spread = _seed_spread(same) if trace.lo is None else None
+            label = trace.label + (f" (mean of {len(same)} seeds, band min–max)" if spread else "")
+            if spread:
+                y = spread[0]
+            (line,) = ax.plot(x, y, label=label, linewidth=1.4, marker="o" if len(x) <= 12 else None,
                               markersize=3)
-            if trace.lo is not None and trace.hi is not None:
+            if spread:
+                ax.fill_between(x, spread[1], spread[2], alpha=0.2, color=line.get_color())
+            elif trace.lo is not None and trace.hi is not None:
                 ax.fill_between(x, _clean(trace.lo), _clean(trace.hi), alpha=0.25, color=line.get_color())
+                for other in same[1:]:
+                    ax.plot(_clean(other.x), _clean(other.y), linewidth=0.6, alpha=0.6, color=line.get_color())
     if panel.hline is not None:
         ax.axhline(panel.hline, color="grey", linestyle=":", linewidth=1)
     if panel.xlog:
@@ -50,7 +100,7 @@ def draw_panel(ax: plt.Axes, panel: Panel, runs: Runs) -> None:
         ax.legend(fontsize=8)
 
 
-def render_figure(figure: Figure, runs: Runs, path: Path) -> Path:
+def render_figure(figure: Figure, runs: Runs | list[Runs], path: Path) -> Path:
     """Draw ``figure`` into a PNG at ``path``."""
     n = len(figure.panels)
     cols = min(3, n)
@@ -74,6 +124,12 @@ def load_runs(out: Path, summary: dict[str, Any]) -> Runs:
     return {key: read_json(run_path(out, digest)) for key, digest in summary["runs"].items()}
 
 
+def load_seed_runs(out: Path, summary: dict[str, Any]) -> list[Runs]:
+    """Every seed's runs (one seed for a summary written before seeds were recorded)."""
+    mappings = summary.get("seed_runs") or [summary["runs"]]
+    return [{key: read_json(run_path(out, digest)) for key, digest in m.items()} for m in mappings]
+
+
 def _table_md(header: list[str], rows: list[list[str]]) -> str:
     def esc(cell: str) -> str:
         return str(cell).replace("|", "\\|").replace("\n", " ")
@@ -95,14 +151,31 @@ def verdict_reason(summary: dict[str, Any]) -> str:
     if failed:
         return "Not reproduced: " + "; ".join(failed) + " — failed."
     if unclear:
-        return "Inconclusive: within the noise margin for " + "; ".join(unclear) + "."
+        return "Inconclusive: the measurement straddles the margin for " + "; ".join(unclear) + "."
     return "Reproduced: every check passed."
 
 
 def _sections(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    checks = [[c["text"], c["value"], STATUS_MARKS.get(c["status"], c["status"])] for c in summary["checks"]]
+    n = len(summary.get("seeds", [summary.get("seed")]))
+    measured = "measured, seed 0 (indicative)" if n == 1 else f"mean [95% CI] over {n} paired seeds"
+    checks = [[c["text"], c["value"], c.get("margin_text", "—"), STATUS_MARKS.get(c["status"], c["status"])]
+              for c in summary["checks"]]
     rows = [[r["quantity"], r["ours"], r["paper"]] for r in summary["rows"]]
-    return ["quantity", "ours", "paper"], rows, ["check", "measured", "status"], checks
+    ours = "ours" if n == 1 else f"ours (mean ± SD, {n} seeds)"
+    return ["quantity", ours, "paper"], rows, ["check", measured, "margin", "status"], checks
+
+
+def environment_line(runs: list[dict[str, Any]]) -> str:
+    """Threads, backend, versions and load of the runs, as recorded when each was trained."""
+    envs = [r["env"] for r in runs if "env" in r]
+    if not envs:
+        return "environment not recorded"
+    def values(key: str) -> str:
+        return "/".join(sorted({str(e.get(key)) for e in envs}))
+    loads = [e["load_1min"] for e in envs if e.get("load_1min") is not None]
+    load = f", 1-min load {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+    return (f"torch {values('torch')}, numba {values('numba')}, backend {values('backend')}, "
+            f"{values('threads')} thread(s), {values('cpus')} CPU(s){load}")
 
 
 CSS = """
@@ -118,9 +191,15 @@ section{border-top:2px solid #d0d7de;margin-top:2em;padding-top:.5em}
 """
 
 
-def _badge(verdict: str) -> str:
+def _label(summary: dict[str, Any]) -> str:
+    """The verdict, marked "indicative" when it rests on one seed."""
+    return summary["verdict"] + (" (indicative)" if summary.get("indicative", True) else "")
+
+
+def _badge(verdict: str, summary: dict[str, Any] | None = None) -> str:
     color = VERDICT_COLORS.get(verdict, "#57606a")
-    return f"<span class='verdict' style='background:{color}'>{html.escape(verdict)}</span>"
+    text = verdict if summary is None else _label(summary)
+    return f"<span class='verdict' style='background:{color}'>{html.escape(text)}</span>"
 
 
 def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
@@ -129,34 +208,44 @@ def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
     out = Path(out)
     entries = []
     run_seconds: dict[str, float] = {}
+    all_runs: dict[str, dict[str, Any]] = {}
     for exp in experiments:
         path = experiment_path(out, exp.name)
         if not path.is_file():
             continue
         summary = read_json(path)
-        runs = load_runs(out, summary)
-        run_seconds.update((run["hash"], run["seconds"]) for run in runs.values())
-        pngs = [render_figure(fig, runs, out / f"{fig.name}.png") for fig in exp.figures]
+        per_seed = load_seed_runs(out, summary)
+        for runs in per_seed:
+            run_seconds.update((run["hash"], run["seconds"]) for run in runs.values())
+            all_runs.update((run["hash"], run) for run in runs.values())
+        pngs = [render_figure(fig, per_seed if len(per_seed) > 1 else per_seed[0], out / f"{fig.name}.png")
+                for fig in exp.figures]
         entries.append((summary, pngs))
     if not entries:
         raise FileNotFoundError(f"no experiment results under {out / 'results'}; run `normlab lab run --out {out}` first")
     total = sum(run_seconds.values())  # a run shared by several experiments counts once
     first = entries[0][0]
-    meta = (f"suite {first['suite']}, images {first['images']}, seed {first['seed']}, device {first['device']}; "
-            f"{len(entries)} experiment(s); {len(run_seconds)} training runs, {total:.0f} s of training")
+    seeds = first.get("seeds", [first["seed"]])
+    seed_text = (f"one seed ({seeds[0]}): verdicts are indicative" if len(seeds) == 1 else
+                 f"{len(seeds)} paired seeds ({seeds[0]}–{seeds[-1]}): every check decided from the 95% CI "
+                 "of the paired difference")
+    meta = (f"suite {first['suite']}, images {first['images']}, {seed_text}, device {first['device']}; "
+            f"{len(entries)} experiment(s); {len(run_seconds)} training runs, {total:.0f} s of training; "
+            f"{environment_line(list(all_runs.values()))}")
 
-    md = ["# normlab lab report", "", meta, "", "| experiment | verdict |", "| --- | --- |"]
-    md += [f"| [{s['name']}](#{s['name']}) | **{s['verdict']}** |" for s, _ in entries]
+    md = ["# normlab lab report", "", meta, "", DECISION_RULE, "", "| experiment | verdict |", "| --- | --- |"]
+    md += [f"| [{s['name']}](#{s['name']}) | **{_label(s)}** |" for s, _ in entries]
     overview = "".join(
         f"<tr><td><a href='#{html.escape(s['name'])}'>{html.escape(s['name'])}</a></td>"
-        f"<td>{html.escape(s['title'])}</td><td>{_badge(s['verdict'])}</td></tr>" for s, _ in entries)
+        f"<td>{html.escape(s['title'])}</td><td>{_badge(s['verdict'], s)}</td></tr>" for s, _ in entries)
     body = [f"<h1>normlab lab report</h1><p class='meta'>{html.escape(meta)}</p>",
+            f"<p>{html.escape(DECISION_RULE)}</p>"
             "<table><thead><tr><th>experiment</th><th>what</th><th>verdict</th></tr></thead>"
             f"<tbody>{overview}</tbody></table>"]
     for summary, pngs in entries:
         num_head, num_rows, chk_head, chk_rows = _sections(summary)
         md += ["", f"## {summary['name']}", "", f"**{summary['title']}** — {summary['paper']}", "",
-               f"**Verdict: {summary['verdict']}.** {verdict_reason(summary)}", "", f"**Claim.** {summary['claim']}", "",
+               f"**Verdict: {_label(summary)}.** {verdict_reason(summary)}", "", f"**Claim.** {summary['claim']}", "",
                f"**Our protocol.** {summary['protocol']}", "", f"**Criterion.** {summary['criterion']}", "",
                _table_md(chk_head, chk_rows), "", _table_md(num_head, num_rows), ""]
         md += [f"![{p.stem}]({p.name})" for p in pngs]
@@ -166,7 +255,7 @@ def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
         body.append(
             f"<section id='{html.escape(summary['name'])}'><h2>{html.escape(summary['name'])}: "
             f"{html.escape(summary['title'])}</h2><p class='meta'>{html.escape(summary['paper'])}</p>"
-            f"<p>{_badge(summary['verdict'])} "
+            f"<p>{_badge(summary['verdict'], summary)} "
             f"{html.escape(verdict_reason(summary))}</p>"
             f"<p><b>Claim.</b> {html.escape(summary['claim'])}</p>"
             f"<p><b>Our protocol.</b> {html.escape(summary['protocol'])}</p>"

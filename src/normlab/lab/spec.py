@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from normlab.lab import data as labdata
+from normlab.lab import stats
 
-SUITES = ("smoke", "quick", "full")
+SUITES = ("smoke", "quick", "standard", "full")
+SEEDS = {"smoke": 1, "quick": 1, "standard": 5, "full": 5}
+"""Seeds per suite unless ``--seeds`` says otherwise: quick is one seed ("indicative"), standard and full
+decide every check from a confidence interval over paired seeds."""
 RunConfig = dict[str, Any]
 Runs = dict[str, dict[str, Any]]
 
@@ -29,50 +33,177 @@ class Setup:
     images: str
     seed: int
     device: str
+    seeds: int = 1
 
     @classmethod
-    def create(cls, suite: str, data_dir: Path | None, seed: int, device: str) -> "Setup":
+    def create(cls, suite: str, data_dir: Path | None, seed: int, device: str, seeds: int | None = None) -> "Setup":
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+        seeds = SEEDS[suite] if seeds is None else seeds
+        if seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {seeds}")
         images = "cifar10" if labdata.locate_cifar(data_dir) is not None else "fashion-mnist"
         if images == "fashion-mnist":
             labdata.locate_fashion(data_dir)  # a missing folder, or one with neither dataset: say so now
-        return cls(suite, images, seed, device)
+        return cls(suite, images, seed, device, seeds)
+
+    def seed_list(self) -> list[int]:
+        """The paired seeds: every arm runs once with each, so arms compare within a seed."""
+        return [self.seed + i for i in range(self.seeds)]
+
+
+def _transform(v: float | None, log: bool) -> float:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return math.nan
+    if not log:
+        return float(v)
+    if v <= 0:
+        return -math.inf if v == 0 else math.nan
+    return math.log(v)
 
 
 @dataclass(frozen=True)
 class Check:
-    """One condition of a verdict: ``status`` is pass, fail or unclear (within the noise margin)."""
+    """One condition of a verdict: ``status`` is pass, fail or unclear.
+
+    Made by :meth:`compare` or :meth:`level`, a check carries its seed's paired quantity ``x`` (``a − b``,
+    or ``log a − log b`` with ``log``), the arms ``a``, ``b`` it came from, its ``claim`` (see
+    :data:`normlab.lab.stats.CLAIMS`) and ``margin``; over several seeds :func:`combine_checks` decides it
+    from the confidence interval of ``x``. Made by :meth:`of`, it is a yes/no condition per seed."""
 
     text: str
     value: str
     status: str
+    claim: str | None = None
+    x: float | None = None
+    a: float | None = None
+    b: float | None = None
+    margin: float = 0.0
+    floor: bool = True
+    log: bool = False
+    unit: str = ""
+    level_of: float | None = None
 
     @classmethod
     def of(cls, text: str, value: str, passed: bool, failed: bool) -> "Check":
         return cls(text, value, PASS if passed else FAIL if failed else UNCLEAR)
 
+    @classmethod
+    def compare(cls, text: str, a: float, b: float, claim: str, margin: float, *, log: bool = False,
+                unit: str = "", floor: bool = True) -> "Check":
+        """Arm ``a`` against arm ``b`` of the same seed: ``claim`` about ``a − b`` (``log``: about ``a / b``,
+        the margin then in natural-log units); ``unit="points"`` shows a fraction as percentage points.
+        ``floor``: the margin is raised to the measured seed-to-seed noise floor of the arms."""
+        fa, fb = _transform(a, log), _transform(b, log)
+        x = fa - fb
+        status, ci = stats.decide([x], claim, margin)
+        check = cls(text, "", status, claim, x, fa, fb, margin, floor, log, unit)
+        return replace(check, value=check.render(ci.mean, ci.lo, ci.hi, 1))
+
+    @classmethod
+    def level(cls, text: str, a: float, threshold: float, claim: str, *, log: bool = False) -> "Check":
+        """One arm's quantity against a fixed ``threshold`` (the paper's number): ``claim`` about ``a`` vs it."""
+        check = cls.compare(text, a, threshold, claim, 0.0, log=log, floor=False)
+        check = replace(check, level_of=_transform(threshold, log))
+        return replace(check, value=check.render(check.x, check.x, check.x, 1))
+
+    def show(self, v: float) -> str:
+        """``v`` (a value of ``x``) in the check's own units."""
+        if self.level_of is not None:
+            v = v + self.level_of
+            return num(math.exp(v) if self.log else v)
+        if self.log:
+            return f"×{num(math.exp(v))}"
+        if self.unit == "points":
+            return f"{100 * v:+.1f} points"
+        return f"{v:+.3g}" if math.isfinite(v) else num(v)
+
+    def render(self, mean: float, lo: float, hi: float, n: int) -> str:
+        if n <= 1:
+            return self.show(mean)
+        return f"{self.show(mean)} [{self.show(lo)}, {self.show(hi)}]"
+
 
 @dataclass(frozen=True)
 class Row:
+    """One line of "our numbers beside the paper's"; ``value`` (a number, shown as ``fmt``: "pct" or "num")
+    lets several seeds be summarized as mean ± SD."""
+
     quantity: str
     ours: str
     paper: str
+    value: float | None = None
+    fmt: str = "num"
 
 
-def verdict(checks: Sequence[Check]) -> str:
+def verdict(statuses: Sequence[str]) -> str:
     """Reproduced when every check passes, not reproduced when any fails, inconclusive otherwise."""
-    if any(c.status == FAIL for c in checks):
+    if any(s == FAIL for s in statuses):
         return NOT_REPRODUCED
-    if checks and all(c.status == PASS for c in checks):
+    if statuses and all(s == PASS for s in statuses):
         return REPRODUCED
     return INCONCLUSIVE
 
 
+def combine_checks(per_seed: Sequence[Sequence[Check]]) -> list[dict[str, Any]]:
+    """One entry per check over the seeds: a :meth:`Check.compare`/:meth:`Check.level` check is decided from
+    the t-interval of its paired quantity, with its margin raised to the arms' measured noise floor; a
+    yes/no check passes when it passes on every seed and fails when it fails on every seed."""
+    out = []
+    for group in zip(*per_seed):
+        first, n = group[0], len(group)
+        if first.claim is None:
+            statuses = [c.status for c in group]
+            status = statuses[0] if n == 1 else (PASS if all(s == PASS for s in statuses) else
+                                                  FAIL if all(s == FAIL for s in statuses) else UNCLEAR)
+            value = first.value if n == 1 else (f"{statuses.count(PASS)}/{n} seeds pass "
+                                                f"(seed {0}: {first.value})")
+            out.append({"text": first.text, "value": value, "status": status, "n": n})
+            continue
+        xs = [c.x for c in group]
+        floor = stats.noise_floor([c.a for c in group], [c.b for c in group]) if first.floor else math.nan
+        margin = stats.effective_margin(first.margin, floor)
+        status, ci = stats.decide(xs, first.claim, margin)
+        out.append({"text": first.text, "value": first.render(ci.mean, ci.lo, ci.hi, ci.n), "status": status,
+                    "claim": first.claim, "n": ci.n, "mean": ci.mean, "sd": ci.sd, "lo": ci.lo, "hi": ci.hi,
+                    "margin": margin, "stated_margin": first.margin, "noise_floor": floor, "log": first.log,
+                    "margin_text": _margin_text(first, margin, floor), "per_seed": xs})
+    return out
+
+
+def _margin_text(check: Check, margin: float, floor: float) -> str:
+    if check.level_of is not None:
+        return f"threshold {check.show(0.0)}"
+    shown = (f"{100 * margin:.1f} points" if check.unit == "points" else
+             f"×{math.exp(margin):.3g}" if check.log else f"{margin:.3g}")
+    if math.isnan(floor):
+        return shown
+    noise = (f"{100 * floor:.1f} points" if check.unit == "points" else
+             f"×{math.exp(floor):.3g}" if check.log else f"{floor:.3g}")
+    return f"{shown} (noise floor {noise})"
+
+
+def combine_rows(per_seed: Sequence[Sequence[Row]]) -> list[dict[str, Any]]:
+    """One row per quantity: mean ± SD over the seeds where the rows carry numbers, else seed 0's text."""
+    out = []
+    for group in zip(*per_seed):
+        first = group[0]
+        ours = first.ours
+        if len(group) > 1 and all(r.value is not None for r in group):
+            ci = stats.interval([r.value for r in group])
+            show = pct if first.fmt == "pct" else num
+            spread = f"{100 * ci.sd:.1f} pts" if first.fmt == "pct" else num(ci.sd)
+            ours = "n/a" if ci.n == 0 else f"{show(ci.mean)} ± {spread} (n={ci.n})"
+        elif len(group) > 1:
+            ours = f"{first.ours} (seed 0)"
+        out.append({"quantity": first.quantity, "ours": ours, "paper": first.paper})
+    return out
+
+
 @dataclass(frozen=True)
 class Trace:
-    """One plotted thing: a line (``x``, ``y``), a band around it (``lo``, ``hi``) or, with
-    ``kind="hist"``, bin edges ``x`` and counts ``y``."""
+    """One plotted thing: a line (``x``, ``y``), a band around it (``lo``, ``hi``), with ``kind="hist"`` bin
+    edges ``x`` and counts ``y``, or with ``kind="contour"`` the values ``z[j][i]`` at (``x[i]``, ``y[j]``)."""
 
     label: str
     x: list[float]
@@ -80,6 +211,7 @@ class Trace:
     lo: list[float] | None = None
     hi: list[float] | None = None
     kind: str = "line"
+    z: list[list[float]] | None = None
 
 
 TraceFn = Callable[[Runs], list[Trace]]
@@ -122,30 +254,43 @@ class Experiment:
     evaluate: Callable[[Runs, dict[str, Any]], tuple[list[Row], list[Check]]]
     figures: tuple[Figure, ...] = field(default_factory=tuple)
 
+    def budget(self, suite: str) -> dict[str, Any]:
+        """The budget of ``suite``; ``standard`` is the quick budget over more seeds unless it has its own."""
+        if suite == "standard" and suite not in self.budgets:
+            suite = "quick"
+        return self.budgets[suite]
+
     def runs(self, setup: Setup) -> dict[str, RunConfig]:
-        return self.build(setup, self.budgets[setup.suite])
+        return self.build(setup, self.budget(setup.suite))
 
 
-def assess(exp: Experiment, setup: Setup, runs: Runs) -> dict[str, Any]:
-    """The summary an experiment's JSON holds: its description, rows, checks, verdict and runs."""
-    rows, checks = exp.evaluate(runs, exp.budgets[setup.suite])
+def assess(exp: Experiment, setup: Setup, per_seed: Sequence[Runs]) -> dict[str, Any]:
+    """The summary an experiment's JSON holds: its description, rows and checks combined over the paired
+    seeds (``per_seed[i]``: the runs of seed ``setup.seed + i``), the verdict and the runs."""
+    budget = exp.budget(setup.suite)
+    evaluated = [exp.evaluate(runs, budget) for runs in per_seed]
+    checks = combine_checks([c for _, c in evaluated])
+    seconds = {run["hash"]: run["seconds"] for runs in per_seed for run in runs.values()}
     return {
         "name": exp.name,
         "title": exp.title,
         "paper": exp.paper,
         "claim": exp.claim,
-        "protocol": exp.protocol(exp.budgets[setup.suite]),
+        "protocol": exp.protocol(budget),
         "criterion": exp.criterion,
         "suite": setup.suite,
         "images": setup.images,
         "seed": setup.seed,
+        "seeds": setup.seed_list()[:len(per_seed)],
+        "indicative": len(per_seed) == 1,
         "device": setup.device,
-        "budget": exp.budgets[setup.suite],
-        "rows": [vars(r) for r in rows],
-        "checks": [vars(c) for c in checks],
-        "verdict": verdict(checks),
-        "runs": {key: run["hash"] for key, run in runs.items()},
-        "seconds": sum(run["seconds"] for run in runs.values()),
+        "budget": budget,
+        "rows": combine_rows([r for r, _ in evaluated]),
+        "checks": checks,
+        "verdict": verdict([c["status"] for c in checks]),
+        "runs": {key: run["hash"] for key, run in per_seed[0].items()},
+        "seed_runs": [{key: run["hash"] for key, run in runs.items()} for runs in per_seed],
+        "seconds": sum(seconds.values()),
     }
 
 
@@ -168,11 +313,11 @@ def series(run: dict[str, Any], probe: str, key: str) -> list:
 
 
 def final(run: dict[str, Any], key: str = "test_acc", last: int = 3) -> float:
-    """Mean of the last ``last`` evaluations of ``key``; for a diverged run, the evaluation after
-    it diverged. NaN when the run has none."""
+    """Mean of the last ``last`` evaluations of ``key`` that have a value (the training metrics have none at
+    step 0); for a diverged run, the evaluation after it diverged. NaN when the run has none."""
     if run["diverged_at"] is not None:
         last = 1
-    values = [v for v in series(run, "eval", key)[-last:] if v is not None]
+    values = [v for v in series(run, "eval", key) if v is not None and not math.isnan(v)][-last:]
     return float(np.mean(values)) if values else math.nan
 
 

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from normlab.core import checks
-from normlab.core.engine import accumulation_dtype
-from normlab.core.guard import finite_statistics, guard_stats_enabled
+from normlab.core.engine import accumulation_dtype, centre, moments, normalize, update_running_stats
+from normlab.core.guard import guard_stats_enabled
+from normlab.core.plan import batch_plan
 from normlab.nn.batchnorm import _GuardedStats
 from normlab.nn.once import may_update
 
@@ -133,12 +134,20 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
         s_c = \Big(\frac1M \sum_i |x_{ic} - \mu_c|^p\Big)^{1/p}
         \quad(p = \infty:\ s_c = \max_i |x_{ic} - \mu_c|),
 
+    or, with ``centered=False``, the norm of the values before the mean is subtracted,
+    :math:`s_c = (\frac1M \sum_i |x_{ic}|^p)^{1/p}` (:math:`\max_i |x_{ic}|`): the paper's "average of their
+    ℓp-norm (before shifting the mean)",
+
     .. math::
         y_{ic} = \gamma_c \frac{x_{ic} - \mu_c}{s_c + \epsilon} + \beta_c .
 
-    With p = 2, :math:`s_c` is the biased standard deviation, so the layer is batch norm with
-    :math:`\epsilon` added to the deviation instead of the variance; p = 1 uses the mean absolute
+    With p = 2 and ``centered=True``, :math:`s_c` is the biased standard deviation, so the layer is batch
+    norm with :math:`\epsilon` added to the deviation instead of the variance; p = 1 uses the mean absolute
     deviation and p = inf the largest deviation.
+
+    The axes, the mean (:func:`normlab.core.engine.moments`, exact for a large mean with a tiny spread), the
+    affine map and the running update are the engine's (:mod:`normlab.core.plan`, :mod:`normlab.core.engine`);
+    only :math:`s_c` is this layer's own.
 
     In training mode the running estimates follow an exponential moving average,
     ``running = (1 - momentum) * running + momentum * batch`` for both :math:`\mu_c` and
@@ -149,6 +158,7 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
         num_features: number of channels C.
         p: 1, 2 or ``math.inf`` (``float("inf")``; the string ``"inf"`` is accepted too).
         eps: added to :math:`s_c`.
+        centered: the norm of x − μ (default) or, ``False``, of x itself.
         momentum: weight of the newest batch in the running estimates.
         affine: learn :math:`\gamma, \beta` (initialized to 1 and 0).
         track_running_stats: keep running estimates for evaluation.
@@ -169,6 +179,7 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
         affine: bool = True,
         track_running_stats: bool = True,
         guard_stats: bool | None = None,
+        centered: bool = True,
     ) -> None:
         super().__init__(guard_stats=guard_stats)
         name = type(self).__name__
@@ -183,6 +194,7 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
         checks.check_momentum(momentum, name)
         self.num_features = num_features
         self.p = p
+        self.centered = bool(centered)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -202,17 +214,18 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
 
     def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel batch mean :math:`\\mu_c` and ℓp scale :math:`s_c` of ``x``."""
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dev = (x - mean.reshape(shape)).abs()
+        plan = batch_plan(tuple(x.shape))
+        shift, mean_shifted, _, xc = moments(x, plan)
+        return (shift + mean_shifted).reshape(-1), self._scale(xc if self.centered else x, plan.reduce)
+
+    def _scale(self, values: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """(mean |v|^p)^(1/p) over ``dims``, per channel (p = inf: max |v|)."""
+        dev = values.abs()
         if self.p == math.inf:
-            scale = dev.amax(dim=dims)
-        elif self.p == 1.0:
-            scale = dev.mean(dim=dims)
-        else:
-            scale = dev.square().mean(dim=dims).sqrt()
-        return mean, scale
+            return dev.amax(dim=dims)
+        if self.p == 1.0:
+            return dev.mean(dim=dims)
+        return dev.square().mean(dim=dims).sqrt()
 
     def forward(self, x: Tensor) -> Tensor:
         """Checked as normlab's BatchNorm checks its input; half precision is computed in float32."""
@@ -227,33 +240,34 @@ class _LpBatchNorm(_GuardedStats, nn.Module):
             advice = checks.BN_SUGGESTION if self.track_running_stats else checks.BN_NO_RUNNING_SUGGESTION
             checks.check_enough_values(x.numel() // x.shape[1], name, tuple(x.shape), advice, running=False)
         xa = x.to(accumulation_dtype(x.dtype))
-        _, shape = _channel_view(xa)
+        plan = batch_plan(tuple(xa.shape))
         if batch_stats:
-            mean, scale = self.batch_statistics(xa)
+            shift, mean_shifted, _, xc = moments(xa, plan)
+            mean, scale = (shift + mean_shifted).reshape(-1), self._scale(xc if self.centered else xa, plan.reduce)
             if self.training and self.track_running_stats and x.numel() > 0 and may_update(self):
-                self._update_running(mean, scale, name)
+                self._update_running(mean, scale, name, plan.count)
         else:
             mean, scale = self.running_mean, self.running_scale
-        y = (xa - mean.reshape(shape).to(xa.dtype)) / (scale.reshape(shape).to(xa.dtype) + self.eps)
-        if self.affine:
-            y = y * self.weight.reshape(shape).to(xa.dtype) + self.bias.reshape(shape).to(xa.dtype)
-        return y.to(x.dtype)
+            xc = centre(xa, mean.reshape(plan.param_view).to(xa.dtype), None)
+        rstd = 1.0 / (scale.reshape(plan.param_view).to(xa.dtype) + self.eps)
+        weight = None if self.weight is None else self.weight.reshape(plan.param_view).to(xa.dtype)
+        bias = None if self.bias is None else self.bias.reshape(plan.param_view).to(xa.dtype)
+        return normalize(xc, rstd, weight, bias).to(x.dtype)
 
     @torch.no_grad()
-    def _update_running(self, mean: Tensor, scale: Tensor, name: str) -> None:
-        """running ← running + momentum · (batch − running), unless guarded and a statistic is not finite
-        (:mod:`normlab.core.guard`)."""
-        mean, scale = mean.detach().to(self.running_mean.dtype), scale.detach().to(self.running_scale.dtype)
-        if guard_stats_enabled(getattr(self, "guard_stats", None)) and not finite_statistics(mean, scale):
+    def _update_running(self, mean: Tensor, scale: Tensor, name: str, count: int) -> None:
+        """running ← (1 − momentum) · running + momentum · batch for μ and s (the engine's update; s is stored
+        as it is, without Bessel's correction), unless guarded and a statistic is not finite."""
+        guarded = guard_stats_enabled(getattr(self, "guard_stats", None))
+        if not update_running_stats(self.running_mean, self.running_scale, mean.detach(), scale.detach(), count,
+                                    self.momentum, guarded=guarded, unbiased=False):
             self._skipped_batch(name)
-            return
-        self.running_mean.lerp_(mean, self.momentum)
-        self.running_scale.lerp_(scale, self.momentum)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            + ("" if self.centered else ", centered=False")
         )
 
 

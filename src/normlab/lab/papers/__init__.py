@@ -1,5 +1,6 @@
 """Lab experiments, one paper (or one measurement) per file; each module's docstring names the paper, the
 claim and the command that runs it, and its Experiment objects join ``normlab.lab.experiments.EXPERIMENTS``.
+:mod:`~normlab.lab.papers.common` holds what several share (the VGG-style CNN and the deep linear network).
 
 This package's own list: BatchNorm's variants for small and unusual batches."""
 

@@ -1,12 +1,13 @@
 """The ``numba`` backend: the engine's forward and closed-form backward on CPU tensors, run by the
-kernels of :mod:`normlab.kernels.cpu` on zero-copy NumPy views of the tensors' memory.
+kernels of this package (:mod:`.planar`, :mod:`.columns`, :mod:`.rows`) on zero-copy NumPy views of the
+tensors' memory.
 
 float32 and float64 are computed in their own dtype (statistics always accumulate in float64);
 float16 and bfloat16 are converted to float32 on the way in and back on the way out, as the torch
 engine does. Results follow the engine's conventions: ``y`` and ``dx`` in the input's shape and memory
 format, statistics in ``plan.stat_shape``, ``(shift, mean_shifted)`` with μ = shift + mean_shifted.
 
-:mod:`normlab.kernels.cpu` (and with it numba) is imported on the first call, not before.
+The kernels (and with them numba) are imported on the first call, not before.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from normlab.core.plan import Plan
-from normlab.kernels import buffers
+from normlab.kernels.numba import buffers
 from normlab.kernels.layout import ChannelShape, RowShape, classify
 
 __all__ = ["NumbaBackend", "epilogue_code"]
@@ -35,10 +36,16 @@ def epilogue_code(relu: bool, residual: torch.Tensor | None) -> int:
 
 
 @functools.cache
-def _cpu():
-    from normlab.kernels import cpu
+def _kernels() -> dict:
+    """The kernels of each family by name (importing them imports numba)."""
+    from normlab.kernels.numba import columns, planar, rows
 
-    return cpu
+    return {
+        "bn_planar": (planar.bn_planar_forward, planar.bn_planar_backward),
+        "bn_rows": (columns.bn_rows_forward, columns.bn_rows_backward),
+        "group_cl": (columns.group_cl_forward, columns.group_cl_backward),
+        "row": (rows.row_forward, rows.row_backward),
+    }
 
 
 SERIAL_BELOW = 1 << 15
@@ -198,8 +205,8 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
 
 def _streams(out: torch.Tensor) -> bool:
     """Whether a kernel writes ``out`` with streaming stores: from
-    :func:`normlab.kernels.stream.threshold` bytes on (half the last-level cache)."""
-    from normlab.kernels import stream
+    :func:`normlab.kernels.numba.stream.threshold` bytes on (half the last-level cache)."""
+    from normlab.kernels.numba import stream
 
     return out.numel() * out.element_size() >= stream.threshold()
 
@@ -279,7 +286,7 @@ class NumbaBackend:
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
     def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count):
-        cpu = _cpu()
+        kernel = _kernels()[launch.family][0]
         threads = _sync_threads(xa.numel())
         acc = launch.acc
         w = _param(weight, launch.param_count, acc, 1.0)
@@ -297,7 +304,6 @@ class NumbaBackend:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
                 momentum = float(running[2])
                 unbias = count / (count - 1) if getattr(running, "unbiased", True) else 1.0
-            kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
             guarded = running is not None and getattr(running, "guarded", False)
             skipped = kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias,
                              _parts(threads, launch), _streams(y), guarded=guarded)
@@ -308,9 +314,9 @@ class NumbaBackend:
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
         elif family == "row":
-            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
+            kernel(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
         else:
-            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
+            kernel(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
 
     def backward(self, dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool,
                  need: tuple[bool, bool, bool], y: torch.Tensor | None = None, residual: bool = False):
@@ -334,7 +340,7 @@ class NumbaBackend:
         return grads if y is None else (*grads, dres)
 
     def _backward(self, launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, train, need_x, y):
-        cpu = _cpu()
+        kernel = _kernels()[launch.family][1]
         threads = _sync_threads(xa.numel())
         w = _param(weight, launch.param_count, launch.acc, 1.0)
         xn, dyn, dxn = launch.array(xa), launch.array(dya), launch.array(dx)
@@ -348,14 +354,13 @@ class NumbaBackend:
             yn = launch.array(launch.prepare(y)) if y is not None else xn
             dresn = launch.array(dres) if dres is not None else dxn
             args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
-            kernel = cpu.bn_planar_backward if family == "bn_planar" else cpu.bn_rows_backward
             kernel(*args, _parts(threads, launch), _streams(dx))
             return
         parts = _parts(threads, launch)
         if family == "row":
-            cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
+            kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
         else:
-            cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
+            kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
         total = parts.sum(axis=0)  # per block: Σ dy (dβ), Σ dy · x̂ (dγ)
         sums[0] = total[1]
         sums[1] = total[0]

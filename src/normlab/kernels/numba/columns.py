@@ -15,10 +15,10 @@ import numpy as np
 from numba import njit, prange
 
 from normlab.kernels.numba import stream
-from normlab.kernels.numba.channel import channel_constants, grad_constants
+from normlab.kernels.numba.channel import channel_factors, channel_grad_factors, given
 from normlab.kernels.numba.primitives import (
     FLAGS, NONE, ADD_RELU, PARALLEL, block_parts, block_range, closed_form, dx_value, masked, moved, moved_grad,
-    statistic,
+    statistic, xhat_grad_sum,
 )
 from normlab.kernels.numba.runs import run_affine, stream_affine, stream_grad, stream_weighted_grad
 
@@ -26,13 +26,8 @@ from normlab.kernels.numba.runs import run_affine, stream_affine, stream_grad, s
 _ROWS = 8  # rows summed in the input dtype before a column's float64 accumulators are updated
 _LOCKSTEP_COLUMNS = 512
 """From this many columns on, the column sums read their eight rows in lockstep, one column at a time,
-with the sums in registers; narrower rows are read one after the other into accumulators in L1.
-
-Measured on the 2-core benchmark machine (float32, caches flushed between calls, interleaved): reading
-row by row made the kernels on 256 and 64 columns 1.1-1.4x faster (BatchNorm on (50176, 256) and
-(200704, 64) rows, GroupNorm on channels_last (32, 256, 28, 28), forward and backward), while from 512
-columns on the lockstep order was as fast or faster (row by row: 0.9x on (1568, 512) rows; the sums
-alone over 25 MiB took 1.30 ms row by row against 0.75 ms in lockstep at 2048 columns)."""
+with the sums in registers; narrower rows are read one after the other into accumulators in L1
+(benchmarks/README.md, "Column sums: row by row or in lockstep")."""
 
 
 @njit(inline="always", **FLAGS)
@@ -222,66 +217,74 @@ def _column_grad_affine(x, dy, y, dx, dres, lo, hi, sh, d, w, cm, k1, k2, epilog
 
 
 @njit(**PARALLEL)
-def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                    unbias, parts, streaming, guarded=False):
-    """BatchNorm forward on ``x`` of shape (M, C) with C contiguous.
+def rows_sums(x, shift, parts):
+    """The training forward's first pass over (M, C) ``x``: ``shift`` set to the first row, and per block
+    of rows (one per thread, ``parts`` (B, 2, C) float64) the sums Σ(x − shift) and Σ(x − shift)² per
+    column (:func:`_column_sums`)."""
+    m = x.shape[0]
+    shift[:] = x[0]
+    for k in prange(parts.shape[0]):
+        p1, p2, lo, hi = block_parts(parts, k, m)
+        _column_sums(x, lo, hi, shift, p1, p2)
 
-    Memory passes: training reads ``x`` once into per-block partial sums (``parts``, (B, 2, C) float64:
-    one block of rows per thread, every eight rows adding into C contiguous accumulators, see
-    :func:`_column_sums`), combines them per channel, then reads ``x`` again and writes ``y``;
-    evaluation reads once and writes once. The second
-    read comes from cache only when the tensor fits in it: no value can be normalized before the
-    statistics, which need every row, are complete. ``stats``, the running statistics and ``streaming``
-    as in :func:`bn_planar_forward`.
-    """
-    m, c = x.shape
-    nb = parts.shape[0]
-    shift = stats[0]
-    if train:
-        shift[:] = x[0]
-        for k in prange(nb):
-            p1, p2, lo, hi = block_parts(parts, k, m)
-            _column_sums(x, lo, hi, shift, p1, p2)
-    a = np.empty(c, x.dtype)
-    b = np.empty(c, x.dtype)
-    skipped = channel_constants(parts, weight, bias, eps, train, m, stats, running_mean, running_var, momentum,
-                                 unbias, guarded, a, b)
+
+@njit(**PARALLEL)
+def rows_affine(x, y, residual, shift, a, b, epilogue, blocks, streaming):
+    """The forward's writing pass: y = (x − shift) · a + b per column, then the epilogue, parallel over
+    rows; with streaming stores in ``blocks`` blocks of rows where ``streaming`` is set."""
+    m = x.shape[0]
     if streaming:
-        for k in prange(nb):
-            lo, hi = block_range(k, m, nb)
+        for k in prange(blocks):
+            lo, hi = block_range(k, m, blocks)
             for i in range(lo, hi):
                 stream_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
             stream.fence()
-        return skipped
+        return
     for i in prange(m):
         run_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
+
+
+@njit(**FLAGS)
+def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
+                    unbias, parts, streaming, guarded=False, merged=None):
+    """BatchNorm forward on ``x`` of shape (M, C) with C contiguous: :func:`rows_sums` (training), the
+    per-channel step (:func:`~.channel.channel_constants`), :func:`rows_affine`.
+
+    Memory passes: training reads ``x`` once into per-block partial sums, combines them per channel, then
+    reads ``x`` again and writes ``y``; evaluation reads once and writes once. The second read comes
+    from cache only when the tensor fits in it: no value can be normalized before the statistics, which
+    need every row, are complete. The arguments as in :func:`~.planar.bn_planar_forward`.
+    """
+    m, c = x.shape
+    shift = stats[0]
+    merged = given(merged, c)
+    if train and not merged.shape[0]:
+        rows_sums(x, shift, parts)
+    skipped, a, b = channel_factors(parts, merged, weight, bias, eps, train, m, stats, running_mean, running_var,
+                                    momentum, unbias, guarded)
+    rows_affine(x, y, residual, shift, a, b, epilogue, parts.shape[0], streaming)
     return skipped
 
 
 @njit(**PARALLEL)
-def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
-                     parts, streaming):
-    """BatchNorm backward on (M, C) rows.
-
-    Memory passes: one read of ``x`` and ``dy`` (and ``y`` after a fused ReLU) into per-block partial
-    sums Σ dy' and Σ dy' · (x − shift) per channel, combined into dβ and dγ; then a second read of the
-    same and one write of ``dx`` (and ``dres``), with streaming stores where ``streaming`` is set.
-    """
-    m, c = x.shape
-    nb = parts.shape[0]
-    for k in prange(nb):
+def rows_grad_sums(x, dy, y, shift, epilogue, parts):
+    """The backward's first pass over (M, C) arrays: per block of rows, Σ dy' and Σ dy' · (x − shift) per
+    column into ``parts`` (:func:`_column_grad_sums`)."""
+    m = x.shape[0]
+    for k in prange(parts.shape[0]):
         p1, p2, lo, hi = block_parts(parts, k, m)
         _column_grad_sums(x, dy, y, lo, hi, shift, p1, p2, epilogue)
-    d = np.empty(c, x.dtype)
-    cm = np.empty(c, x.dtype)
-    k1 = np.empty(c, x.dtype)
-    k2 = np.empty(c, x.dtype)
-    grad_constants(parts, weight, mean_shifted, rstd, train, m, dw, db, d, cm, k1, k2)
-    if not need_x:
-        return
+
+
+@njit(**PARALLEL)
+def rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, blocks, streaming):
+    """The backward's writing pass: dx = (dy' − c) · k1 + ((x − shift) − d) · k2 per column (and
+    dres = dy' after a fused add), in ``blocks`` blocks of rows, with streaming stores where
+    ``streaming`` is set."""
+    m = x.shape[0]
     unit = np.empty(0, x.dtype)
-    for k in prange(nb):
-        lo, hi = block_range(k, m, nb)
+    for k in prange(blocks):
+        lo, hi = block_range(k, m, blocks)
         if streaming:
             for i in range(lo, hi):
                 stream_grad(x[i], dy[i], y[i], dx[i], dres[i], shift, d, cm, k1, k2, epilogue)
@@ -290,6 +293,24 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
             _column_grad_affine(x, dy, y, dx, dres, lo, hi, shift, d, unit, cm, k1, k2, epilogue)
 
 
+@njit(**FLAGS)
+def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
+                     parts, streaming, totals=None, count=0.0):
+    """BatchNorm backward on (M, C) rows: :func:`rows_grad_sums`, the per-channel step
+    (:func:`~.channel.grad_constants`), :func:`rows_grad_affine`.
+
+    Memory passes: one read of ``x`` and ``dy`` (and ``y`` after a fused ReLU) into per-block partial
+    sums, combined into dβ and dγ; then a second read of the same and one write of ``dx`` (and
+    ``dres``). ``totals`` and ``count`` as in :func:`~.planar.bn_planar_backward`.
+    """
+    m, c = x.shape
+    totals = given(totals, c)
+    if not totals.shape[0]:
+        rows_grad_sums(x, dy, y, shift, epilogue, parts)
+    total = count if totals.shape[0] else np.float64(m)
+    d, cm, k1, k2 = channel_grad_factors(parts, totals, weight, mean_shifted, rstd, train, total, dw, db)
+    if need_x:
+        rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, parts.shape[0], streaming)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +397,7 @@ def group_cl_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, g
                 w = np.float64(weight[ch])
                 sg += w * p1[ch]
                 sgx += w * p2[ch]
-                p2[ch] = rs * (p2[ch] - dg * p1[ch])
+                p2[ch] = xhat_grad_sum(rs, dg, p1[ch], p2[ch])
             # g = γ · dy within the group: its mean is sg / m and Σ g · x̂ = rs · (sgx − dg · sg).
             _, cg_mean, _, kb = closed_form(1.0, rs, dg, sg, sgx, s * cg, train)
             for ch in range(g * cg, (g + 1) * cg):

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from normlab.kernels.numba import stream
-from normlab.kernels.numba.channel import channel_constants, grad_constants
+from normlab.kernels.numba.channel import channel_factors, channel_grad_factors, given
 from normlab.kernels.numba.primitives import (
     ADD_RELU, FLAGS, NONE, PARALLEL, SUM_FLAGS, block_parts, block_range, closed_form, dx_value, masked, moved,
     moved_grad, normalized, run_grad_sums, run_sums,
@@ -28,10 +28,8 @@ values (maps up to 16x16) in one piece about its first value, a longer run in pi
 :data:`_PIECE` values (as equal as can be: a 56x56 map is two pieces of 1568), each about the median of
 its first, middle and last values (:func:`_piece_origin`).
 
-Summing in float64 costs more than reading the data: converting every value and reducing float64
-vector lanes bounded the statistics pass (on (32, 512, 7, 7) float32, 105-134 µs for the sums against
-52 µs in float32, 2 threads); cutting long runs into pieces of 256 made their sums 2-3x slower than one
-loop over each run (the reductions and float64 updates are paid per piece), pieces of 2048 do not.
+Summing in float64 would bound the pass by the conversions rather than by memory, and short pieces
+would pay the reductions and float64 updates too often (benchmarks/README.md, "Run sums in pieces").
 
 x − r0 is exact for data within a factor of two of the origin r0 (see the module docstring), so only
 the summing rounds; its error grows like ((r0 − mean) / σ)² when r0 is an outlier, and with the number of
@@ -48,12 +46,8 @@ _CHANNEL_BACKWARD_BYTES = 32 << 20
 """The backward on an ``x`` of more than :data:`_CHANNEL_BACKWARD_BYTES` with runs of more than
 :data:`_SHORT_RUN` values visits each channel's N runs in turn, sums them (in float64) and
 writes its ``dx`` while they are still in cache, so that ``x`` and ``dy``, which no cache holds, cross
-main memory once rather than twice. Everywhere else it streams, as the forward always does.
-
-Measured on the 2-core benchmark machine (float32, interleaved A/B of the kernels, caches flushed
-before each call or not): streaming was 0.76-1.09x as fast on (64, 64, 56, 56) (51 MB), 0.96-1.2x on
-25.7 MB ((32, 64, 56, 56), (128, 64, 28, 28)) and 1.0-1.7x below; the forward, with one array to read,
-streamed 1.0-1.8x as fast on (64, 64, 56, 56) as well."""
+main memory once rather than twice. Everywhere else it streams, as the forward always does
+(benchmarks/README.md, "Backward channel by channel")."""
 
 
 
@@ -128,8 +122,8 @@ def _plane_sums(x, lo, hi, c, shift, p1, p2):
     zero = x.dtype.type(0.0)
     ch = lo % c
     if s <= _SHORT_RUN:
-        # A short run is one piece, summed about its first value by the loop written out here: through the
-        # piece loop below the sums ran at half the speed on 7x7 maps, the backward's at 0.6-0.8x.
+        # A short run is one piece, summed about its first value by the loop written out here, which runs
+        # faster than the piece loop below (benchmarks/README.md, "Run sums in pieces").
         for row in range(lo, hi):
             r0 = x[row, 0]
             a = zero
@@ -234,121 +228,107 @@ def _channel_grad_affine(x, dy, y, dx, dres, ch, sh, d, c, k1, k2, epilogue):
 
 
 @njit(**PARALLEL)
-def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                      unbias, parts, streaming, guarded=False):
-    """BatchNorm forward on ``x`` of shape (N, C, S).
+def planar_sums(x, shift, parts):
+    """The training forward's first pass over (N, C, S) ``x``: ``shift`` set to each channel's first
+    value, and per block of runs (one per thread, ``parts`` (B, 2, C) float64) the sums Σ(x − shift) and
+    Σ(x − shift)², each run summed in pieces (:data:`_PIECE`)."""
+    n, c, s = x.shape
+    rows = n * c
+    xr = x.reshape(rows, s)
+    for ch in range(c):
+        shift[ch] = x[0, ch, 0]
+    for k in prange(parts.shape[0]):
+        p1, p2, lo, hi = block_parts(parts, k, rows)
+        _plane_sums(xr, lo, hi, c, shift, p1, p2)
 
-    In training ``x`` is read twice, in memory order: once into per-block partial sums (``parts``,
-    (B, 2, C) float64: one block of runs per thread, each run summed in pieces, see :data:`_PIECE`),
-    combined per channel; then again to write ``y``. Evaluation reads once and writes once. Both passes
-    are parallel over the N·C runs.
 
-    Streaming twice beats visiting a channel's N runs, C·S values apart, and normalizing them while in
-    cache (2-core benchmark machine, float32, interleaved A/B of the kernels, each run summed in float64
-    in the per-channel version): 1.3-3.0x on 7x7 maps, 1.3-2.5x on 14x14; on 28x28 (64, 16, 28, 28)
-    1.3-1.5x, 1.9-2.0x with caches flushed before each call (as after a convolution in a network); on
-    56x56 1.3x on (8, 64, 56, 56) (1.05-1.3x flushed) and 1.0-1.2x on (64, 64, 56, 56), where both reads
-    come from memory.
-
-    ``stats`` is (4, C): shift, mean_shifted, var, rstd. In training all four are written; with fixed
-    statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
-    ``rstd`` is written. In training, ``running_mean`` and ``running_var`` ((C,), in ``x``'s dtype) are
-    updated with ``momentum``; empty arrays in their place leave them alone. ``streaming`` writes ``y``
-    with streaming stores (see :mod:`normlab.kernels.stream`). ``guarded`` skips the update when a
-    channel's batch statistics are not finite; returns whether it did (:func:`channel_constants`).
-    """
+@njit(**PARALLEL)
+def planar_affine(x, y, residual, shift, a, b, epilogue, blocks, streaming):
+    """The forward's writing pass: y = (x − shift) · a + b per channel, then the epilogue, parallel over
+    the N·C runs; with streaming stores in ``blocks`` blocks of runs where ``streaming`` is set."""
     n, c, s = x.shape
     rows = n * c
     xr, yr, rr = x.reshape(rows, s), y.reshape(rows, s), residual.reshape(rows, s)
-    shift = stats[0]
-    if train:
-        for ch in range(c):
-            shift[ch] = x[0, ch, 0]
-        for k in prange(parts.shape[0]):
-            p1, p2, lo, hi = block_parts(parts, k, rows)
-            _plane_sums(xr, lo, hi, c, shift, p1, p2)
-    a = np.empty(c, x.dtype)
-    b = np.empty(c, x.dtype)
-    skipped = channel_constants(parts, weight, bias, eps, train, n * s, stats, running_mean, running_var, momentum,
-                                 unbias, guarded, a, b)
     if streaming:
-        nb = parts.shape[0]
-        for k in prange(nb):
-            lo, hi = block_range(k, rows, nb)
+        for k in prange(blocks):
+            lo, hi = block_range(k, rows, blocks)
             for row in range(lo, hi):
                 ch = row % c
                 stream_affine(xr[row], yr[row], rr[row], shift[ch], a[ch], b[ch], epilogue)
             stream.fence()
-        return skipped
+        return
     for row in prange(rows):
         ch = row % c
         if epilogue == NONE:
-            # The plain map written out here rather than through run_affine's own NONE branch: inlined into
-            # this loop, that branch ran at half the speed (interleaved A/B, (32, 512, 7, 7), 66 vs 130 µs
-            # eval), although the loop is the same.
+            # The plain map written out here rather than through run_affine's own NONE branch, which ran
+            # at half the speed inlined into this loop (benchmarks/README.md, "Plain map in the planar loop").
             xrow, yrow, sh, ak, bk = xr[row], yr[row], shift[ch], a[ch], b[ch]
             for j in range(s):
                 yrow[j] = normalized(xrow[j], sh, ak, bk)
         else:
             run_affine(xr[row], yr[row], rr[row], shift[ch], a[ch], b[ch], epilogue)
+
+
+@njit(**FLAGS)
+def bn_planar_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
+                      unbias, parts, streaming, guarded=False, merged=None):
+    """BatchNorm forward on ``x`` of shape (N, C, S): :func:`planar_sums` (training), the per-channel step
+    (:func:`~.channel.channel_constants`), :func:`planar_affine`.
+
+    In training ``x`` is read twice, in memory order: once into per-block partial sums, combined per
+    channel; then again to write ``y``. Evaluation reads once and writes once. Streaming twice beats
+    visiting a channel's N runs while in cache (benchmarks/README.md, "BatchNorm on (N, C, S)").
+
+    ``stats`` is (4, C): shift, mean_shifted, var, rstd. In training all four are written; with fixed
+    statistics ``shift`` holds the running mean and ``var`` the running variance on entry, and only
+    ``rstd`` is written. In training, ``running_mean`` and ``running_var`` ((C,), in ``x``'s dtype) are
+    updated with ``momentum``; empty arrays in their place leave them alone. ``streaming`` writes ``y``
+    with streaming stores (see :mod:`.stream`). ``guarded`` skips the update when a channel's batch
+    statistics are not finite; returns whether it did. ``merged`` ((4, C): N, K, D, σ², the statistics
+    seam's merged moments) replaces the first pass: the batch's statistics are given.
+    """
+    n, c, s = x.shape
+    shift = stats[0]
+    merged = given(merged, c)
+    if train and not merged.shape[0]:
+        planar_sums(x, shift, parts)
+    skipped, a, b = channel_factors(parts, merged, weight, bias, eps, train, n * s, stats, running_mean,
+                                    running_var, momentum, unbias, guarded)
+    planar_affine(x, y, residual, shift, a, b, epilogue, parts.shape[0], streaming)
     return skipped
 
 
 @njit(**PARALLEL)
-def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
-                       parts, streaming):
-    """BatchNorm backward on (N, C, S).
-
-    Per channel, the sums Σ dy' and Σ dy' · (x − shift) give dβ and dγ; a second read of ``x`` and ``dy``
-    (and ``y``, the mask of a fused ReLU) writes ``dx`` (and ``dres = dy'``, the residual's gradient,
-    after a fused add). Both passes stream through memory in order, parallel over the N·C runs, the sums
-    into per-block partials (``parts`` as in :func:`bn_planar_forward`, each run summed in pieces); on
-    large tensors with long runs (see :data:`_CHANNEL_BACKWARD_BYTES`) the work is parallel over
-    channels instead, each channel's runs summed and then written while still in cache. ``streaming``
-    writes ``dx`` (and ``dres``) with streaming stores (see :mod:`normlab.kernels.stream`).
-    """
+def planar_grad_sums(x, dy, y, shift, epilogue, parts):
+    """The backward's first pass over (N, C, S) arrays: per block of runs, Σ dy' and Σ dy' · (x − shift)
+    per channel into ``parts``, each run summed in pieces."""
     n, c, s = x.shape
-    cast = x.dtype.type
-    if s > _SHORT_RUN and x.size * x.itemsize > _CHANNEL_BACKWARD_BYTES:
-        for ch in prange(c):
-            s1, s2 = _channel_grad_sums(x, dy, y, ch, np.float64(shift[ch]), epilogue)
-            dk = np.float64(mean_shifted[ch]) if train else 0.0
-            dgamma, ck, k1k, k2k = closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), dk, s1, s2, n * s, train)
-            db[ch] = s1
-            dw[ch] = dgamma
-            if need_x and streaming:
-                for i in range(n):
-                    stream_grad(x[i, ch], dy[i, ch], y[i, ch], dx[i, ch], dres[i, ch], shift[ch], cast(dk), cast(ck),
-                                 cast(k1k), cast(k2k), epilogue)
-                stream.fence()
-            elif need_x:
-                _channel_grad_affine(x, dy, y, dx, dres, ch, shift[ch], cast(dk), cast(ck), cast(k1k), cast(k2k),
-                                     epilogue)
-        return
     rows = n * c
     xr, dyr, yr = x.reshape(rows, s), dy.reshape(rows, s), y.reshape(rows, s)
-    dxr, dresr = dx.reshape(rows, s), dres.reshape(rows, s)
     for k in prange(parts.shape[0]):
         p1, p2, lo, hi = block_parts(parts, k, rows)
         _plane_grad_sums(xr, dyr, yr, lo, hi, c, shift, p1, p2, epilogue)
-    d = np.empty(c, x.dtype)
-    cm = np.empty(c, x.dtype)
-    k1 = np.empty(c, x.dtype)
-    k2 = np.empty(c, x.dtype)
-    grad_constants(parts, weight, mean_shifted, rstd, train, n * s, dw, db, d, cm, k1, k2)
-    if not need_x:
-        return
+
+
+@njit(**PARALLEL)
+def planar_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, blocks, streaming):
+    """The backward's writing pass: dx = (dy' − c) · k1 + ((x − shift) − d) · k2 per channel (and
+    dres = dy' after a fused add), parallel over the N·C runs; with streaming stores in ``blocks``
+    blocks of runs where ``streaming`` is set."""
+    n, c, s = x.shape
+    rows = n * c
+    xr, dyr, yr = x.reshape(rows, s), dy.reshape(rows, s), y.reshape(rows, s)
+    dxr, dresr = dx.reshape(rows, s), dres.reshape(rows, s)
     if streaming:
-        nb = parts.shape[0]
-        for k in prange(nb):
-            lo, hi = block_range(k, rows, nb)
+        for k in prange(blocks):
+            lo, hi = block_range(k, rows, blocks)
             for row in range(lo, hi):
                 ch = row % c
                 stream_grad(xr[row], dyr[row], yr[row], dxr[row], dresr[row], shift[ch], d[ch], cm[ch], k1[ch],
-                             k2[ch], epilogue)
+                            k2[ch], epilogue)
             stream.fence()
         return
-    zero = cast(0.0)
+    zero = x.dtype.type(0.0)
     for row in prange(rows):
         ch = row % c
         xrow, dyrow, dxrow = xr[row], dyr[row], dxr[row]
@@ -359,9 +339,61 @@ def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_
             continue
         yrow = yr[row]
         for j in range(s):
-            dxrow[j] = dx_value(masked(dyrow[j], yrow[j], zero), xrow[j], sh, dk, ck, k1k, k2k)
+            g = masked(dyrow[j], yrow[j], zero)
+            dxrow[j] = dx_value(g, xrow[j], sh, dk, ck, k1k, k2k)
         if epilogue == ADD_RELU:
             drow = dresr[row]
             for j in range(s):
                 drow[j] = masked(dyrow[j], yrow[j], zero)
 
+
+@njit(**PARALLEL)
+def _planar_backward_by_channel(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw,
+                                db, streaming):
+    """The backward parallel over channels, each channel's runs summed and then written while still in
+    cache (:data:`_CHANNEL_BACKWARD_BYTES`)."""
+    n, c, s = x.shape
+    cast = x.dtype.type
+    for ch in prange(c):
+        s1, s2 = _channel_grad_sums(x, dy, y, ch, np.float64(shift[ch]), epilogue)
+        dk = np.float64(mean_shifted[ch]) if train else 0.0
+        dgamma, ck, k1k, k2k = closed_form(np.float64(weight[ch]), np.float64(rstd[ch]), dk, s1, s2, n * s, train)
+        db[ch] = s1
+        dw[ch] = dgamma
+        if need_x and streaming:
+            for i in range(n):
+                stream_grad(x[i, ch], dy[i, ch], y[i, ch], dx[i, ch], dres[i, ch], shift[ch], cast(dk), cast(ck),
+                            cast(k1k), cast(k2k), epilogue)
+            stream.fence()
+        elif need_x:
+            _channel_grad_affine(x, dy, y, dx, dres, ch, shift[ch], cast(dk), cast(ck), cast(k1k), cast(k2k),
+                                 epilogue)
+
+
+@njit(**FLAGS)
+def bn_planar_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
+                       parts, streaming, totals=None, count=0.0):
+    """BatchNorm backward on (N, C, S): :func:`planar_grad_sums`, the per-channel step
+    (:func:`~.channel.grad_constants`), :func:`planar_grad_affine`.
+
+    Per channel, the sums Σ dy' and Σ dy' · (x − shift) give dβ and dγ; a second read of ``x`` and ``dy``
+    (and ``y``, the mask of a fused ReLU) writes ``dx`` (and ``dres = dy'``, the residual's gradient,
+    after a fused add). Both passes stream through memory in order, parallel over the N·C runs; on
+    large tensors with long runs (:data:`_CHANNEL_BACKWARD_BYTES`) the work is parallel over channels
+    instead. ``streaming`` writes ``dx`` (and ``dres``) with streaming stores (see :mod:`.stream`).
+    ``totals`` ((2, C): Σ dy' and Σ dy' · x̂ over the whole batch, the statistics seam's combined sums)
+    replaces the first pass, ``count`` being the batch's number of values per channel; ``dw`` and ``db``
+    are then left alone.
+    """
+    n, c, s = x.shape
+    totals = given(totals, c)
+    if not totals.shape[0] and s > _SHORT_RUN and x.size * x.itemsize > _CHANNEL_BACKWARD_BYTES:
+        _planar_backward_by_channel(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres,
+                                    dw, db, streaming)
+        return
+    if not totals.shape[0]:
+        planar_grad_sums(x, dy, y, shift, epilogue, parts)
+    m = count if totals.shape[0] else np.float64(n * s)
+    d, cm, k1, k2 = channel_grad_factors(parts, totals, weight, mean_shifted, rstd, train, m, dw, db)
+    if need_x:
+        planar_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, parts.shape[0], streaming)

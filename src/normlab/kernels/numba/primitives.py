@@ -98,53 +98,79 @@ def dx_value(g, x, sh, d, c, k1, k2):
 
 
 @njit(inline="always", **FLAGS)
-def moment_constants(s1, s2, m, eps):
-    """(mean_shifted, var, rstd) in float64 from the shifted sums Σt and Σt² over ``m`` values."""
+def shifted_moments(s1, s2, m):
+    """(mean_shifted, var) in float64 from the shifted sums Σt and Σt² over ``m`` values."""
     d = s1 / m
-    v = max(s2 / m - d * d, 0.0)
-    return d, v, 1.0 / np.sqrt(v + eps)
+    return d, max(s2 / m - d * d, 0.0)
+
+
+@njit(inline="always", **FLAGS)
+def inverse_std(v, eps):
+    """rstd = 1 / √(var + eps) in float64."""
+    return 1.0 / np.sqrt(v + eps)
+
+
+@njit(inline="always", **FLAGS)
+def save_mean(k, first, d, v, shift, mean_shifted, var):
+    """Save statistic ``k`` of data shifted by ``first`` (mean_shifted ``d``, variance ``v``): the shift
+    saved (and used to normalize, forward and backward) is not ``first`` but the mean μ = first + d
+    rounded to the input dtype, and ``mean_shifted`` the float64 remainder μ − shift: a first value far
+    from the rest (an outlier) then costs ``x − shift`` no digits, as it would if the data were
+    normalized about it. Returns that remainder."""
+    mu = np.float64(first) + d
+    sh = shift.dtype.type(mu)
+    if not np.isfinite(sh):  # μ beyond the input dtype's range, or NaN data: keep the first value
+        sh = first
+    shift[k] = sh
+    d = mu - np.float64(sh)
+    mean_shifted[k] = d
+    var[k] = v
+    return d
 
 
 @njit(inline="always", **FLAGS)
 def statistic(k, first, s1, s2, m, eps, train, shift, mean_shifted, var, rstd):
     """Statistic ``k``: in training from the sums ``s1``, ``s2`` shifted by ``first``, written to
-    ``shift``, ``mean_shifted`` and ``var``; otherwise from the fixed variance ``var[k]``. Writes
-    ``rstd[k]`` and returns (mean_shifted, rstd) in float64.
-
-    In training the shift saved (and used to normalize, forward and backward) is not ``first`` but the
-    mean μ = first + d rounded to the input dtype, and ``mean_shifted`` the float64 remainder μ − shift:
-    a first value far from the rest (an outlier) then costs ``x − shift`` no digits, as it would if the
-    data were normalized about it.
-    """
+    ``shift``, ``mean_shifted`` and ``var`` (:func:`save_mean`); otherwise from the fixed variance
+    ``var[k]``. Writes ``rstd[k]`` and returns (mean_shifted, rstd) in float64."""
     if train:
-        d, v, r = moment_constants(s1, s2, m, eps)
-        mu = np.float64(first) + d
-        sh = shift.dtype.type(mu)
-        if not np.isfinite(sh):  # μ beyond the input dtype's range, or NaN data: keep the first value
-            sh = first
-        shift[k] = sh
-        d = mu - np.float64(sh)
-        mean_shifted[k] = d
-        var[k] = v
+        d, v = shifted_moments(s1, s2, m)
+        r = inverse_std(v, eps)
+        d = save_mean(k, first, d, v, shift, mean_shifted, var)
     else:
         d = 0.0
-        r = 1.0 / np.sqrt(np.float64(var[k]) + eps)
+        r = inverse_std(np.float64(var[k]), eps)
     rstd[k] = r
     return d, r
 
 
 @njit(inline="always", **FLAGS)
+def grad_factors(gam, r, s1, dgamma, m, train):
+    """The constants (c, k1, k2) of dx = (dy' − c) · k1 + ((x − shift) − d) · k2, in float64, from
+    ``s1 = Σ dy'`` and ``dgamma = Σ dy' · x̂`` over the ``m`` values of one statistic (with fixed
+    statistics c and k2 are 0)."""
+    if not train:
+        return 0.0, gam * r, 0.0
+    return s1 / m, gam * r, -gam * r * r * dgamma / m
+
+
+@njit(inline="always", **FLAGS)
+def xhat_grad_sum(r, d, s1, s2):
+    """Σ dy' · x̂ = r · (s2 − d · s1) from ``s1 = Σ dy'`` and ``s2 = Σ dy' · (x − shift)`` (d = mean_shifted)."""
+    return r * (s2 - d * s1)
+
+
+@njit(inline="always", **FLAGS)
 def closed_form(gam, r, d, s1, s2, m, train):
-    """dγ and the constants (c, k1, k2) of dx = (dy' − c) · k1 + ((x − shift) − d) · k2, in float64.
+    """dγ and the constants (c, k1, k2) of :func:`grad_factors`, in float64.
 
     ``s1 = Σ dy'`` and ``s2 = Σ dy' · (x − shift)`` over the ``m`` values of one statistic, so that
     Σ dy' · x̂ = r · (s2 − d · s1) is dγ. Where γ varies within a statistic (GroupNorm, LayerNorm) the
     caller passes ``gam = 1`` and sums of g = γ · dy in place of dy, and uses γ · dy in place of dy'.
     """
-    dgamma = r * (s2 - d * s1)
-    if not train:
-        return dgamma, 0.0, gam * r, 0.0
-    return dgamma, s1 / m, gam * r, -gam * r * r * dgamma / m
+    dgamma = xhat_grad_sum(r, d, s1, s2)
+    c, k1, k2 = grad_factors(gam, r, s1, dgamma, m, train)
+    return dgamma, c, k1, k2
 
 
 @njit(inline="always", **FLAGS)

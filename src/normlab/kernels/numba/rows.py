@@ -14,7 +14,7 @@ from numba import njit, prange
 from normlab.kernels.numba import stream
 from normlab.kernels.numba.primitives import (
     FLAGS, PARALLEL, SUM_FLAGS, block_parts, block_range, closed_form, run_grad_sums, run_sums,
-    run_weighted_grad_sums, statistic,
+    run_weighted_grad_sums, statistic, xhat_grad_sum,
 )
 from normlab.kernels.numba.runs import (
     centred_run, layer_values, stream_centred, stream_layer, stream_weighted_grad, weighted_grad_values,
@@ -105,9 +105,8 @@ def _four_row_sums(x, dy, w, i, shift, mean_shifted, rstd, train, pb, pw, sums):
     in one read: dy and dy · x̂ added into the float64 accumulators of dβ and dγ (``pb``, ``pw``), and
     each row's Σ w · dy and Σ w · dy · (x − shift) written to ``sums[k]`` (k = 0..3), all in float64.
 
-    Reading the four rows once for both kinds of sums, rather than once for the parameters' and again per
-    row, made the LayerNorm backward kernel 1.1-1.24x faster on (4096, 1024), (12544, 768), (64, 4096) and
-    (1001, 256) rows (2 threads, interleaved A/B). In float64 every
+    Four rows are read once for both kinds of sums rather than once for the parameters' and again per
+    row (benchmarks/README.md, "LayerNorm backward: four rows at a time"). In float64 every
     step is exact enough that reassociating the sums (which vectorizes them) loses nothing:
     x − shift is exact, and x̂ = ((x − shift) − mean_shifted) · rstd is formed from it."""
     x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
@@ -178,7 +177,7 @@ def row_backward(x, dy, weight, shift, mean_shifted, rstd, train, need_x, groups
                     s1, s2 = run_grad_sums(xr[s:s + hw], dyr[s:s + hw], sh)
                     w = np.float64(weight[p0 + k])
                     pb[p0 + k] += s1
-                    pw[p0 + k] += rs * (s2 - d * s1)
+                    pw[p0 + k] += xhat_grad_sum(rs, d, s1, s2)
                     sg += w * s1
                     sgx += w * s2
             if not need_x:

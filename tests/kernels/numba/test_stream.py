@@ -117,8 +117,8 @@ def test_small_outputs_are_not_streamed(monkeypatch):
 
 @pytest.mark.skipif(not X86, reason="the x86 instruction names are checked")
 def test_the_streaming_kernels_store_non_temporally():
-    """The BatchNorm and LayerNorm kernels, compiled afresh (numba shows no code loaded from its cache),
-    hold non-temporal vector stores and the fence that orders them."""
+    """The BatchNorm kernels' writing passes and the LayerNorm kernels, compiled afresh (numba shows no code
+    loaded from its cache), hold non-temporal vector stores and the fence that orders them."""
     from numba import njit
 
     rng = np.random.default_rng(1)
@@ -128,11 +128,12 @@ def test_the_streaming_kernels_store_non_temporally():
     stats, y, dx = np.zeros((4, c), np.float32), np.empty_like(x), np.empty_like(x)
     empty, parts = np.empty(0, np.float32), np.empty((2, 2, c))
     fresh = dict(primitives.PARALLEL, cache=False)
-    forward = njit(**fresh)(columns.bn_rows_forward.py_func)
-    backward = njit(**fresh)(columns.bn_rows_backward.py_func)
-    forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
-    backward(x, dy, y, w, stats[0], stats[1], stats[3], True, True, 0, dx, dx, np.empty(c, np.float32),
-             np.empty(c, np.float32), parts, True)
+    columns.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
+    forward = njit(**fresh)(columns.rows_affine.py_func)
+    backward = njit(**fresh)(columns.rows_grad_affine.py_func)
+    a, k = np.ones(c, np.float32), np.zeros(c, np.float32)
+    forward(x, y, x, stats[0], a, k, 0, 2, True)
+    backward(x, dy, y, dx, dx, stats[0], k, k, a, k, 0, 2, True)
     # LayerNorm's row kernels
     row_forward = njit(**fresh)(rows.row_forward.py_func)
     row_backward = njit(**fresh)(rows.row_backward.py_func)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import normlab.nn as nl
-from normlab.kernels import cpu
+from normlab.kernels.numba import planar, stream
 
 SHAPES = [(8, 16, 8, 8), (32, 64, 28, 28), (64, 256, 14, 14), (32, 512, 7, 7)]
 
@@ -36,6 +36,8 @@ def _old_kernels(rev: str):
                           capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="normlab-guard-")) / "cpu_before.py"
     path.write_text(text)
+    # A revision's single kernels module imported its streaming stores as normlab.kernels.stream.
+    sys.modules.setdefault("normlab.kernels.stream", stream)
     spec = importlib.util.spec_from_file_location("cpu_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,7 +68,7 @@ def kernel_case(old, shape, repeat):
     stats = np.empty((4, c), np.float32)
     unbias = n * h * w / (n * h * w - 1)
     args = (x, wt, bs, 1e-5, True, stats, y, x, 0, rm, rv, 0.1, unbias, parts, False)
-    return _interleaved(lambda: old.bn_planar_forward(*args), lambda: cpu.bn_planar_forward(*args, True), repeat)
+    return _interleaved(lambda: old.bn_planar_forward(*args), lambda: planar.bn_planar_forward(*args, True), repeat)
 
 
 def layer_case(shape, repeat):

@@ -239,13 +239,13 @@ def test_convert_keeps_the_guard_working():
 @pytest.mark.parametrize("layout", ["planar", "rows"])
 def test_the_numba_kernels_report_the_skip(layout):
     pytest.importorskip("numba")
-    from normlab.kernels import cpu
+    from normlab.kernels.numba import columns, planar
 
     x = np.random.default_rng(0).standard_normal((4, 3, 5) if layout == "planar" else (20, 3))
     x[1, 1] = np.nan
     y, stats = np.empty_like(x), np.empty((4, 3))
     rm, rv, w, b = np.zeros(3), np.ones(3), np.ones(3), np.zeros(3)
-    kernel = cpu.bn_planar_forward if layout == "planar" else cpu.bn_rows_forward
+    kernel = planar.bn_planar_forward if layout == "planar" else columns.bn_rows_forward
     args = (x, w, b, 1e-5, True, stats, y, x, 0, rm, rv, 0.1, 20 / 19, np.empty((2, 2, 3)), False)
     assert kernel(*args, True) is True
     assert (rm == 0).all() and (rv == 1).all()

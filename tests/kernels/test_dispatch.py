@@ -16,7 +16,7 @@ needs_numba = pytest.mark.skipif(not available("numba"), reason="numba is not in
 def test_importing_normlab_compiles_nothing():
     code = (
         "import sys, normlab, normlab.nn, normlab.functional, normlab.kernels; "
-        "bad = [m for m in ('numba', 'normlab.kernels.cpu') if m in sys.modules]; "
+        "bad = [m for m in ('numba', 'normlab.kernels.numba.primitives') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -80,7 +80,7 @@ def test_forced_backend_that_is_not_installed_raises(monkeypatch):
 def test_numba_follows_torch_thread_count(monkeypatch):
     import numba
 
-    from normlab.kernels.numba_backend import SERIAL_BELOW
+    from normlab.kernels.numba.backend import SERIAL_BELOW
 
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     large = torch.randn(8, 4, SERIAL_BELOW // 32, 1)

@@ -2,9 +2,8 @@
 computed by kernels that move the data fewer times than a sequence of torch operations.
 
 - :mod:`.dispatch` — which backend runs a call (``NORMLAB_BACKEND=auto|torch|numba|triton``), and why.
-- :mod:`.numba_backend` — the CPU backend: tensors in, tensors out, on NumPy views of their memory.
-- :mod:`.cpu` — its numba kernels, compiled on first use and cached on disk.
-- :mod:`.stream` — the streaming (non-temporal) stores those kernels write large outputs with.
+- :mod:`.numba` — the CPU backend (:class:`~normlab.kernels.numba.backend.NumbaBackend`) and its numba
+  kernels, one module per layout family, compiled on first use and cached on disk.
 - :mod:`.triton` — the GPU backend for CUDA tensors, Triton kernels with the same conventions (runtime
   probing, device code, launch heuristics, host class, offline compile for a GPU architecture).
 - :mod:`.layout` — how a plan maps onto the kernels' flat views of memory.

@@ -52,7 +52,7 @@ class BackendError(RuntimeError):
 
 @functools.cache
 def _numba_backend():
-    from normlab.kernels.numba_backend import NumbaBackend
+    from normlab.kernels.numba.backend import NumbaBackend
 
     return NumbaBackend()
 

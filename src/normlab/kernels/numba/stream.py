@@ -6,11 +6,8 @@ reads ``x`` and writes ``y``, then moves three tensors' worth of bytes rather th
 forward, four rather than three. A streaming store writes whole lines straight to memory without reading
 them, and without evicting the input the next pass reads again. It pays off only where the output would
 have left the cache anyway, so the kernels stream outputs of at least :func:`threshold` bytes (half the
-last-level cache) and store ordinarily below, where the next layer finds ``y`` in cache.
-
-Measured on the 2-core benchmark machine (float32, (4096, 1024), other tensors touched between calls
-as in a network, median of 15 samples): the evaluation map took 0.71-0.79 ms streaming against
-0.93-1.12 ms with ordinary stores (ATen 0.88-1.08, ``y.copy_(x)`` 0.79-0.86).
+last-level cache) and store ordinarily below, where the next layer finds ``y`` in cache
+(benchmarks/README.md, "Streaming stores").
 
 numba has no streaming store, so each map below is one vector of the output computed and stored in LLVM
 IR (``!nontemporal`` on an aligned vector store: ``vmovntps``/``vmovntpd`` on x86). The maps are the

@@ -1,12 +1,13 @@
 """The ``numba`` backend: the engine's forward and closed-form backward on CPU tensors, run by the
-kernels of :mod:`normlab.kernels.cpu` on zero-copy NumPy views of the tensors' memory.
+kernels of this package (:mod:`.planar`, :mod:`.columns`, :mod:`.rows`) on zero-copy NumPy views of the
+tensors' memory.
 
 float32 and float64 are computed in their own dtype (statistics always accumulate in float64);
 float16 and bfloat16 are converted to float32 on the way in and back on the way out, as the torch
 engine does. Results follow the engine's conventions: ``y`` and ``dx`` in the input's shape and memory
 format, statistics in ``plan.stat_shape``, ``(shift, mean_shifted)`` with μ = shift + mean_shifted.
 
-:mod:`normlab.kernels.cpu` (and with it numba) is imported on the first call, not before.
+The kernels (and with them numba) are imported on the first call, not before.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from normlab.core.plan import Plan
-from normlab.kernels import buffers
+from normlab.kernels.numba import buffers
 from normlab.kernels.layout import ChannelShape, RowShape, classify
 
 __all__ = ["NumbaBackend", "epilogue_code"]
@@ -35,10 +36,16 @@ def epilogue_code(relu: bool, residual: torch.Tensor | None) -> int:
 
 
 @functools.cache
-def _cpu():
-    from normlab.kernels import cpu
+def _kernels() -> dict:
+    """The kernels of each family by name (importing them imports numba)."""
+    from normlab.kernels.numba import columns, planar, rows
 
-    return cpu
+    return {
+        "bn_planar": (planar.bn_planar_forward, planar.bn_planar_backward),
+        "bn_rows": (columns.bn_rows_forward, columns.bn_rows_backward),
+        "group_cl": (columns.group_cl_forward, columns.group_cl_backward),
+        "row": (rows.row_forward, rows.row_backward),
+    }
 
 
 SERIAL_BELOW = 1 << 15
@@ -198,8 +205,8 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
 
 def _streams(out: torch.Tensor) -> bool:
     """Whether a kernel writes ``out`` with streaming stores: from
-    :func:`normlab.kernels.stream.threshold` bytes on (half the last-level cache)."""
-    from normlab.kernels import stream
+    :func:`normlab.kernels.numba.stream.threshold` bytes on (half the last-level cache)."""
+    from normlab.kernels.numba import stream
 
     return out.numel() * out.element_size() >= stream.threshold()
 
@@ -259,6 +266,10 @@ class NumbaBackend:
         updated in place with the batch's statistics in the same pass (unless, guarded, they are not
         finite: see :class:`~normlab.core.guard.RunningUpdate`).
         """
+        return self._run_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, residual, relu, running)
+
+    def _run_forward(self, x, weight, bias, fixed_mean, fixed_var, plan, eps, residual, relu, running, merged=None):
+        """:meth:`forward`, or with ``merged`` ((4, C) float64: N, K, D, σ²) the batch's statistics given."""
         launch = _launch(x, plan)
         train = fixed_mean is None
         xa = launch.prepare(x)
@@ -268,7 +279,10 @@ class NumbaBackend:
             stats[0] = _per_row(fixed_mean, launch)
             stats[2] = _per_row(fixed_var, launch)
             stats[1] = 0.0
-        if x.numel():
+        if merged is not None:  # the count for the running variance's correction is the whole batch's
+            self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running,
+                          float(merged[0].max()), merged)
+        elif x.numel():
             self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, plan.count)
         else:  # an empty batch: the torch engine's statistics of nothing
             if train:
@@ -278,8 +292,8 @@ class NumbaBackend:
         shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind()
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
-    def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count):
-        cpu = _cpu()
+    def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count, merged=None):
+        kernel = _kernels()[launch.family][0]
         threads = _sync_threads(xa.numel())
         acc = launch.acc
         w = _param(weight, launch.param_count, acc, 1.0)
@@ -297,10 +311,10 @@ class NumbaBackend:
                 rm, rv = _numpy(running[0]), _numpy(running[1])
                 momentum = float(running[2])
                 unbias = count / (count - 1) if getattr(running, "unbiased", True) else 1.0
-            kernel = cpu.bn_planar_forward if family == "bn_planar" else cpu.bn_rows_forward
             guarded = running is not None and getattr(running, "guarded", False)
+            given = {} if merged is None else {"merged": merged}
             skipped = kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias,
-                             _parts(threads, launch), _streams(y), guarded=guarded)
+                             _parts(threads, launch), _streams(y), guarded=guarded, **given)
             if skipped:  # a guarded update of non-finite statistics, not made (normlab.core.guard)
                 running.skipped = True
             elif running is not None:  # written through NumPy: tell autograd they changed, as an in-place op would
@@ -308,9 +322,9 @@ class NumbaBackend:
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
         elif family == "row":
-            cpu.row_forward(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
+            kernel(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
         else:
-            cpu.group_cl_forward(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
+            kernel(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
 
     def backward(self, dy, x, weight, shift, mean_shifted, rstd, plan: Plan, batch_stats: bool,
                  need: tuple[bool, bool, bool], y: torch.Tensor | None = None, residual: bool = False):
@@ -319,6 +333,12 @@ class NumbaBackend:
         ``y`` is the output of a fused ReLU (its mask), ``residual`` whether a residual was added before
         it; then a fourth result, the residual's gradient, follows.
         """
+        return self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, batch_stats, need, y, residual)
+
+    def _run_backward(self, dy, x, weight, shift, mean_shifted, rstd, plan, batch_stats, need, y, residual,
+                      totals=None, count=0.0):
+        """:meth:`backward`, or with ``totals`` ((2, C) float64: Σ dy' and Σ dy' · x̂ over a batch of
+        ``count`` values per channel) the batch's sums given; dγ and dβ are then zeros."""
         launch = _launch(x, plan)
         xa = launch.prepare(x)
         dya = launch.prepare(dy)
@@ -327,14 +347,15 @@ class NumbaBackend:
         sums = np.zeros((2, launch.param_count), launch.np_dtype)  # dγ, dβ
         if x.numel():
             self._backward(launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, batch_stats,
-                           need[0], y)
+                           need[0], y, totals, count)
         dx = launch.finish(dx, x)
         dw, db = torch.from_numpy(sums).unbind()
         grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
         return grads if y is None else (*grads, dres)
 
-    def _backward(self, launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, train, need_x, y):
-        cpu = _cpu()
+    def _backward(self, launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, train, need_x, y,
+                  totals=None, count=0.0):
+        kernel = _kernels()[launch.family][1]
         threads = _sync_threads(xa.numel())
         w = _param(weight, launch.param_count, launch.acc, 1.0)
         xn, dyn, dxn = launch.array(xa), launch.array(dya), launch.array(dx)
@@ -348,14 +369,86 @@ class NumbaBackend:
             yn = launch.array(launch.prepare(y)) if y is not None else xn
             dresn = launch.array(dres) if dres is not None else dxn
             args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
-            kernel = cpu.bn_planar_backward if family == "bn_planar" else cpu.bn_rows_backward
-            kernel(*args, _parts(threads, launch), _streams(dx))
+            given = {} if totals is None else {"totals": totals, "count": float(count)}
+            kernel(*args, _parts(threads, launch), _streams(dx), **given)
             return
         parts = _parts(threads, launch)
         if family == "row":
-            cpu.row_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
+            kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
         else:
-            cpu.group_cl_backward(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
+            kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
         total = parts.sum(axis=0)  # per block: Σ dy (dβ), Σ dy · x̂ (dγ)
         sums[0] = total[1]
         sums[1] = total[0]
+
+    # The statistics seam (BatchNorm plans): partial statistics → combine (the caller's) → apply. With
+    # one place and the identity combine it computes what forward and backward compute in one call.
+
+    def partial_moments(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """This place's per-channel ``(n, s, d, M2)`` as a (1, 4, C) float64 tensor, in the layout of
+        :func:`normlab.core.stats.partial_moments` (merged by :func:`normlab.core.stats.merge_moments`):
+        the forward kernel's own first pass, its sums about each channel's first value."""
+        launch = _seam_launch(x, plan)
+        packed = torch.zeros(1, 4, launch.param_count, dtype=torch.float64)
+        if x.numel():
+            xa = launch.prepare(x)
+            parts = _parts(_sync_threads(xa.numel()), launch)
+            shift = np.empty(launch.param_count, launch.np_dtype)
+            first_pass, _, pack_moments, _ = _seam_kernels()[launch.family]
+            first_pass(launch.array(xa), shift, parts)
+            pack_moments(parts, shift, float(plan.count), packed[0].numpy())
+        return packed
+
+    def apply_moments(self, x, weight, bias, merged, plan: Plan, eps: float, residual: torch.Tensor | None = None,
+                      relu: bool = False, running=None):
+        """:meth:`forward`'s results with the batch's statistics given: ``merged``, ``(N, K, D, σ²)`` per
+        channel as :func:`normlab.core.stats.merge_moments` returns them. ``running`` is updated as in
+        :meth:`forward`, the variance corrected with the whole batch's count N."""
+        _seam_launch(x, plan)
+        packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(-1).numpy() for t in merged])
+        return self._run_forward(x, weight, bias, None, None, plan, eps, residual, relu, running, packed)
+
+    def partial_grad_sums(self, dy, x, shift, mean_shifted, rstd, plan: Plan, y: torch.Tensor | None = None):
+        """This place's per-channel ``(Σ dy', Σ dy' · x̂)`` as a (2, C) float64 tensor: its share of dβ
+        and dγ, and (times γ) of the closed form's Σ g and Σ g · x̂ (:mod:`normlab.core.stats`); ``dy'``
+        is ``dy`` masked by ``y > 0`` after a fused ReLU."""
+        launch = _seam_launch(x, plan)
+        sums = torch.zeros(2, launch.param_count, dtype=torch.float64)
+        if x.numel():
+            xa, dya = launch.prepare(x), launch.prepare(dy)
+            xn = launch.array(xa)
+            yn = launch.array(launch.prepare(y)) if y is not None else xn
+            parts = _parts(_sync_threads(xa.numel()), launch)
+            _, first_pass, _, pack_grad_sums = _seam_kernels()[launch.family]
+            first_pass(xn, launch.array(dya), yn, _flat(shift), 0 if y is None else 1, parts)
+            pack_grad_sums(parts, _flat(mean_shifted), _flat(rstd), sums.numpy())
+        return sums
+
+    def apply_grad(self, dy, x, weight, shift, mean_shifted, rstd, totals: torch.Tensor, count: float, plan: Plan,
+                   y: torch.Tensor | None = None, residual: bool = False):
+        """∂L/∂x from the whole batch's ``totals`` (the combined :meth:`partial_grad_sums`) over ``count``
+        values per channel; with ``y`` (a fused ReLU's output) ``(dx, dres)``, the residual's gradient
+        after a fused add (``residual``) or ``None``."""
+        _seam_launch(x, plan)
+        grads = self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, True, (True, False, False), y,
+                                   residual, totals.to(torch.float64).contiguous().numpy(), count)
+        return grads[0] if y is None else (grads[0], grads[3])
+
+
+def _seam_launch(x: torch.Tensor, plan: Plan) -> _Launch:
+    launch = _launch(x, plan)
+    if launch.family not in ("bn_planar", "bn_rows"):
+        raise ValueError(f"the statistics seam takes BatchNorm plans (one statistic per channel), got {plan}")
+    return launch
+
+
+@functools.cache
+def _seam_kernels() -> dict:
+    """Per BatchNorm family: the forward's and the backward's first pass, and their packing steps."""
+    from normlab.kernels.numba import channel, columns, planar
+
+    packs = (channel.pack_moments, channel.pack_grad_sums)
+    return {
+        "bn_planar": (planar.planar_sums, planar.planar_grad_sums, *packs),
+        "bn_rows": (columns.rows_sums, columns.rows_grad_sums, *packs),
+    }

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from normlab.kernels import buffers
+from normlab.kernels.numba import buffers
 
 BIG = (buffers.MIN_BYTES // 4 // 64, 4, 4, 4)  # float32, exactly MIN_BYTES
 

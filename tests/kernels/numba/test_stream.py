@@ -11,7 +11,7 @@ import normlab.nn as nl
 
 pytest.importorskip("numba")
 
-from normlab.kernels import cpu, stream  # noqa: E402  (numba first)
+from normlab.kernels.numba import backend, columns, primitives, rows, stream  # noqa: E402  (numba first)
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -33,8 +33,6 @@ def test_a_bad_threshold_says_what_to_set(monkeypatch, text):
         stream.threshold()
 
 
-KERNELS = ("bn_rows_forward", "bn_planar_forward", "row_forward", "group_cl_forward",
-           "bn_rows_backward", "bn_planar_backward", "row_backward", "group_cl_backward")
 
 
 def _run(make, shape, fmt, dtype, train, residual, stream_mb, monkeypatch):
@@ -43,9 +41,10 @@ def _run(make, shape, fmt, dtype, train, residual, stream_mb, monkeypatch):
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     monkeypatch.setenv("NORMLAB_STREAM_MB", stream_mb)
     flags = []
-    for name in KERNELS:
-        kernel = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, **kw: (flags.append(a[-1]), _k(*a, **kw))[1])
+    kernels = backend._kernels()
+    for family, pair in list(kernels.items()):
+        spied = tuple(lambda *a, _k=k, **kw: (flags.append(a[-1]), _k(*a, **kw))[1] for k in pair)
+        monkeypatch.setitem(kernels, family, spied)
     gen = torch.Generator().manual_seed(sum(shape))
     layer = make(shape).to(dtype).train(train)
     stats = [b for n, b in layer.named_buffers() if n in ("running_mean", "running_var")]
@@ -118,8 +117,8 @@ def test_small_outputs_are_not_streamed(monkeypatch):
 
 @pytest.mark.skipif(not X86, reason="the x86 instruction names are checked")
 def test_the_streaming_kernels_store_non_temporally():
-    """The BatchNorm and LayerNorm kernels, compiled afresh (numba shows no code loaded from its cache),
-    hold non-temporal vector stores and the fence that orders them."""
+    """The BatchNorm kernels' writing passes and the LayerNorm kernels, compiled afresh (numba shows no code
+    loaded from its cache), hold non-temporal vector stores and the fence that orders them."""
     from numba import njit
 
     rng = np.random.default_rng(1)
@@ -128,15 +127,16 @@ def test_the_streaming_kernels_store_non_temporally():
     w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
     stats, y, dx = np.zeros((4, c), np.float32), np.empty_like(x), np.empty_like(x)
     empty, parts = np.empty(0, np.float32), np.empty((2, 2, c))
-    fresh = dict(cpu._PARALLEL, cache=False)
-    forward = njit(**fresh)(cpu.bn_rows_forward.py_func)
-    backward = njit(**fresh)(cpu.bn_rows_backward.py_func)
-    forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
-    backward(x, dy, y, w, stats[0], stats[1], stats[3], True, True, 0, dx, dx, np.empty(c, np.float32),
-             np.empty(c, np.float32), parts, True)
+    fresh = dict(primitives.PARALLEL, cache=False)
+    columns.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, parts, True)
+    forward = njit(**fresh)(columns.rows_affine.py_func)
+    backward = njit(**fresh)(columns.rows_grad_affine.py_func)
+    a, k = np.ones(c, np.float32), np.zeros(c, np.float32)
+    forward(x, y, x, stats[0], a, k, 0, 2, True)
+    backward(x, dy, y, dx, dx, stats[0], k, k, a, k, 0, 2, True)
     # LayerNorm's row kernels
-    row_forward = njit(**fresh)(cpu.row_forward.py_func)
-    row_backward = njit(**fresh)(cpu.row_backward.py_func)
+    row_forward = njit(**fresh)(rows.row_forward.py_func)
+    row_backward = njit(**fresh)(rows.row_backward.py_func)
     row_stats = np.zeros((4, m), np.float32)
     row_forward(x, w, b, 1e-5, True, 1, 1, row_stats, y, 2, True)
     row_backward(x, dy, w, row_stats[0], row_stats[1], row_stats[3], True, True, 1, 1, dx, np.empty((2, 2, c)), True)
@@ -158,7 +158,7 @@ def test_an_output_not_aligned_to_its_elements_is_written_ordinarily():
         raw = np.zeros(m * c * 4 + 64, np.uint8)
         y = np.ndarray((m, c), np.float32, buffer=raw.data, offset=offset)
         stats = np.zeros((4, c), np.float32)
-        cpu.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, np.empty((2, 2, c)), True)
+        columns.bn_rows_forward(x, w, b, 1e-5, True, stats, y, x, 0, empty, empty, 0.0, 0.0, np.empty((2, 2, c)), True)
         results.append(np.array(y))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])

@@ -2,12 +2,9 @@
 
 A tensor of more than 32 MiB gets fresh pages from the operating system at every allocation (glibc
 serves it with ``mmap`` and returns it with ``munmap``), and writing those pages the first time costs
-more than the normalization itself: on the 2-core benchmark machine, ``torch.empty_like(x).copy_(x)``
-of 51 MiB takes 14–16 ms where ``y.copy_(x)`` into an existing ``y`` takes 2.5 ms, and a BatchNorm
-forward that writes into fresh memory 18.6 ms where the same kernel writing into touched memory takes
-3.9 ms. Smaller outputs come from glibc's heap, but in a layer's forward and backward, between other
-allocations, not always from pages already touched: on (64, 16, 28, 28) the pool cut BatchNorm2d's
-forward+backward from 0.94 to 0.70 ms.
+more than the normalization itself; smaller outputs come from glibc's heap, but in a layer's forward
+and backward, between other allocations, not always from pages already touched (benchmarks/README.md,
+"Recycled output memory").
 
 So outputs of at least :data:`MIN_BYTES` are carved from blocks that this module keeps: a block is handed
 out as a tensor (through a NumPy view that holds a reference to it) and is free again as soon as no
@@ -18,10 +15,8 @@ returns the free blocks to the system.
 
 On Linux, blocks of at least :data:`HUGE_BYTES` start on a 2 MiB boundary and ask the kernel for
 transparent huge pages (``madvise(MADV_HUGEPAGE)``, where the system's THP setting is ``madvise``): a
-16 MiB output then takes 8 TLB entries rather than 4096. Writing a (4096, 1024) float32 BatchNorm
-output from cache-warm data took 0.47 ms into such a block against 0.58-0.70 ms into ordinary pages on
-the benchmark machine; from cold caches the two were the same. Where the kernel refuses, the block
-stays an ordinary one.
+16 MiB output then takes 8 TLB entries rather than 4096. Where the kernel refuses, the block stays an
+ordinary one.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import time
 import torch
 
 import normlab.functional as F
-from normlab.bench_variants import bench_mask
+from normlab.bench.variants import bench_mask
 from normlab.core import masked
 
 CASES = {"(32, 128, 256) (N, L, C)": ((32, 128, 256), -1), "(64, 196, 768) (N, L, C)": ((64, 196, 768), -1),

@@ -5,7 +5,7 @@
 * ``auto`` (default) — per case, the backend measured fastest among those that keep the engine's
   precision (below), else the torch engine;
 * ``torch`` — always the engine's own torch operations (:mod:`normlab.core.engine`);
-* ``numba`` — always the numba CPU kernels (:mod:`normlab.kernels.numba_backend`); a case they cannot
+* ``numba`` — always the numba CPU kernels (:mod:`normlab.kernels.numba`); a case they cannot
   run raises :class:`BackendError` instead of falling back;
 * ``triton`` — always the Triton kernels (:mod:`normlab.kernels.triton`): CUDA tensors, or CPU
   tensors under Triton's interpreter (``TRITON_INTERPRET=1``); a case they cannot run raises

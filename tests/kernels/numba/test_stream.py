@@ -1,4 +1,4 @@
-"""Streaming stores (normlab.kernels.stream): when the kernels use them, that they do, and that
+"""Streaming stores (normlab.kernels.numba.stream): when the kernels use them, that they do, and that
 they change no bit of any result."""
 
 import platform

@@ -57,7 +57,7 @@ def row_forward(x, weight, bias, eps, train, groups, hw, stats, y, blocks, strea
 
     Memory passes: each row is read once for its float64 sums and once more from cache (a row is at
     most a few hundred KiB for the usual shapes) to write ``y``: x and y cross main memory once.
-    ``streaming`` writes ``y`` with streaming stores (see :mod:`normlab.kernels.stream`), parallel over
+    ``streaming`` writes ``y`` with streaming stores (see :mod:`normlab.kernels.numba.stream`), parallel over
     ``blocks`` blocks of rows (one per thread), each ended by a fence.
     """
     rows = x.shape[0]

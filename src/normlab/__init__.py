@@ -35,13 +35,19 @@ _LAZY = {
     "FoldReport": "normlab.folding",
 }
 
+_SUBMODULES = ("nn", "functional", "core", "kernels", "lab", "bench", "health", "folding")
+"""Subpackages reachable as attributes after a plain ``import normlab`` (``normlab.nn.BatchNorm2d``), as in torch."""
+
 
 def __getattr__(name: str):
-    """The training-safety and after-training tools, imported on first use so that ``import normlab`` stays light."""
-    if name in _LAZY:
-        import importlib
+    """The training-safety and after-training tools and the subpackages, imported on first use so that
+    ``import normlab`` stays light."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"normlab.{name}")
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")
 
 

@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
               f"(torch.cuda.is_available() is False). Run it on a machine with a GPU and a CUDA build of "
               f"torch, or use --device cpu.", file=sys.stderr)
         return 2
-    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
-    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    repeats, warmup = _repeats_warmup(args)
     implementations, cnn = peers(args)
     start = time.perf_counter()
     records = run_cases(cases, repeats=repeats, warmup=warmup, implementations=implementations,
@@ -118,11 +117,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report(records, implementations, [step] if step else []))
         print(f"\n{len(records)} cases in {time.perf_counter() - start:.1f} s")
-    mismatches = sum(r["status"] != "ok" for r in records)
-    if mismatches:
-        print(f"normlab bench: {mismatches} case(s) MISMATCH: their answers differ from "
-              f"{IMPLEMENTATIONS[1].name}", file=sys.stderr)
-    return 1 if mismatches else 0
+    return _exit_status(records, "case(s)", f"their answers differ from {IMPLEMENTATIONS[1].name}")
 
 
 def _run_variants(args: argparse.Namespace) -> int:
@@ -136,8 +131,7 @@ def _run_variants(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(c.key for c in cases))
         return 0
-    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
-    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    repeats, warmup = _repeats_warmup(args)
     records = run_cases(cases, repeats=repeats, warmup=warmup, implementations=variants.IMPLEMENTATIONS,
                         threads=args.threads, device=args.device, progress=True)
     if args.json:
@@ -145,11 +139,7 @@ def _run_variants(args: argparse.Namespace) -> int:
     else:
         print(format_table(records, variants.IMPLEMENTATIONS))
         print("\n" + variants.summary(records))
-    mismatches = sum(r["status"] != "ok" for r in records)
-    if mismatches:
-        print(f"normlab bench: {mismatches} variant case(s) MISMATCH: their answers differ from the torch.nn "
-              f"composition", file=sys.stderr)
-    return 1 if mismatches else 0
+    return _exit_status(records, "variant case(s)", "their answers differ from the torch.nn composition")
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -163,8 +153,7 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(c.key for c in cases))
         return 0
-    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
-    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    repeats, warmup = _repeats_warmup(args)
     start = time.perf_counter()
     records = run_models(cases, repeats=repeats, warmup=warmup, quick=args.quick, progress=True)
     if args.json:
@@ -172,8 +161,19 @@ def _run_models(args: argparse.Namespace) -> int:
     else:
         print(format_models(records))
         print(f"\n{len(records)} rows in {time.perf_counter() - start:.1f} s")
+    return _exit_status(records, "model row(s)", "normlab's outputs differ from torch.nn's")
+
+
+def _repeats_warmup(args: argparse.Namespace) -> tuple[int, int]:
+    """The timed and untimed repeats per case: as given, else 1 and 0 with ``--quick``, else the defaults."""
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else DEFAULT_REPEATS
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else DEFAULT_WARMUP
+    return repeats, warmup
+
+
+def _exit_status(records: list[dict], what: str, why: str) -> int:
+    """1 (after saying so on stderr) if any record's answers did not match its peer's, else 0."""
     mismatches = sum(r["status"] != "ok" for r in records)
     if mismatches:
-        print(f"normlab bench: {mismatches} model row(s) MISMATCH: normlab's outputs differ from torch.nn's",
-              file=sys.stderr)
+        print(f"normlab bench: {mismatches} {what} MISMATCH: {why}", file=sys.stderr)
     return 1 if mismatches else 0

@@ -135,3 +135,36 @@ def test_a_large_offset_stays_on_normlabs_kernel_and_keeps_its_precision():
         layer.running_mean.zero_(), layer.running_var.fill_(1.0)  # in place: decided again
         layer(x)
         assert layer.__dict__["_aten_eval"] is not None
+
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst difference from ``ref`` over ``ref``'s largest magnitude."""
+    return float((a.detach().double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("offset", [0.0, 8.0])
+def test_small_channels_last_training_calls_keep_float32_accuracy(offset):
+    """Training calls stay on normlab's kernels at every size: ATen's channels_last training kernel sums in
+    float32 and lands 5–20x further from float64 on this input (y 1e-6 to 6e-6, dx 2e-6 off;
+    benchmarks/train_aten_accuracy.py), normlab within a few float32 roundings."""
+    torch.manual_seed(4)
+    shape = (64, 32, 16, 16)
+    x = (0.01 * torch.randn(shape) + 0.01 * offset).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape)
+    layer = nl.BatchNorm2d(32)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
+    xn = x.clone().requires_grad_()
+    y = layer(xn)
+    y.backward(g)
+    xd = x.double().requires_grad_()
+    mean, var = xd.mean((0, 2, 3), keepdim=True), xd.var((0, 2, 3), unbiased=False, keepdim=True)
+    w, b = layer.weight.detach().double().view(1, -1, 1, 1), layer.bias.detach().double().view(1, -1, 1, 1)
+    exact = (xd - mean) / torch.sqrt(var + 1e-5) * w + b
+    exact.backward(g.double())
+    assert _rel(y, exact.detach()) < 3e-7
+    assert _rel(xn.grad, xd.grad) < 4e-7
+    unbiased = x.double().var((0, 2, 3), unbiased=True)
+    assert _rel(layer.running_var, 0.9 + 0.1 * unbiased) < 1e-6
+    assert _rel(layer.running_mean, 0.1 * mean.detach().flatten()) < 1e-6

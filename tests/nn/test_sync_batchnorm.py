@@ -117,3 +117,26 @@ def test_revert_without_a_record_follows_the_input_rank():
     assert normlab.nn.convert_sync_batchnorm is normlab.convert_sync_batchnorm
     swapped = nnl.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm3d(2)))
     assert type(swapped[0]) is nnl.SyncBatchNorm and swapped[0].replaced is torch.nn.BatchNorm3d
+
+
+def test_convert_and_revert_carry_the_layer_options():
+    """guard_stats, convention and num_batches_skipped survive normlab → SyncBatchNorm → normlab; the
+    converted layer stores the convention's biased running variance and keeps its guard off."""
+    layer = nnl.BatchNorm2d(3, convention="keras", guard_stats=False)
+    layer.num_batches_skipped = 2
+    synced = normlab.convert_sync_batchnorm(torch.nn.Sequential(layer))[0]
+    assert type(synced) is nnl.SyncBatchNorm
+    assert (synced.convention, synced.guard_stats, synced.num_batches_skipped) == ("keras", False, 2)
+    assert synced.momentum == pytest.approx(0.01) and synced.eps == pytest.approx(1e-3)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    synced.double()(x)
+    torch.testing.assert_close(synced.running_var, 0.99 + 0.01 * x.var((0, 2, 3), unbiased=False))
+    x[0, 0, 0, 0] = float("nan")
+    synced(x)  # guard off: the NaN reaches the running statistics, as in torch.nn
+    assert synced.running_mean[0].isnan() and synced.num_batches_skipped == 2
+    back = normlab.revert_sync_batchnorm(torch.nn.Sequential(synced))[0]
+    assert type(back) is nnl.BatchNorm2d
+    assert (back.convention, back.guard_stats, back.num_batches_skipped) == ("keras", False, 2)
+    assert back.momentum == pytest.approx(0.01)
+    plain = normlab.revert_sync_batchnorm(normlab.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)))
+    assert type(plain) is torch.nn.BatchNorm2d and not hasattr(plain, "convention")

@@ -80,7 +80,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
             identically on every rank; a skipped batch is skipped by all).
         process_group: the group whose ranks share statistics (default: the whole world).
         timeout: seconds (or a ``timedelta``) each collective step may wait for the other ranks before the
-            layer raises :class:`SyncBatchNormError` naming itself; ``None``: the process group's timeout.
+            layer raises :class:`SyncBatchNormError` naming itself; ``None``: the process group's timeout
+            (with NCCL, whose wait without a timeout does not block the host, a missing rank is then left to
+            NCCL's watchdog, which ends the process with its own error).
 
     Every rank must call the layer the same number of times, in training, with the same ``num_features``.
 

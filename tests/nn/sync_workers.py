@@ -186,6 +186,15 @@ def _model(seed):
 
 
 def ddp(rank, world):
+    """:func:`_ddp` on the torch engine, then (where numba is installed) on the numba kernels' seam."""
+    from normlab.kernels import available
+
+    for backend in ("torch", "numba") if available("numba") else ("torch",):
+        os.environ["NORMLAB_BACKEND"] = backend
+        _ddp(rank, world)
+
+
+def _ddp(rank, world):
     """Three SGD steps of DDP + SyncBatchNorm on per-rank batches (5, 3, 0) against one process on the
     concatenated batch; then revert_sync_batchnorm gives back the classes and the very tensors."""
     sizes = (5, 3, 0)[:world]

@@ -54,6 +54,8 @@ def test_exact_against_one_process_on_the_concatenated_batch(_spawn, backend):
 
 
 def test_ddp_training_matches_one_process_and_reverts(_spawn):
+    if available("numba"):
+        _compile_numba_seam()
     _spawn("ddp", 3, limit=120)  # three processes start DDP: 35-45 s at a load of 11 on 2 cores
 
 

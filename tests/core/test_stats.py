@@ -129,3 +129,68 @@ def test_the_combined_update_is_the_guarded_one():
     assert not running.skipped
     torch.testing.assert_close(rm, 0.5 * whole.mean(0), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(rv, 0.5 + 0.5 * whole.var(0, unbiased=False), rtol=1e-14, atol=1e-15)
+
+
+def _numba():
+    from normlab.kernels import available
+
+    if not available("numba"):
+        pytest.skip("numba is not installed")
+    from normlab.kernels.numba.backend import NumbaBackend
+
+    return NumbaBackend()
+
+
+def test_seam_of_takes_a_backend_with_all_four_methods_only():
+    backend = _numba()
+    assert stats.seam_of(backend) is backend and stats.seam_of(None) is None
+
+    class Partial:  # a backend without apply_grad: its steps are left to the torch engine
+        partial_moments = apply_moments = partial_grad_sums = backend.partial_moments
+
+    assert stats.seam_of(Partial()) is None
+
+
+@pytest.mark.parametrize("sizes", [(5, 3, 0), (1, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_parts_merge_to_the_whole_on_a_backend_seam(sizes, channels_last):
+    """normalize_combined with the numba backend's seam, every part seeing every part's partials as the ranks
+    of a process group would: outputs, dx, dγ and dβ (summed over parts) and the running statistics of one
+    BatchNorm over the whole batch, in float64."""
+    backend = _numba()
+    n = sum(sizes)
+    x = torch.randn(n, 3, 2, 2, dtype=torch.float64) * 3 + 100
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    parts = [p.contiguous(memory_format=fmt) for p in x.split(sizes)]
+    plans = [batch_plan(p.shape) for p in parts]
+    stacked = torch.cat([backend.partial_moments(p, pl) for p, pl in zip(parts, plans)])
+    merged = stats.merge_moments(stacked)
+    _, shift, ms, _, rstd = backend.apply_moments(parts[0], w, b, merged, plans[0], 1e-5)
+    sums = sum(backend.partial_grad_sums(d, p, shift, ms, rstd, pl) for d, p, pl in zip(dy.split(sizes), parts, plans))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    calls = []
+
+    class Counted:  # the backend, each seam call recorded
+        def __getattr__(self, name):
+            return lambda *a, **k: calls.append(name) or getattr(backend, name)(*a, **k)
+
+    counted = Counted()
+    ys, dxs, dws, dbs = [], [], [], []
+    for i, (p, d, pl) in enumerate(zip(parts, dy.split(sizes), plans)):
+        pi, wi, bi = p.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = stats.normalize_combined(pi, wi, bi, pl, 1e-5, (rm, rv, 0.1) if i == 0 else None,
+                                     lambda local: stacked, lambda local: sums.clone(), backend=counted)
+        y.backward(d)
+        assert calls == list(stats.SEAM_METHODS), calls
+        calls.clear()
+        assert y.is_contiguous(memory_format=fmt) and pi.grad.is_contiguous(memory_format=fmt)
+        ys.append(y), dxs.append(pi.grad), dws.append(wi.grad), dbs.append(bi.grad)
+    xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+    rm_ref, rv_ref = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = _bn(xi, wi, bi, running=(rm_ref, rv_ref))
+    y.backward(dy)
+    ours = (torch.cat(ys), torch.cat(dxs), sum(dws), sum(dbs), rm, rv)
+    for got, want in zip(ours, (y, xi.grad, wi.grad, bi.grad, rm_ref, rv_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

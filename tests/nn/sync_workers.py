@@ -12,13 +12,61 @@ import torch
 import torch.distributed as dist
 
 import normlab
+from normlab.core import stats
 from normlab.nn import SyncBatchNorm, SyncBatchNormError
 
 torch.set_num_threads(1)
 
 
+class _Calls:
+    """Counts, per name, the calls of the numba backend's seam methods and of the torch engine's partial
+    steps (:mod:`normlab.core.stats`), so that a scenario can tell which path SyncBatchNorm took."""
+
+    NUMBA = ("partial_moments", "apply_moments", "partial_grad_sums", "apply_grad")
+
+    def __init__(self):
+        self.counts = {}
+        self._wrap(stats, "partial_moments", "torch partial_moments")
+        self._wrap(stats, "partial_grad_sums", "torch partial_grad_sums")
+        if os.environ.get("NORMLAB_BACKEND") == "numba":
+            from normlab.kernels.numba.backend import NumbaBackend
+
+            for name in self.NUMBA:
+                self._wrap(NumbaBackend, name, f"numba {name}")
+
+    def _wrap(self, owner, name, key):
+        original = getattr(owner, name)
+        self.counts[key] = 0
+
+        def counted(*args, **kwargs):
+            self.counts[key] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    def taken(self, backend: str, steps: int) -> None:
+        """Each seam step of ``backend`` ran ``steps`` times since the last check, the other path's none."""
+        if backend == "numba":
+            want = {f"numba {m}": steps for m in self.NUMBA}
+            want.update({"torch partial_moments": 0, "torch partial_grad_sums": 0})
+        else:
+            want = {"torch partial_moments": steps, "torch partial_grad_sums": steps}
+        got = {key: self.counts.get(key, 0) for key in want}
+        assert got == want, f"SyncBatchNorm did not take the {backend} path: calls {got}, expected {want}"
+        self.counts = dict.fromkeys(self.counts, 0)
+
+
+_CALLS: list[_Calls] = []
+
+
+def _calls() -> _Calls:
+    if not _CALLS:
+        _CALLS.append(_Calls())
+    return _CALLS[0]
+
+
 def _close(a, b, dtype, what):
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
@@ -29,7 +77,10 @@ def _slice(t, sizes, rank):
 
 def _one_case(sizes, shape, dtype, channels_last, momentum, rank):
     """SyncBatchNorm on this rank's slice against torch.nn.BatchNorm on the concatenated batch (float64):
-    output, dx, dγ and dβ (summed over ranks), running statistics after two steps."""
+    output, dx, dγ and dβ (summed over ranks), running statistics after two steps; each step's partial and
+    apply steps on the backend NORMLAB_BACKEND names, forward and backward."""
+    backend, calls = os.environ["NORMLAB_BACKEND"], _calls()
+    calls.taken(backend, 0)
     gen = torch.Generator().manual_seed(hash((sizes, shape)) % 2**31)
     n, c = sum(sizes), shape[0]
     full = (n, c) + shape[1:]
@@ -49,6 +100,7 @@ def _one_case(sizes, shape, dtype, channels_last, momentum, rank):
         bn.zero_grad()
         y = bn(xr)
         y.backward(_slice(dy, sizes, rank))
+        calls.taken(backend, 1)
         xf = x.double().requires_grad_(True)
         bn_ref.zero_grad()
         yf = bn_ref(xf)
@@ -74,6 +126,18 @@ def _one_case(sizes, shape, dtype, channels_last, momentum, rank):
 
 
 def exact(rank, world):
+    """The cases on the torch engine (the reference path, and the fallback of a backend without the seam)."""
+    _exact(rank, world)
+
+
+def exact_numba(rank, world):
+    """The cases on the numba kernels' seam (what NORMLAB_BACKEND=auto picks on CPU), checked to be the
+    path taken."""
+    os.environ["NORMLAB_BACKEND"] = "numba"
+    _exact(rank, world)
+
+
+def _exact(rank, world):
     for sizes in ((5, 3, 0), (1, 1, 1)):
         for shape, channels_last in (((3,), False), ((3, 4), False), ((3, 2, 3), False), ((3, 2, 3), True),
                                      ((2, 2, 2, 3), False)):
@@ -122,6 +186,15 @@ def _model(seed):
 
 
 def ddp(rank, world):
+    """:func:`_ddp` on the torch engine, then (where numba is installed) on the numba kernels' seam."""
+    from normlab.kernels import available
+
+    for backend in ("torch", "numba") if available("numba") else ("torch",):
+        os.environ["NORMLAB_BACKEND"] = backend
+        _ddp(rank, world)
+
+
+def _ddp(rank, world):
     """Three SGD steps of DDP + SyncBatchNorm on per-rank batches (5, 3, 0) against one process on the
     concatenated batch; then revert_sync_batchnorm gives back the classes and the very tensors."""
     sizes = (5, 3, 0)[:world]
@@ -190,6 +263,15 @@ def dies(rank, world):
 
 
 def guarded(rank, world):
+    """:func:`_guarded` on the torch engine, then (where numba is installed) on the numba kernels' seam."""
+    from normlab.kernels import available
+
+    for backend in ("torch", "numba") if available("numba") else ("torch",):
+        os.environ["NORMLAB_BACKEND"] = backend
+        _guarded(rank, world)
+
+
+def _guarded(rank, world):
     """A NaN on rank 1 only: every rank skips the running update (the merged statistics are not finite), counts
     it once and warns once; a good batch then updates with the convention's biased variance on every rank."""
     import warnings

@@ -37,6 +37,18 @@ class Backend(Protocol):
       the batch's statistics (else the engine updates them afterwards);
     * ``empty_like(t) -> Tensor``: an uninitialized dense tensor like ``t`` in the backend's recycled
       memory, for callers that assemble one output from several results (ghost and masked batch norm).
+
+    A third, the statistics seam of BatchNorm plans (:mod:`normlab.core.stats`; used where it has all four,
+    :func:`normlab.core.stats.seam_of`, e.g. by SyncBatchNorm with a process group as the combine step):
+
+    * ``partial_moments(x, plan) -> Tensor``: this place's per-channel (n, s, d, M2), (1, 4, C) float64
+      on ``x``'s device, as :func:`normlab.core.stats.partial_moments` packs them (n = 0 for an empty ``x``);
+    * ``apply_moments(x, weight, bias, merged, plan, eps) -> Statistics``: :meth:`forward`'s results with
+      the statistics given, ``merged = (N, K, D, σ²)`` from :func:`normlab.core.stats.merge_moments`;
+    * ``partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan) -> Tensor``: this place's
+      (Σ ∂L/∂y, Σ ∂L/∂y · x̂) per channel, (2, C) float64 (∂L/∂β and ∂L/∂γ; not multiplied by γ);
+    * ``apply_grad(dy, x, weight, shift, mean_shifted, rstd, totals, count, plan) -> Tensor``: ∂L/∂x from
+      those sums over the whole batch (``totals``) of ``count`` values per channel.
     """
 
     name: str

@@ -31,6 +31,12 @@ result of shape (P, 4, C), every place's partials, in the same order everywhere)
 ``combine_sums(local) -> total`` (shape (2, C), summed over places). :func:`identity` is the one-process
 combine for both.
 
+The partial and apply steps run on the torch engine (this module's functions), or on a backend that
+implements the seam (:func:`seam_of`: ``partial_moments``, ``apply_moments``, ``partial_grad_sums``,
+``apply_grad``, see :class:`~normlab.core.backend.Backend`), whose kernels compute the partials in one
+pass and apply the merged statistics in another; the merge stays :func:`merge_moments`, so the
+statistics are the same whichever backend computes the partials.
+
 Masked statistics (:mod:`normlab.core.masked`) use the same steps with
 :func:`masked_partial_moments`, whose partials cover the valid positions only.
 """
@@ -41,7 +47,7 @@ from collections.abc import Callable
 
 import torch
 
-from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize
+from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize, owned
 from normlab.core.guard import commit
 from normlab.core.plan import Plan
 
@@ -53,6 +59,8 @@ __all__ = [
     "merge_moments",
     "partial_grad_sums",
     "apply_backward",
+    "SEAM_METHODS",
+    "seam_of",
     "CombinedNormalize",
     "normalize_combined",
 ]
@@ -62,6 +70,17 @@ __all__ = [
 PACKED_DTYPE = torch.float64
 
 Combine = Callable[[torch.Tensor], torch.Tensor]
+
+SEAM_METHODS = ("partial_moments", "apply_moments", "partial_grad_sums", "apply_grad")
+"""The methods of a backend that implements the statistics seam (:class:`~normlab.core.backend.Backend`)."""
+
+
+def seam_of(backend):
+    """``backend`` if it implements the statistics seam (every one of :data:`SEAM_METHODS`), else ``None``:
+    the torch engine's steps of this module, which every case can take."""
+    if backend is not None and all(callable(getattr(backend, name, None)) for name in SEAM_METHODS):
+        return backend
+    return None
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
@@ -176,55 +195,74 @@ def apply_backward(dy, xhat, rstd, weight, total_sums: torch.Tensor, count: floa
 
 
 def _statistics(xv, plan: Plan, eps: float, combine_moments: Combine):
-    """Partial moments → combine → merge: ``(N, shift, mean_shifted, var, rstd)``, the last four in the
-    accumulation dtype and ``plan.stat_shape``."""
-    stacked = combine_moments(partial_moments(xv, plan))
-    total, common, mean, var = merge_moments(stacked)
+    """Partial moments → combine → merge on the torch engine: the merged ``(N, K, D, σ²)`` (float64) and
+    ``(shift, mean_shifted, var, rstd)`` in the accumulation dtype and ``plan.stat_shape``."""
+    merged = merge_moments(combine_moments(partial_moments(xv, plan)))
     acc = xv.dtype
-    shift, mean_shifted, var = (t.to(acc).reshape(plan.stat_shape) for t in (common, mean, var))
-    return float(total.max().item()), shift, mean_shifted, var, torch.rsqrt(var + eps)
+    shift, mean_shifted, var = (t.to(acc).reshape(plan.stat_shape) for t in merged[1:])
+    return merged, (shift, mean_shifted, var, torch.rsqrt(var + eps))
 
 
 class CombinedNormalize(torch.autograd.Function):
-    """``y = CombinedNormalize.apply(x, γ, β, plan, eps, running, combine_moments, combine_sums, on_count)``:
-    BatchNorm's training step with the statistics of the whole batch of which ``x`` is one part.
+    """``y = CombinedNormalize.apply(x, γ, β, plan, eps, running, combine_moments, combine_sums, on_count,
+    backend)``: BatchNorm's training step with the statistics of the whole batch of which ``x`` is one part.
 
     ``running`` (or ``None``) is a :class:`~normlab.core.guard.RunningUpdate` (or a plain
-    ``(running_mean, running_var, momentum)``), updated in place with the merged statistics through
-    :func:`~normlab.core.guard.commit` (guarded, unbiased with the total count unless it says otherwise)
-    when that count is above 0. ``on_count(N)`` (or
-    ``None``) is called with the total count once it is known and before anything is written, so a caller
-    can refuse (e.g. a single value per channel over the whole batch)."""
+    ``(running_mean, running_var, momentum)``), updated in place with the merged statistics (μ = K + D and
+    σ², float64) through :func:`~normlab.core.guard.commit` (guarded, unbiased with the total count unless
+    it says otherwise) when that count is above 0. ``on_count(N)`` (or ``None``) is called with the total
+    count once it is known and before anything is written, so a caller can refuse (e.g. a single value per
+    channel over the whole batch). ``backend`` (or ``None``: the torch engine) computes the partial and
+    apply steps, forward and backward; it must implement the seam (:func:`seam_of`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: Plan, eps: float, running, combine_moments, combine_sums, on_count):
-        acc = accumulation_dtype(x.dtype)
-        xv = _as_view(x, plan)
-        total, shift, mean_shifted, var, rstd = _statistics(xv, plan, eps, combine_moments)
+    def forward(ctx, x, weight, bias, plan: Plan, eps: float, running, combine_moments, combine_sums, on_count,
+                backend=None):
+        if backend is None:
+            xv = _as_view(x, plan)
+            merged, (shift, mean_shifted, var, rstd) = _statistics(xv, plan, eps, combine_moments)
+        else:
+            merged = merge_moments(combine_moments(backend.partial_moments(x, plan)))
+        total = float(merged[0].max().item())
         if on_count is not None:
             on_count(total)
-        xc = centre(xv, shift, mean_shifted)
-        y = normalize(xc, rstd, _param(weight, plan, acc), _param(bias, plan, acc))
+        if backend is None:
+            acc = xv.dtype
+            y = _like_input(normalize(centre(xv, shift, mean_shifted), rstd, _param(weight, plan, acc),
+                                      _param(bias, plan, acc)), x)
+        else:
+            y, shift, mean_shifted, _, rstd = backend.apply_moments(x, weight, bias, merged, plan, eps)
         if running is not None and total > 0:
-            commit(running, shift + mean_shifted, var, int(total))
+            commit(running, merged[1] + merged[2], merged[3], int(total))
         ctx.save_for_backward(x, weight, shift, mean_shifted, rstd)
-        ctx.plan, ctx.total, ctx.combine_sums = plan, total, combine_sums
+        ctx.plan, ctx.total, ctx.combine_sums, ctx.backend = plan, total, combine_sums, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _like_input(y, x)
+        return owned(y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, shift, mean_shifted, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # Every place takes part in the combine whenever its backward runs, whatever it needs: a collective
+        # step must be entered by all places, and whether x needs a gradient may differ between them.
+        if ctx.backend is None:
+            dx, dw, db = CombinedNormalize._backward_torch(ctx, dy, x, weight, shift, mean_shifted, rstd, need_x,
+                                                           need_w, need_b)
+        else:
+            dx, dw, db = CombinedNormalize._backward_seam(ctx, dy, x, weight, shift, mean_shifted, rstd, need_x,
+                                                          need_w, need_b)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_torch(ctx, dy, x, weight, shift, mean_shifted, rstd, need_x, need_w, need_b):
+        """The backward's partial sums and ∂L/∂x in torch operations."""
         plan: Plan = ctx.plan
         acc = accumulation_dtype(x.dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dyv = _as_view(dy, plan)
         xhat = centre(_as_view(x, plan), shift, mean_shifted) * rstd
         w = _param(weight, plan, acc)
         dx = dw = db = None
-        # Every place takes part in the combine whenever its backward runs, whatever it needs: a collective
-        # step must be entered by all places, and whether x needs a gradient may differ between them.
         total_sums = ctx.combine_sums(partial_grad_sums(dyv, xhat, w, plan))
         if need_x:
             dx = _like_input(apply_backward(dyv, xhat, rstd, w, total_sums, max(ctx.total, 1.0), plan), x)
@@ -232,13 +270,31 @@ class CombinedNormalize(torch.autograd.Function):
             dw = (dyv * xhat).sum(dim=plan.param_sum_axes).reshape(weight.shape).to(weight.dtype)
         if need_b:
             db = dyv.sum(dim=plan.param_sum_axes).reshape(plan.param_shape).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db
+
+    @staticmethod
+    def _backward_seam(ctx, dy, x, weight, shift, mean_shifted, rstd, need_x, need_w, need_b):
+        """The backward on the backend: its partial sums (Σ ∂L/∂y, Σ ∂L/∂y·x̂) are this place's ∂L/∂β and
+        ∂L/∂γ as well; their combination (γ is the same everywhere, so the backend applies it) gives ∂L/∂x."""
+        plan: Plan = ctx.plan
+        sums = ctx.backend.partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan)
+        total_sums = ctx.combine_sums(sums.clone())  # a combine may reduce in place; the local sums are kept
+        dx = dw = db = None
+        if need_x:
+            dx = ctx.backend.apply_grad(dy, x, weight, shift, mean_shifted, rstd, total_sums, max(ctx.total, 1.0),
+                                        plan)
+        if need_w:
+            dw = sums[1].reshape(weight.shape).to(weight.dtype)
+        if need_b:
+            db = sums[0].reshape(plan.param_shape).to(ctx.bias_dtype)
+        return dx, dw, db
 
 
 def normalize_combined(x, weight, bias, plan: Plan, eps: float, running=None, combine_moments: Combine = identity,
-                       combine_sums: Combine = identity, on_count=None) -> torch.Tensor:
+                       combine_sums: Combine = identity, on_count=None, backend=None) -> torch.Tensor:
     """BatchNorm training forward of ``x`` with statistics merged by ``combine_moments`` (and, in the
-    backward, gradient sums combined by ``combine_sums``); see :class:`CombinedNormalize`. With the
-    default identity steps it is BatchNorm on ``x`` alone."""
+    backward, gradient sums combined by ``combine_sums``), the partial and apply steps on ``backend`` where
+    it implements the seam (:func:`seam_of`), else on the torch engine; see :class:`CombinedNormalize`.
+    With the default identity steps it is BatchNorm on ``x`` alone."""
     return CombinedNormalize.apply(x, weight, bias, plan, float(eps), running, combine_moments, combine_sums,
-                                   on_count)
+                                   on_count, seam_of(backend))

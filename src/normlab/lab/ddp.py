@@ -126,28 +126,23 @@ def running_error(model: torch.nn.Module, x: torch.Tensor, chunk: int = 500) -> 
 
 def _local_step_time(net, model, x, y, world, n, rounds: int) -> tuple[float, float]:
     """Seconds per forward+backward with the collectives (SyncBatchNorm's, DDP's gradient all-reduce) and
-    without them (``no_sync`` and per-rank BatchNorm on the same torch operations), alternated after one
-    untimed step of each; the model's state is restored after."""
+    without them (``no_sync`` and per-rank BatchNorm, on the backend SyncBatchNorm's per-rank steps run on),
+    alternated after one untimed step of each; the model's state is restored after."""
     state = copy.deepcopy(model.state_dict())
     synced = any(isinstance(m, nnl.SyncBatchNorm) for m in model.modules())
     times = {True: 0.0, False: 0.0}
-    backend = os.environ.get("NORMLAB_BACKEND")
     for timed in (0, rounds // 2, rounds // 2):
         for communicate in (True, False):
-            if not communicate:
-                os.environ["NORMLAB_BACKEND"] = "torch"  # the statistics SyncBatchNorm computes, minus collectives
-                if synced:
-                    nnl.revert_sync_batchnorm(model)
+            if not communicate and synced:
+                nnl.revert_sync_batchnorm(model)
             quiet = contextlib.nullcontext() if communicate or net is model else net.no_sync()
             start = time.perf_counter()
             with quiet:
                 for _ in range(max(timed, 1)):
                     (F.cross_entropy(net(x), y, reduction="sum") * world / n).backward()
             times[communicate] += (time.perf_counter() - start) if timed else 0.0
-            if not communicate:
-                os.environ.pop("NORMLAB_BACKEND") if backend is None else os.environ.update(NORMLAB_BACKEND=backend)
-                if synced:
-                    nnl.convert_sync_batchnorm(model)
+            if not communicate and synced:
+                nnl.convert_sync_batchnorm(model)
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
     return times[True] / rounds, times[False] / rounds

@@ -46,8 +46,17 @@ def _config(m: nn.Module) -> dict:
     return cfg
 
 
+# normlab's layer options (attributes, not constructor arguments: ``momentum`` and ``eps`` already hold the
+# convention's values in torch's meaning) and the count of skipped batches, carried wherever the new layer
+# has them too; a torch.nn layer has none (it keeps the momentum, and stores the unbiased variance).
+_CARRIED = ("guard_stats", "convention", "num_batches_skipped", "_warned_skip")
+
+
 def _swap(m: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new = cls(**_config(m), device="meta")
+    for name in _CARRIED:
+        if hasattr(m, name) and hasattr(new, name):
+            setattr(new, name, getattr(m, name))
     # Share the very Parameter and buffer objects: state is kept exactly and an optimizer built on
     # the old model keeps updating the same tensors.
     new._parameters = dict(m._parameters)
@@ -128,7 +137,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, timeout=None) -
     """Replace every batch normalization layer of ``model`` (torch.nn's and normlab's BatchNorm1d/2d/3d,
     and ``torch.nn.SyncBatchNorm``) by a :class:`normlab.nn.SyncBatchNorm` over ``process_group`` (default:
     the whole world), keeping parameters and buffers (the same objects), requires_grad, hooks, train/eval
-    mode and device. Each new layer remembers the class it replaced (for :func:`revert_sync_batchnorm`)
+    mode, device, and a normlab layer's ``guard_stats``, ``convention`` and ``num_batches_skipped``. Each new layer remembers the class it replaced (for :func:`revert_sync_batchnorm`)
     and its name in ``model`` (for error messages). ``timeout``: see :class:`~normlab.nn.SyncBatchNorm`.
 
     Swapped in place; the (possibly new) root module is returned. Left as they are: the fused
@@ -155,7 +164,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, timeout=None) -
 def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every synchronized batch normalization layer of ``model`` (normlab's and torch.nn's
     SyncBatchNorm) by a per-process one, keeping parameters and buffers (the same objects), requires_grad,
-    hooks, train/eval mode and device: for a layer made by :func:`convert_sync_batchnorm`, the class it
+    hooks, train/eval mode, device, and the layer options a normlab target has (``guard_stats``,
+    ``convention``, ``num_batches_skipped``): for a layer made by :func:`convert_sync_batchnorm`, the class it
     replaced; otherwise the BatchNorm1d/2d/3d (normlab's for normlab's layer, torch.nn's for torch's)
     matching the rank of the last input the layer saw, and BatchNorm2d for a layer that has seen none.
 

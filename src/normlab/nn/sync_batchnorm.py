@@ -6,6 +6,9 @@ batch, over every rank, computed through the core's statistics seam (:mod:`norml
 process group as the combine step: per rank per channel the partial moments (count, shift, mean about
 the shift, centred M2) → one ``all_gather`` → Chan's exact merge, the same on every rank. The backward
 needs one ``all_reduce`` of Σg and Σg·x̂ per channel.
+
+The partial and apply steps run on the backend :mod:`normlab.kernels.dispatch` selects for the input
+(the numba kernels on CPU, Triton's on CUDA) where it implements the seam, else on the torch engine.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from normlab.core import checks, stats
 from normlab.core.guard import RunningUpdate, guard_stats_enabled
 from normlab.core.plan import batch_plan
+from normlab.kernels.dispatch import backend_for
 from normlab.nn.batchnorm import _BatchNorm
 from normlab.nn.conventions import DEFAULT, given
 from normlab.nn.once import may_update
@@ -58,6 +62,11 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
     the total count; ``momentum=None``: cumulative average) identically on every rank, and
     ``num_batches_tracked`` counts batches whose total is non-empty.
 
+    The partial statistics and the normalization with the merged ones are computed by the backend
+    :mod:`normlab.kernels.dispatch` selects (``NORMLAB_BACKEND``): on CPU the numba kernels' own passes
+    (one to pack a rank's moments, one to normalize; one to sum Σ∂L/∂y and Σ∂L/∂y·x̂, one for ∂L/∂x), on
+    CUDA the Triton kernels' where that backend implements the seam, else the torch engine's operations.
+
     No communication happens in eval mode (running statistics, or this rank's batch when
     ``track_running_stats=False``), when ``torch.distributed`` has no process group, or when the group
     has one rank: the layer is then exactly :class:`~normlab.nn.BatchNorm1d`/2d/3d.
@@ -71,7 +80,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
             identically on every rank; a skipped batch is skipped by all).
         process_group: the group whose ranks share statistics (default: the whole world).
         timeout: seconds (or a ``timedelta``) each collective step may wait for the other ranks before the
-            layer raises :class:`SyncBatchNormError` naming itself; ``None``: the process group's timeout.
+            layer raises :class:`SyncBatchNormError` naming itself; ``None``: the process group's timeout
+            (with NCCL, whose wait without a timeout does not block the host, a missing rank is then left to
+            NCCL's watchdog, which ends the process with its own error).
 
     Every rank must call the layer the same number of times, in training, with the same ``num_features``.
 
@@ -138,9 +149,11 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
                 checks.check_enough_values(1, name, tuple(input.shape), checks.BN_SUGGESTION + (
                     " (the count is over every rank's batch)"), updating)
 
+        plan = batch_plan(input.shape)
         y = stats.normalize_combined(
-            input, self.weight, self.bias, batch_plan(input.shape), self.eps, running,
+            input, self.weight, self.bias, plan, self.eps, running,
             lambda local: self._all_gather(local, group), lambda local: self._all_reduce(local, group), on_count,
+            backend_for(input, plan),
         )
         if running is not None and running.skipped:
             self._skipped_batch(name)

@@ -200,7 +200,7 @@ BJORCK = Experiment(
         "smoke": {"n_train": 256, "n_test": 64, "init_n_test": 32, "size": 16, "width": 4, "deep_blocks": 3,
                   "sweep_blocks": 1, "batch": 16, "steps": 4, "lrs": [1e-3, 1e-1]},
         "quick": {"n_train": 5000, "n_test": 1000, "init_n_test": 256, "size": 16, "width": 16, "deep_blocks": 27,
-                  "sweep_blocks": 6, "batch": 64, "steps": 150, "lrs": HALF_DECADES},
+                  "sweep_blocks": 6, "batch": 64, "steps": 90, "lrs": HALF_DECADES[2:]},
         "full": {"n_train": None, "n_test": None, "init_n_test": 1000, "size": None, "width": 16, "deep_blocks": 54,
                  "sweep_blocks": 6, "batch": 128, "steps": 3000, "lrs": HALF_DECADES},
     },

@@ -41,7 +41,7 @@ SYNC_ACC_MARGIN = 0.01  # accuracy differences inside this margin (one seed) are
 SYNC_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"nproc": 2, "per_rank": 4, "steps": 6, "eval_every": 3, "n_train": 256, "n_test": 128, "size": 12,
               "widths": [4, 8]},
-    "quick": {"nproc": 2, "per_rank": 2, "steps": 200, "eval_every": 50, "n_train": 4000, "n_test": 1000,
+    "quick": {"nproc": 2, "per_rank": 2, "steps": 200, "eval_every": 100, "n_train": 4000, "n_test": None,
               "size": 16, "widths": [8, 16, 32, 32]},
     "full": {"nproc": 4, "per_rank": 4, "steps": 4000, "eval_every": 500, "n_train": None, "n_test": None,
              "size": None, "widths": [32, 64, 128, 128]},
@@ -94,7 +94,7 @@ def _sync_protocol(b: dict[str, Any]) -> str:
             f"holds it) at {size}, {b['n_train'] or 'all'} training images; DistributedDataParallel over "
             f"{b['nproc']} gloo processes with {b['per_rank']} images per rank (global batch "
             f"{b['nproc'] * b['per_rank']}), SGD lr {SYNC_LR} momentum 0.9 for {b['steps']} steps; rank 0 "
-            f"evaluates with its running statistics. GroupNorm: min(32, C) groups. Population statistics: each "
+            f"evaluates with its running statistics on {b['n_test'] or 'all'} test images. GroupNorm: min(32, C) groups. Population statistics: each "
             f"BatchNorm layer's input over 2000 training images, network in eval mode, merged exactly.")
 
 
@@ -127,7 +127,7 @@ SCALING_LOSS_FAIL = 1e-3  # beyond this the runs train differently (between the 
 SCALING_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"nprocs": [1, 2], "batch": 16, "steps": 6, "n_train": 256, "n_test": 128, "size": 12,
               "widths": [4, 8]},
-    "quick": {"nprocs": [1, 2, 4], "batch": 64, "steps": 80, "n_train": 4000, "n_test": 1000, "size": 16,
+    "quick": {"nprocs": [1, 2], "batch": 64, "steps": 80, "n_train": 4000, "n_test": 1000, "size": 16,
               "widths": [8, 16, 32, 32]},
     "full": {"nprocs": [1, 2, 4, 8], "batch": 128, "steps": 1000, "n_train": None, "n_test": None, "size": None,
              "widths": [32, 64, 128, 128]},

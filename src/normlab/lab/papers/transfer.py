@@ -36,7 +36,7 @@ GAIN = 0.01
 BUDGETS: dict[str, dict[str, Any]] = {
     name: {**CNN[name], **extra} for name, extra in {
         "smoke": {"steps": 6, "eval_every": 6, "ft_steps": 4, "ft_batches": [2, 8], "ft_lr": 0.005},
-        "quick": {"steps": 300, "eval_every": 100, "ft_steps": 150, "ft_batches": [4, 32], "ft_lr": 0.005},
+        "quick": {"n_test": None, "steps": 300, "eval_every": 100, "ft_steps": 150, "ft_batches": [4, 32], "ft_lr": 0.005},
         "full": {"steps": 4000, "eval_every": 500, "ft_steps": 2000, "ft_batches": [2, 4, 8, 32], "ft_lr": 0.005},
     }.items()
 }

@@ -19,6 +19,12 @@ POINT = 0.01
 """One percentage point of accuracy: the smallest accuracy difference the lab's checks call an effect (their
 margin is raised to the measured seed-to-seed noise floor when that is larger)."""
 
+CI_RULE = ("Each check passes when its 95% CI over the paired seeds (one seed: the point) lies wholly on the paper's "
+           "side of its margin, raised to the measured noise floor where one applies, fails when it lies wholly on "
+           "the other side and is unclear otherwise; reproduced if all pass, not reproduced if any fails, "
+           "inconclusive otherwise.")
+"""The decision rule, as the criteria of the experiments state it."""
+
 CNN_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 256, "n_test": 128, "size": 16, "widths": [4, 4, 8, 8, 8, 8],
               "pool_after": [1, 3, 5], "batch": 32, "steps": 6, "eval_every": 3, "probe_every": 3},
@@ -127,9 +133,9 @@ def shift(run: dict[str, Any], site: str, blocks: tuple[int, ...] = ACTIVATION_B
                           for k in blocks]))
 
 
-def accuracy_check(text: str, a: float, b: float, claim: str = ">", margin: float = POINT) -> Check:
+def accuracy_check(text: str, a: float, b: float, claim: str = ">", margin: float = POINT, paper: str = "—") -> Check:
     """Accuracy ``a`` against ``b`` of the same seed, in percentage points (see :meth:`Check.compare`)."""
-    return Check.compare(text, a, b, claim, margin, unit="points")
+    return Check.compare(text, a, b, claim, margin, unit="points", paper=paper)
 
 
 def accuracy_rows(runs: Runs, labels: dict[str, str], paper: dict[str, str], key: str = "test_acc",

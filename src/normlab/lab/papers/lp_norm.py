@@ -60,9 +60,10 @@ def _lp_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]
     rows += [Row(f"DLN final training loss (full batch), {label}", num(loss[n]), "ℓ1 beats BN" if n == "lp1" else "—",
                  loss[n]) for n, label in norms.items()]
     checks = [accuracy_check(f"CNN: {LP_NORMS[n]} matches or beats BN (training accuracy not more than "
-                             f"{100 * AS_GOOD:g} point below)", acc[n], acc["bn"], ">=", AS_GOOD) for n in LP_KEYS]
+                             f"{100 * AS_GOOD:g} point below)", acc[n], acc["bn"], ">=", AS_GOOD,
+                             paper="matches or beats BN (§3.3)") for n in LP_KEYS]
     checks.append(Check.compare(f"DLN: ℓ1 ends with a lower loss than BN (BN / ℓ1 > {L1_BETTER:g})", loss["bn"],
-                                loss["lp1"], ">", math.log(L1_BETTER), log=True))
+                                loss["lp1"], ">", math.log(L1_BETTER), log=True, paper="ℓ1 beats BN (§3.3)"))
     return rows, checks
 
 

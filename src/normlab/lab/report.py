@@ -27,7 +27,7 @@ DECISION_RULE = (
     "t-interval; the check passes when the interval lies wholly on the paper's side of its margin, fails when it "
     "lies wholly on the other side and is unclear when it straddles it; a 'matches' claim passes when the 90% "
     "interval lies inside ±margin (two one-sided tests). Margins are the spec's constants, raised to the measured "
-    "noise floor (the seed-to-seed SD of one arm) when that is larger. An experiment is reproduced when every "
+    "noise floor (the seed-to-seed SD of one arm, shown beside every check) when that is larger. An experiment is reproduced when every "
     "check passes, not reproduced when any fails, inconclusive otherwise. With one seed the point decides: "
     "such verdicts are marked indicative.")
 VERDICT_COLORS = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "inconclusive": "#9a6700"}

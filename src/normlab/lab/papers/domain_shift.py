@@ -12,7 +12,7 @@ CIFAR-10-C's constants, in pixel space [0, 1] (the standardized images mapped ba
 each corrupted copy classified with the source statistics, after AdaBN on all of it, and after AdaBN from
 only k batches of it.
 
-Run it with ``normlab lab run domain-shift`` (``--suite smoke|quick|full``).
+Run it with ``normlab lab run domain-shift`` (``--suite smoke|quick|standard|full``, ``--seeds N``).
 """
 
 from __future__ import annotations

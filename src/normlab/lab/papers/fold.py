@@ -7,7 +7,7 @@ net, trained briefly on Fashion-MNIST: the output difference of :func:`normlab.f
 float32, and the eval time of the original, the folded model and the model with its BN layers removed
 (nn.Identity: what BN costs), interleaved.
 
-Run it with ``normlab lab run fold`` (``--suite smoke|quick|full``).
+Run it with ``normlab lab run fold`` (``--suite smoke|quick|standard|full``, ``--seeds N``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Claim: the EMA of batch statistics that BN keeps for inference lags behind the w
 ("precise BN", :func:`normlab.precise_bn`) evaluate better; at an ordinary learning rate the two nearly
 agree (ResNet-50, ImageNet: EMA 23.7 vs precise 23.54 % error at batch 256; 52.8 vs 39.4 at batch 8192).
 
-Run it with ``normlab lab run precise-stats`` (``--suite smoke|quick|full``).
+Run it with ``normlab lab run precise-stats`` (``--suite smoke|quick|standard|full``, ``--seeds N``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Protocol here: the lab CNN pre-trained on Fashion-MNIST classes 0-4; then copies
 updated) and once with frozen statistics, and tested on the test images of classes 5-9. The fine-tuning is
 done by the ``transfer`` probe at the last pre-training step.
 
-Run it with ``normlab lab run transfer`` (``--suite smoke|quick|full``).
+Run it with ``normlab lab run transfer`` (``--suite smoke|quick|standard|full``, ``--seeds N``).
 """
 
 from __future__ import annotations

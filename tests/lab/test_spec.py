@@ -36,7 +36,7 @@ def test_the_margin_is_raised_to_the_measured_noise_floor():
     a = [b + 0.02 for b in noisy_b]  # a constant paired difference: a zero-width interval at +2 points
     (c,) = combine_checks([[Check.compare("t", x, y, ">", 0.01, unit="points")] for x, y in zip(a, noisy_b)])
     assert c["margin"] == pytest.approx(spec.stats.sd(noisy_b)) and c["margin"] > 0.02
-    assert c["status"] == "fail" and "noise floor" in c["margin_text"]
+    assert c["status"] == "fail" and c["floor_text"] != "—" and c["margin"] == c["noise_floor"]
 
 
 def test_log_ratio_checks_and_level_checks():

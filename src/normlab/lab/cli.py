@@ -56,11 +56,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from normlab.lab.report import write_report
 
     try:
-        html_path, md_path = write_report(args.out, _experiments([]))
+        html_path, md_path = write_report(args.out, _experiments([]), redecide=not args.saved_verdicts)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"report: {html_path} and {md_path}")
+    print(f"report: {html_path} and {md_path}; README table: {args.out / 'readme-table.md'}")
     return 0
 
 
@@ -97,6 +97,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p_report = sub.add_parser("report", help="render the report from the results already under --out")
     p_report.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p_report.add_argument("--saved-verdicts", action="store_true",
+                          help="render the verdicts as saved by the run instead of deciding them afresh from the "
+                               "saved runs with the current criteria (the default)")
     p_report.set_defaults(func=cmd_report)
 
 

@@ -16,8 +16,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.lab.engine import experiment_path, read_json, run_path, write_text_atomic  # noqa: E402
-from normlab.lab.spec import Experiment, Figure, Panel, Runs, Trace  # noqa: E402
+import sys  # noqa: E402
+
+from normlab.lab.engine import experiment_path, read_json, run_path, write_json_atomic, write_text_atomic  # noqa: E402
+from normlab.lab.spec import Experiment, Figure, Panel, Runs, Setup, Trace, assess  # noqa: E402
 
 DECISION_RULE = (
     "How verdicts are decided: each check compares two arms of the same seed (or one arm with the paper's mark). "
@@ -25,7 +27,7 @@ DECISION_RULE = (
     "t-interval; the check passes when the interval lies wholly on the paper's side of its margin, fails when it "
     "lies wholly on the other side and is unclear when it straddles it; a 'matches' claim passes when the 90% "
     "interval lies inside ±margin (two one-sided tests). Margins are the spec's constants, raised to the measured "
-    "noise floor (the seed-to-seed SD of one arm) when that is larger. An experiment is reproduced when every "
+    "noise floor (the seed-to-seed SD of one arm, shown beside every check) when that is larger. An experiment is reproduced when every "
     "check passes, not reproduced when any fails, inconclusive otherwise. With one seed the point decides: "
     "such verdicts are marked indicative.")
 VERDICT_COLORS = {"reproduced": "#1a7f37", "not reproduced": "#cf222e", "inconclusive": "#9a6700"}
@@ -157,12 +159,52 @@ def verdict_reason(summary: dict[str, Any]) -> str:
 
 def _sections(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     n = len(summary.get("seeds", [summary.get("seed")]))
-    measured = "measured, seed 0 (indicative)" if n == 1 else f"mean [95% CI] over {n} paired seeds"
-    checks = [[c["text"], c["value"], c.get("margin_text", "—"), STATUS_MARKS.get(c["status"], c["status"])]
-              for c in summary["checks"]]
+    measured = "ours, seed 0 (indicative)" if n == 1 else f"ours, mean [95% CI] over {n} paired seeds"
+    checks = [[c["text"], c.get("paper", "—"), c["value"], c.get("margin_text", "—"), c.get("floor_text", "—"),
+               STATUS_MARKS.get(c["status"], c["status"])] for c in summary["checks"]]
     rows = [[r["quantity"], r["ours"], r["paper"]] for r in summary["rows"]]
     ours = "ours" if n == 1 else f"ours (mean ± SD, {n} seeds)"
-    return ["quantity", ours, "paper"], rows, ["check", measured, "margin", "status"], checks
+    return (["quantity", ours, "paper"], rows,
+            ["check", "paper", measured, "margin", "noise floor (seed-to-seed SD)", "status"], checks)
+
+
+README_HEADER = ["experiment", "headline check", "paper", "ours (mean ± SD over seeds)", "95% CI", "verdict"]
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The check an experiment's one-line summary shows: its first CI-decided check (else its first)."""
+    checks = summary["checks"]
+    return next((c for c in checks if c.get("claim") is not None), checks[0] if checks else None)
+
+
+def readme_table(summaries: list[dict[str, Any]]) -> str:
+    """The README's lab table, one row per experiment: its headline check, the paper's number beside ours (mean ±
+    SD over the seeds), the 95% CI and the verdict with how many of its checks passed."""
+    rows = []
+    for s in summaries:
+        c = headline(s)
+        passed = sum(ch["status"] == "pass" for ch in s["checks"])
+        verdict = f"{_label(s)} ({passed}/{len(s['checks'])} checks pass)"
+        if c is None:
+            rows.append([f"`{s['name']}`", "—", "—", "—", "—", verdict])
+            continue
+        rows.append([f"`{s['name']}`", c["text"], c.get("paper", "—"), c.get("summary", c["value"]),
+                     c.get("ci_text", "—"), verdict])
+    return _table_md(README_HEADER, rows)
+
+
+def reassess(out: Path, exp: Experiment, summary: dict[str, Any], per_seed: list[Runs]) -> dict[str, Any]:
+    """``summary`` decided afresh from its saved runs by the current spec (rows, checks, verdict), and written
+    back; the saved summary, with a warning, when the spec needs a run the results do not hold."""
+    setup = Setup(summary["suite"], summary["images"], summary["seed"], summary["device"], len(per_seed))
+    try:
+        fresh = assess(exp, setup, per_seed)
+    except KeyError as exc:
+        print(f"warning: {exp.name}: its saved runs lack {exc} that the current spec reads; verdicts as saved",
+              file=sys.stderr)
+        return summary
+    write_json_atomic(experiment_path(out, exp.name), fresh)
+    return fresh
 
 
 def environment_line(runs: list[dict[str, Any]]) -> str:
@@ -202,9 +244,10 @@ def _badge(verdict: str, summary: dict[str, Any] | None = None) -> str:
     return f"<span class='verdict' style='background:{color}'>{html.escape(text)}</span>"
 
 
-def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
-    """Render every experiment that has a results JSON under ``out`` into ``out/report.html`` (self-contained)
-    and ``out/report.md`` (with the PNGs beside it)."""
+def write_report(out: Path, experiments: list[Experiment], redecide: bool = False) -> tuple[Path, Path]:
+    """Render every experiment that has a results JSON under ``out`` into ``out/report.html`` (self-contained),
+    ``out/report.md`` (with the PNGs beside it) and ``out/readme-table.md`` (the README's lab table).
+    ``redecide``: decide each experiment afresh from its saved runs with the current spec first."""
     out = Path(out)
     entries = []
     run_seconds: dict[str, float] = {}
@@ -215,6 +258,8 @@ def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
             continue
         summary = read_json(path)
         per_seed = load_seed_runs(out, summary)
+        if redecide:
+            summary = reassess(out, exp, summary, per_seed)
         for runs in per_seed:
             run_seconds.update((run["hash"], run["seconds"]) for run in runs.values())
             all_runs.update((run["hash"], run) for run in runs.values())
@@ -267,5 +312,6 @@ def write_report(out: Path, experiments: list[Experiment]) -> tuple[Path, Path]:
     html_path, md_path = out / "report.html", out / "report.md"
     write_text_atomic(html_path, page)
     write_text_atomic(md_path, "\n".join(md) + "\n")
+    write_text_atomic(out / "readme-table.md", readme_table([s for s, _ in entries]) + "\n")
     return html_path, md_path
 

@@ -69,7 +69,8 @@ class Check:
     Made by :meth:`compare` or :meth:`level`, a check carries its seed's paired quantity ``x`` (``a − b``,
     or ``log a − log b`` with ``log``), the arms ``a``, ``b`` it came from, its ``claim`` (see
     :data:`normlab.lab.stats.CLAIMS`) and ``margin``; over several seeds :func:`combine_checks` decides it
-    from the confidence interval of ``x``. Made by :meth:`of`, it is a yes/no condition per seed."""
+    from the confidence interval of ``x``. ``paper`` is the paper's number for the same quantity, shown beside
+    ours in the report. Made by :meth:`of`, it is a yes/no condition per seed."""
 
     text: str
     value: str
@@ -83,6 +84,7 @@ class Check:
     log: bool = False
     unit: str = ""
     level_of: float | None = None
+    paper: str = "—"
 
     @classmethod
     def of(cls, text: str, value: str, passed: bool, failed: bool) -> "Check":
@@ -90,20 +92,21 @@ class Check:
 
     @classmethod
     def compare(cls, text: str, a: float, b: float, claim: str, margin: float, *, log: bool = False,
-                unit: str = "", floor: bool = True) -> "Check":
+                unit: str = "", floor: bool = True, paper: str = "—") -> "Check":
         """Arm ``a`` against arm ``b`` of the same seed: ``claim`` about ``a − b`` (``log``: about ``a / b``,
         the margin then in natural-log units); ``unit="points"`` shows a fraction as percentage points.
         ``floor``: the margin is raised to the measured seed-to-seed noise floor of the arms."""
         fa, fb = _transform(a, log), _transform(b, log)
         x = fa - fb
         status, ci = stats.decide([x], claim, margin)
-        check = cls(text, "", status, claim, x, fa, fb, margin, floor, log, unit)
+        check = cls(text, "", status, claim, x, fa, fb, margin, floor, log, unit, paper=paper)
         return replace(check, value=check.render(ci.mean, ci.lo, ci.hi, 1))
 
     @classmethod
-    def level(cls, text: str, a: float, threshold: float, claim: str, *, log: bool = False) -> "Check":
+    def level(cls, text: str, a: float, threshold: float, claim: str, *, log: bool = False,
+              unit: str = "", paper: str = "—") -> "Check":
         """One arm's quantity against a fixed ``threshold`` (the paper's number): ``claim`` about ``a`` vs it."""
-        check = cls.compare(text, a, threshold, claim, 0.0, log=log, floor=False)
+        check = cls.compare(text, a, threshold, claim, 0.0, log=log, unit=unit, floor=False, paper=paper)
         check = replace(check, level_of=_transform(threshold, log))
         return replace(check, value=check.render(check.x, check.x, check.x, 1))
 
@@ -111,7 +114,8 @@ class Check:
         """``v`` (a value of ``x``) in the check's own units."""
         if self.level_of is not None:
             v = v + self.level_of
-            return num(math.exp(v) if self.log else v)
+            v = math.exp(v) if self.log else v
+            return f"{100 * v:.1f}%" if self.unit == "percent" else num(v)
         if self.log:
             return f"×{num(math.exp(v))}"
         if self.unit == "points":
@@ -158,7 +162,7 @@ def combine_checks(per_seed: Sequence[Sequence[Check]]) -> list[dict[str, Any]]:
                                                   FAIL if all(s == FAIL for s in statuses) else UNCLEAR)
             value = first.value if n == 1 else (f"{statuses.count(PASS)}/{n} seeds pass "
                                                 f"(seed {0}: {first.value})")
-            out.append({"text": first.text, "value": value, "status": status, "n": n})
+            out.append({"text": first.text, "value": value, "status": status, "n": n, "paper": first.paper})
             continue
         xs = [c.x for c in group]
         floor = stats.noise_floor([c.a for c in group], [c.b for c in group]) if first.floor else math.nan
@@ -167,20 +171,38 @@ def combine_checks(per_seed: Sequence[Sequence[Check]]) -> list[dict[str, Any]]:
         out.append({"text": first.text, "value": first.render(ci.mean, ci.lo, ci.hi, ci.n), "status": status,
                     "claim": first.claim, "n": ci.n, "mean": ci.mean, "sd": ci.sd, "lo": ci.lo, "hi": ci.hi,
                     "margin": margin, "stated_margin": first.margin, "noise_floor": floor, "log": first.log,
-                    "margin_text": _margin_text(first, margin, floor), "per_seed": xs})
+                    "margin_text": _margin_text(first, margin), "floor_text": _floor_text(first, floor),
+                    "paper": first.paper, "summary": _summary_text(first, ci),
+                    "ci_text": "—" if ci.n < 2 else f"[{first.show(ci.lo)}, {first.show(ci.hi)}]", "per_seed": xs})
     return out
 
 
-def _margin_text(check: Check, margin: float, floor: float) -> str:
+def _size_text(check: Check, v: float) -> str:
+    """A margin or a spread (a size, not a position) in the check's units."""
+    return (f"{100 * v:.1f} points" if check.unit == "points" else
+            f"×{math.exp(v):.3g}" if check.log else f"{v:.3g}")
+
+
+def _margin_text(check: Check, margin: float) -> str:
     if check.level_of is not None:
         return f"threshold {check.show(0.0)}"
-    shown = (f"{100 * margin:.1f} points" if check.unit == "points" else
-             f"×{math.exp(margin):.3g}" if check.log else f"{margin:.3g}")
-    if math.isnan(floor):
-        return shown
-    noise = (f"{100 * floor:.1f} points" if check.unit == "points" else
-             f"×{math.exp(floor):.3g}" if check.log else f"{floor:.3g}")
-    return f"{shown} (noise floor {noise})"
+    return _size_text(check, margin)
+
+
+def _floor_text(check: Check, floor: float) -> str:
+    """The measured noise floor the margin was raised to ("—" where none applies: one seed, or a level check)."""
+    return "—" if math.isnan(floor) else _size_text(check, floor)
+
+
+def _summary_text(check: Check, ci: stats.Interval) -> str:
+    """Ours as mean ± SD over the seeds (the point with one seed), in the check's units."""
+    if ci.n == 0:
+        return "n/a"
+    if ci.n == 1 or math.isnan(ci.sd):
+        return check.show(ci.mean)
+    if check.log:  # a spread of logs is a factor
+        return f"{check.show(ci.mean)} (SD ×{math.exp(ci.sd):.3g})"
+    return f"{check.show(ci.mean)} ± {_size_text(check, ci.sd)}"
 
 
 def combine_rows(per_seed: Sequence[Sequence[Row]]) -> list[dict[str, Any]]:

@@ -37,3 +37,36 @@ def snapshot():
         return lambda: all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
     return take
+
+
+@pytest.fixture
+def decide():
+    """``decide(exp, per_seed_runs)``: the experiment's check statuses and verdict over the seeds, decided from the
+    paired CIs as a lab run decides them (:func:`normlab.lab.spec.combine_checks`)."""
+    from normlab.lab.spec import combine_checks, verdict
+
+    def run(exp, per_seed, suite: str = "quick"):
+        budget = exp.budget(suite)
+        checks = combine_checks([exp.evaluate(runs, budget)[1] for runs in per_seed])
+        return [c["status"] for c in checks], verdict([c["status"] for c in checks]), checks
+
+    return run
+
+
+class Fabricated:
+    """Fabricated per-seed results for the verdict tests."""
+
+    JITTER = (0.0, 0.002, -0.002, 0.001, -0.001)
+    """Seed-to-seed jitter of an arm, well below every margin: a difference built on it has a tight CI."""
+    STRADDLE = (-0.02, 0.04, 0.0, 0.03, -0.01)
+    """A paired difference whose 95% CI (about [−2, +4] points) straddles a 1-point margin."""
+
+    @staticmethod
+    def accuracy_run(acc: float, **series) -> dict:
+        """A finished run whose evaluations all read test accuracy ``acc`` (and the given extra series)."""
+        return {"diverged_at": None, "series": {"eval": {"step": [0, 1, 2], "test_acc": [acc] * 3}, **series}}
+
+
+@pytest.fixture
+def fab() -> type[Fabricated]:
+    return Fabricated

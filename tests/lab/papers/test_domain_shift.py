@@ -35,8 +35,20 @@ def test_evaluate_turns_errors_into_the_two_checks():
     runs = {"cnn": {"series": {"domain_shift": {k: [v] for k, v in res.items()}}}}
     rows, checks = ds._evaluate(runs, {"few": [1], "adapt_batch": 16})
     assert [c.status for c in checks] == ["pass", "pass"]
-    assert "+20.0 points" == checks[0].value and checks[1].value == "75%"
+    assert "+20.0 points" == checks[0].value and checks[1].value == "75.0%"
     res["adabn"] = [[0.4] * 5] * 4
     runs = {"cnn": {"series": {"domain_shift": {k: [v] for k, v in res.items()}}}}
     _, checks = ds._evaluate(runs, {"few": [1], "adapt_batch": 16})
     assert checks[0].status == "fail" and math.isnan(float(checks[1].value.rstrip("%")))
+
+
+def test_over_seeds_the_gain_and_the_share_are_decided_from_their_intervals(decide):
+    def seed(adabn, few):
+        res = {"clean": 0.9, "corruptions": list(ds.SEVERITIES), "none": [[0.5] * 5] * 4, "adabn": [[adabn] * 5] * 4,
+               "k1": [[few] * 5] * 4}
+        return {"cnn": {"series": {"domain_shift": {k: [v] for k, v in res.items()}}}}
+    statuses, verdict, checks = decide(ds.EXPERIMENT, [seed(0.7 + j, 0.65 + j) for j in (0, .002, -.002, .001, 0)])
+    assert statuses == ["pass", "pass"] and verdict == "reproduced" and checks[1]["margin_text"] == "threshold 50.0%"
+    # the few-batch share swings from 0% to 100% across the seeds: its CI straddles 50%
+    statuses, verdict, _ = decide(ds.EXPERIMENT, [seed(0.7, f) for f in (0.5, 0.7, 0.55, 0.68, 0.6)])
+    assert statuses == ["pass", "unclear"] and verdict == "inconclusive"

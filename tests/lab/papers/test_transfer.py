@@ -26,3 +26,12 @@ def test_check_compares_the_smallest_batch():
                                "transfer": {"before": [0.0], "live": [[0.5, 0.8]], "frozen": [[0.6, 0.8]]}}}}
     rows, checks = transfer._evaluate(runs, {"ft_batches": [4, 32]})
     assert checks[0].status == "pass" and checks[0].value == "+10.0 points" and len(rows) == 6
+
+
+def test_over_seeds_the_interval_decides(decide, fab):
+    def seed(gain):
+        return {"cnn": {"series": {"eval": {"test_acc": [0.9]},
+                                   "transfer": {"before": [0.0], "live": [[0.5, 0.8]], "frozen": [[0.5 + gain, 0.8]]}}}}
+    assert decide(transfer.EXPERIMENT, [seed(0.1 + j) for j in fab.JITTER])[:2] == (["pass"], "reproduced")
+    assert decide(transfer.EXPERIMENT, [seed(-0.1 + j) for j in fab.JITTER])[:2] == (["fail"], "not reproduced")
+    assert decide(transfer.EXPERIMENT, [seed(d) for d in fab.STRADDLE])[:2] == (["unclear"], "inconclusive")

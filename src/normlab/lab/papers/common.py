@@ -19,17 +19,23 @@ POINT = 0.01
 """One percentage point of accuracy: the smallest accuracy difference the lab's checks call an effect (their
 margin is raised to the measured seed-to-seed noise floor when that is larger)."""
 
+CI_RULE = ("Each check passes when its 95% CI over the paired seeds (one seed: the point) lies wholly on the paper's "
+           "side of its margin, raised to the measured noise floor where one applies, fails when it lies wholly on "
+           "the other side and is unclear otherwise; reproduced if all pass, not reproduced if any fails, "
+           "inconclusive otherwise.")
+"""The decision rule, as the criteria of the experiments state it."""
+
 CNN_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 256, "n_test": 128, "size": 16, "widths": [4, 4, 8, 8, 8, 8],
               "pool_after": [1, 3, 5], "batch": 32, "steps": 6, "eval_every": 3, "probe_every": 3},
     "quick": {"n_train": 10000, "n_test": None, "size": 16, "widths": [8, 16, 32, 32, 64, 64],
-              "pool_after": [1, 3, 5], "batch": 128, "steps": 500, "eval_every": 50, "probe_every": 25},
+              "pool_after": [1, 3, 5], "batch": 128, "steps": 250, "eval_every": 50, "probe_every": 25},
     "full": {"n_train": None, "n_test": None, "size": None, "widths": [32, 64, 128, 128, 256, 256],
              "pool_after": [1, 3, 5], "batch": 128, "steps": 15000, "eval_every": 500, "probe_every": 250},
 }
 DLN_BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {"n": 64, "dim": 10, "depth": 6, "steps": 6, "eval_every": 1, "probe_every": 3},
-    "quick": {"n": 1000, "dim": 10, "depth": 25, "steps": 500, "eval_every": 1, "probe_every": 50},
+    "quick": {"n": 1000, "dim": 10, "depth": 25, "steps": 300, "eval_every": 1, "probe_every": 50},
     "full": {"n": 1000, "dim": 10, "depth": 25, "steps": 10000, "eval_every": 1, "probe_every": 250},
 }
 """The DLN is evaluated at every step (a cheap full-batch forward): the fraction of steps on which the loss
@@ -105,12 +111,13 @@ def cnn_gradient_run(setup: Setup, b: dict[str, Any], norm: str) -> dict[str, An
     return cnn_run(setup, b, norm, probes=gradient_probes(b, CNN_LANDSCAPE))
 
 
-def dln_run(setup: Setup, b: dict[str, Any], norm: str, lr: float = DLN_LR) -> dict[str, Any]:
-    """A deep-linear-network run with the gradient probes (ICS and landscape)."""
+def dln_run(setup: Setup, b: dict[str, Any], norm: str, lr: float = DLN_LR, probes: bool = True) -> dict[str, Any]:
+    """A deep-linear-network run, with the gradient probes (ICS and landscape) unless ``probes`` is false
+    (the probes leave the trajectory unchanged, so a run without them is paired with one with them)."""
     data = {"name": "gaussian", "n": b["n"], "dim": b["dim"]}
     model = {"arch": "dln", "depth": b["depth"], "norm": norm}
     return run_config(setup, data, model, lr=lr, steps=b["steps"], batch=b["n"],
-                      eval_every=b["eval_every"], probes=gradient_probes(b, DLN_LANDSCAPE))
+                      eval_every=b["eval_every"], probes=gradient_probes(b, DLN_LANDSCAPE) if probes else [])
 
 
 def merged(cnn: dict[str, Any], dln: dict[str, Any]) -> dict[str, Any]:
@@ -126,9 +133,9 @@ def shift(run: dict[str, Any], site: str, blocks: tuple[int, ...] = ACTIVATION_B
                           for k in blocks]))
 
 
-def accuracy_check(text: str, a: float, b: float, claim: str = ">", margin: float = POINT) -> Check:
+def accuracy_check(text: str, a: float, b: float, claim: str = ">", margin: float = POINT, paper: str = "—") -> Check:
     """Accuracy ``a`` against ``b`` of the same seed, in percentage points (see :meth:`Check.compare`)."""
-    return Check.compare(text, a, b, claim, margin, unit="points")
+    return Check.compare(text, a, b, claim, margin, unit="points", paper=paper)
 
 
 def accuracy_rows(runs: Runs, labels: dict[str, str], paper: dict[str, str], key: str = "test_acc",

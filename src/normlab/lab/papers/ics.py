@@ -86,13 +86,13 @@ def _ics_evaluate(runs: Runs, b: dict[str, Any], dln: str = "dln") -> tuple[list
                         pct(rise), "— (a stable run: ≈ 0)", rise, "pct"))
     checks = [Check.compare(f"{model.upper()}: ICS with BN as large or larger (mean cos(G, G′) with BN − without "
                             f"< {COS_MARGIN:g})", cos[f"{key}-bn"], cos[f"{key}-none"], "<=", COS_MARGIN,
-                            floor=False)
+                            floor=False, paper="ICS as large or larger with BN (Fig. 3)")
               for model, key in (("cnn", "cnn"), ("dln", dln))]
     checks += [
         Check.level(f"DLN without BN: cos(G, G′) ≈ 1 (mean > {COS_NEAR_ONE:g})", cos[f"{dln}-none"],
-                    COS_NEAR_ONE, ">"),
+                    COS_NEAR_ONE, ">", paper="≈ 1 throughout (Fig. 3b)"),
         Check.level(f"DLN with BN: G and G′ nearly uncorrelated (mean cos < {COS_UNCORRELATED:g})",
-                    cos[f"{dln}-bn"], COS_UNCORRELATED, "<"),
+                    cos[f"{dln}-bn"], COS_UNCORRELATED, "<", paper="≈ 0 (Fig. 3b)"),
     ]
     return rows, checks
 

@@ -137,7 +137,7 @@ def _evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
                  Row(f"mean loss over the filter-normalized slice / loss at θ₁, {label}", num(flat),
                      "— (Li et al. 2018: pictures)", flat)]
         checks.append(Check.level(f"{label}: no barrier on the straight path θ₀ → θ₁ (largest rise < {BARRIER:g} of "
-                                  "L(θ₀))", bar, BARRIER, "<"))
+                                  "L(θ₀))", bar, BARRIER, "<", paper="none (Goodfellow et al. 2015; Im et al. 2016)"))
     return rows, checks
 
 

@@ -55,15 +55,16 @@ def _noisy_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Chec
                  for k, label in NOISY_LABELS.items()]
     checks = [
         accuracy_check(f"noisy BN trains about as well as BN (training accuracy not more than {100 * AS_WELL:g} "
-                       "points below)", acc["bn+noise"], acc["bn"], ">=", AS_WELL),
+                       "points below)", acc["bn+noise"], acc["bn"], ">=", AS_WELL,
+                       paper="about as good as BN (Fig. 2)"),
         accuracy_check(f"noisy BN beats no BN in training accuracy by more than {100 * BEATS:g} point",
-                       acc["bn+noise"], acc["none"], ">", BEATS),
+                       acc["bn+noise"], acc["none"], ">", BEATS, paper="well above no BN (Fig. 2)"),
         Check.compare(f"noisy BN's ReLU inputs shift more than no-BN's (by more than {LESS_STABLE:g}x)",
                       shifts["act_input"]["bn+noise"], shifts["act_input"]["none"], ">", math.log(LESS_STABLE),
-                      log=True),
+                      log=True, paper="noisy BN's layer inputs less stable than no-BN's (Fig. 2)"),
         accuracy_check(f"the same noise without BN stops training (training accuracy more than {100 * STOPS:g} "
                        "points below no BN; a diverged run counts at chance)", acc["noise"], acc["none"], "<",
-                       STOPS),
+                       STOPS, paper="does not train (§2)"),
     ]
     return rows, checks
 

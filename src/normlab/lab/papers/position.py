@@ -38,16 +38,25 @@ NOT_WORSE = POINT
 above no BN, so "no effect" is consistent with it, and only a loss of more than this contradicts it."""
 
 
+def _paper_diff(a: str, b: str) -> str:
+    """The source's difference of two placements, in points, with the two accuracies."""
+    pa, pb = float(POSITION_PAPER[a].rstrip("%")), float(POSITION_PAPER[b].rstrip("%"))
+    return f"{pa - pb:+.1f} points ({POSITION_PAPER[a]} vs {POSITION_PAPER[b]})"
+
+
 def _position_evaluate(runs: Runs, b: dict[str, Any]) -> tuple[list[Row], list[Check]]:
     acc = {k: final(r) for k, r in runs.items()}
     rows = accuracy_rows(runs, POSITION_LABELS, {k: f"{v} (CaffeNet, ImageNet 128px)" for k, v in POSITION_PAPER.items()})
     checks = [accuracy_check(f"BN after ReLU beats BN before ReLU{suffix} by more than {100 * AFTER_BEATS:g} point",
-                             acc[f"after{key}"], acc[f"before{key}"], ">", AFTER_BEATS)
+                             acc[f"after{key}"], acc[f"before{key}"], ">", AFTER_BEATS,
+                             paper=_paper_diff(f"after{key}", f"before{key}"))
               for key, suffix in (("", ""), ("-affine", ", with scale&bias"))]
     checks += [accuracy_check(f"scale & bias change little, BN {where} ReLU (within ±{100 * AFFINE_SAME:g} point)",
-                              acc[f"{where}-affine"], acc[where], "=", AFFINE_SAME) for where in ("before", "after")]
+                              acc[f"{where}-affine"], acc[where], "=", AFFINE_SAME,
+                              paper=_paper_diff(f"{where}-affine", where)) for where in ("before", "after")]
     checks += [accuracy_check(f"{POSITION_LABELS[k]} is not worse than no BN (by more than {100 * NOT_WORSE:g} "
-                              "point; no effect allowed)", acc[k], acc["none"], ">=", NOT_WORSE)
+                              "point; no effect allowed)", acc[k], acc["none"], ">=", NOT_WORSE,
+                              paper=_paper_diff(k, "none"))
                for k in POSITION_LABELS if k != "none"]
     return rows, checks
 

@@ -135,6 +135,8 @@ SCALING_BUDGETS: dict[str, dict[str, Any]] = {
               "widths": [4, 8]},
     "quick": {"nprocs": [1, 2], "batch": 64, "steps": 80, "n_train": 4000, "n_test": 1000, "size": 16,
               "widths": [8, 16, 32, 32]},
+    "standard": {"nprocs": [1, 2, 4], "batch": 64, "steps": 80, "n_train": 4000, "n_test": 1000, "size": 16,
+                 "widths": [8, 16, 32, 32]},
     "full": {"nprocs": [1, 2, 4, 8], "batch": 128, "steps": 1000, "n_train": None, "n_test": None, "size": None,
              "widths": [32, 64, 128, 128]},
 }

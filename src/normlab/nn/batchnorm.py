@@ -129,13 +129,11 @@ class _BatchNorm(_NormBase):
         skipped = state.get("num_batches_skipped", 0)  # a layer pickled before these attributes has none
         plan = batch_plan(input.shape)
         use_batch_stats = training or running_mean is None
-        if not validated:
-            F._check(name, input, plan, weight, bias, self.eps, running_mean, running_var, use_batch_stats,
-                     factor, checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
-                     residual, eps_positive=use_batch_stats)
-        y = F._execute(name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats,
-                       factor, epilogue.get("relu", False), residual, state.get("guard_stats"), self._skipped_batch,
-                       not CONVENTIONS[state.get("convention", "torch")].biased_running_var)
+        y = F.normalize_with_plan(
+            name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats, factor,
+            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, epilogue.get("relu", False),
+            residual, state.get("guard_stats"), self._skipped_batch,
+            not CONVENTIONS[state.get("convention", "torch")].biased_running_var, use_batch_stats, validated)
         if not validated:
             state["_validated"], state["_validated_tensors"] = key, (weight, bias, mean_buf, var_buf)
         if not training and (not validated or aten != _versions(weight, mean_buf, var_buf)):

@@ -37,6 +37,19 @@ class Backend(Protocol):
       the batch's statistics (else the engine updates them afterwards);
     * ``empty_like(t) -> Tensor``: an uninitialized dense tensor like ``t`` in the backend's recycled
       memory, for callers that assemble one output from several results (ghost and masked batch norm).
+
+    Every kernel backend also has BatchNorm's statistics seam (the steps of :mod:`normlab.core.stats`, with
+    a caller's combine between them; a ``ValueError`` for other plans), giving its fused path's results
+    with one place and the identity combine:
+
+    * ``partial_moments(x, plan)``: this place's ``(n, s, d, M2)`` per channel, (1, 4, C) float64;
+    * ``apply_moments(x, weight, bias, merged, plan, eps, residual=None, relu=False, running=None)``:
+      :meth:`forward`'s results from ``merged`` = :func:`~normlab.core.stats.merge_moments`' (N, K, D, σ²),
+      ``running`` updated with them (count N);
+    * ``partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan, y=None)``: this place's
+      ``(Σ dy', Σ dy'·x̂)`` per channel, (2, C) float64 (dy' masked by ``y > 0`` after a fused ReLU);
+    * ``apply_grad(dy, x, weight, shift, mean_shifted, rstd, totals, count, plan, y=None, residual=False)``:
+      dx from the combined sums over ``count`` values per channel (with ``y``: ``(dx, dres)``).
     """
 
     name: str

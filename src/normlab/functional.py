@@ -30,10 +30,10 @@ from normlab.core.renorm import renormalize
 from normlab.kernels.dispatch import backend_for, select as select_backend
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_renorm", "ghost_batch_norm", "instance_norm", "group_norm",
-           "layer_norm"]
+           "layer_norm", "normalize_with_plan"]
 
 
-def _run(
+def normalize_with_plan(
     op: str,
     x: torch.Tensor,
     plan: Plan,
@@ -51,29 +51,39 @@ def _run(
     on_skip: Callable[[str], None] | None = None,
     unbiased: bool = True,
     eps_positive: bool = False,
+    checked: bool = False,
 ) -> torch.Tensor:
-    """Check, then normalize through the engine, which updates the running statistics (if any) once the
-    batch's are computed.
+    """The entry every function here and every layer of :mod:`normlab.nn` normalizes through: check the
+    arguments (:func:`_check`), then normalize through the engine, which updates the running statistics (if
+    any) once the batch's are computed (:func:`_execute`).
 
-    ``suggestion`` is the advice given when a statistic would be computed from a single value; ``None``
-    allows that case (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns
-    ``relu(y + residual)`` (``residual`` may be ``None``) instead of ``y``. ``guard`` (``None``: the global
-    setting) skips the running update of a batch whose statistics are not finite
-    (:mod:`normlab.core.guard`); ``on_skip(op)`` is then called (default: a warning). ``unbiased=False``
-    stores the biased batch variance in ``running_var`` (Keras' and Flax's convention). ``eps_positive``:
-    refuse eps = 0 (batch normalization with the batch's statistics, as torch does).
+    ``plan`` says which axes are reduced and which carry γ and β (:mod:`normlab.core.plan`). ``suggestion``
+    is the advice given when a statistic would be computed from a single value; ``None`` allows that case
+    (LayerNorm and GroupNorm, like torch.nn, then return β). ``relu`` returns ``relu(y + residual)``
+    (``residual`` may be ``None``) instead of ``y``. ``guard`` (``None``: the global setting) skips the
+    running update of a batch whose statistics are not finite (:mod:`normlab.core.guard`); ``on_skip(op)``
+    is then called (default: a warning). ``unbiased=False`` stores the biased batch variance in
+    ``running_var`` (Keras' and Flax's convention). ``eps_positive``: refuse eps = 0 (batch normalization
+    with the batch's statistics, as torch does). ``checked``: the caller has seen a call with the same
+    shapes, dtypes and configuration pass the checks (a layer's cached validation), so they are skipped.
     """
-    _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, suggestion, residual,
-           eps_positive)
+    if not checked:
+        _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, suggestion,
+               residual, eps_positive)
     return _execute(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, relu,
                     residual, guard, on_skip, unbiased)
 
 
+_run = normalize_with_plan
+"""The former name of :func:`normalize_with_plan`."""
+
+
 def _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, suggestion, residual,
            eps_positive) -> None:
-    """:func:`_run`'s validation: raise the error torch would (or normlab's more specific one) for arguments
-    the engine cannot take. Depends only on shapes, dtypes and the configuration, so a layer that has seen a
-    call with the same of those pass it may skip it (:meth:`normlab.nn.batchnorm._BatchNorm._normalize`)."""
+    """:func:`normalize_with_plan`'s validation: raise the error torch would (or normlab's more specific one)
+    for arguments the engine cannot take. Depends only on shapes, dtypes and the configuration, so a layer
+    that has seen a call with the same of those pass it may skip it
+    (:meth:`normlab.nn.batchnorm._BatchNorm._normalize`)."""
     checks.check_eps(eps, op, positive=eps_positive)
     if residual is not None:
         checks.check_residual(residual, x, op)
@@ -95,8 +105,8 @@ def _check(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_
 
 def _execute(op, x, plan, weight, bias, eps, running_mean, running_var, use_batch_stats, momentum, relu=False,
              residual=None, guard=None, on_skip=None, unbiased=True) -> torch.Tensor:
-    """:func:`_run` after :func:`_check`: the engine call on the backend :mod:`normlab.kernels.dispatch` picks,
-    the running statistics updated by the engine."""
+    """:func:`normalize_with_plan` after :func:`_check`: the engine call on the backend
+    :mod:`normlab.kernels.dispatch` picks, the running statistics updated by the engine."""
     fixed_mean, fixed_var = (None, None) if use_batch_stats else (running_mean, running_var)
     running = None
     if use_batch_stats and running_mean is not None and x.numel() > 0:
@@ -159,7 +169,8 @@ def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, 
                       eps, **guard) -> torch.Tensor:
     """:func:`batch_norm` over the positions where ``mask`` is True, channels on ``channel_dim`` (1, or −1 for
     sequence-major (N, L, C) input); ``mask=None``: every position. Errors name ``op``; ``guard``
-    (``guard=``, ``on_skip=``, ``unbiased=``) configures the guarded running update as in :func:`_run`."""
+    (``guard=``, ``on_skip=``, ``unbiased=``) configures the guarded running update as in
+    :func:`normalize_with_plan`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)" if channel_dim == 1 else
                           "of shape (N, C) or (N, L, C)")
@@ -242,7 +253,7 @@ def _batch_renorm(op, input, running_mean, running_var, weight, bias, training, 
                   unbiased: bool = True) -> torch.Tensor:
     """:func:`batch_renorm` whose errors name ``op``; ``update=False`` normalizes in training without
     updating the running statistics (a checkpointed recomputation); ``guard``, ``on_skip``, ``unbiased``
-    as in :func:`_run`."""
+    as in :func:`normalize_with_plan`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     checks.check_renorm_limits(r_max, d_max, op)
@@ -290,7 +301,8 @@ def ghost_batch_norm(
 def _ghost_batch_norm(op, input, virtual_batch_size, running_mean, running_var, weight, bias, training, momentum,
                       eps, guard: bool | None = None, on_skip: Callable[[str], None] | None = None,
                       unbiased: bool = True) -> torch.Tensor:
-    """:func:`ghost_batch_norm` whose errors name ``op``; ``guard``, ``on_skip``, ``unbiased`` as in :func:`_run`."""
+    """:func:`ghost_batch_norm` whose errors name ``op``; ``guard``, ``on_skip``, ``unbiased`` as in
+    :func:`normalize_with_plan`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     checks.check_virtual_batch_size(virtual_batch_size, op)
@@ -328,7 +340,7 @@ def _batch_norm(op, input, running_mean, running_var, weight, bias, training, mo
                            eps, **epilogue).reshape(input.shape)
     checks.check_min_ndim(input, op, 2, "of shape (N, C) or (N, C, *spatial)")
     use_batch_stats = training or (running_mean is None and running_var is None)
-    return _run(
+    return normalize_with_plan(
         op, input, batch_plan(input.shape), weight, bias, eps, running_mean, running_var,
         use_batch_stats, momentum, checks.BN_SUGGESTION, eps_positive=bool(training), **epilogue,
     )
@@ -355,10 +367,11 @@ def instance_norm(
 
 
 def _instance_norm(op, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, **guard):
-    """:func:`instance_norm` whose errors name ``op``; ``guard``: ``guard=`` and ``on_skip=`` of :func:`_run`."""
+    """:func:`instance_norm` whose errors name ``op``; ``guard``: ``guard=`` and ``on_skip=`` of
+    :func:`normalize_with_plan`."""
     checks.check_floating(input, op)
     checks.check_min_ndim(input, op, 3, "of shape (N, C, *spatial) with at least one spatial axis")
-    return _run(
+    return normalize_with_plan(
         op, input, instance_plan(input.shape), weight, bias, eps, running_mean, running_var,
         use_input_stats, momentum,
         "InstanceNorm needs more than one spatial position per channel; for 1x1 maps use BatchNorm "
@@ -386,7 +399,7 @@ def group_norm(
     if input.numel() > 0 and input.numel() // num_groups == 1:
         checks.check_enough_values(1, op, tuple(input.shape), checks.GN_SUGGESTION, running=False,
                                    source="the input's")
-    return _run(op, input, plan, weight, bias, eps)
+    return normalize_with_plan(op, input, plan, weight, bias, eps)
 
 
 def layer_norm(
@@ -415,4 +428,4 @@ def layer_norm(
             f"input, got input of shape {tuple(input.shape)}. Build LayerNorm with the last "
             f"dimension(s) of your input, {example}."
         )
-    return _run(op, input, layer_plan(input.shape, shape), weight, bias, eps)
+    return normalize_with_plan(op, input, layer_plan(input.shape, shape), weight, bias, eps)

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from normlab.core.plan import batch_plan
+from normlab.kernels import available, dispatch
+
 
 def run_kernel_case(case, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):
     """Forward and backward of one kernel test case, ``(fn, shape, parameter count, memory format)``, on
@@ -44,3 +47,20 @@ def matches_engine(run_case):
                 torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
     return check
+
+
+@pytest.fixture(params=list(dispatch.BACKENDS))
+def seam_backend(request, monkeypatch):
+    """An instance of every backend of :data:`normlab.kernels.dispatch.BACKENDS` (each has the statistics
+    seam) that runs CPU tensors here (Triton under its interpreter, which needs ``TRITON_INTERPRET=1`` from
+    before triton is first imported); skipped where it cannot run."""
+    name = request.param
+    if name == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not available(name):
+        pytest.skip(f"{name} is not installed")
+    backend = dispatch.BACKENDS[name]()
+    reason = backend.unsupported(torch.zeros(2, 2), batch_plan((2, 2)))
+    if reason is not None:
+        pytest.skip(f"the {name} backend cannot run CPU tensors in this process: {reason}")
+    return backend

@@ -38,17 +38,21 @@ class Backend(Protocol):
     * ``empty_like(t) -> Tensor``: an uninitialized dense tensor like ``t`` in the backend's recycled
       memory, for callers that assemble one output from several results (ghost and masked batch norm).
 
-    A third, the statistics seam of BatchNorm plans (:mod:`normlab.core.stats`; used where it has all four,
-    :func:`normlab.core.stats.seam_of`, e.g. by SyncBatchNorm with a process group as the combine step):
+    Every kernel backend also has BatchNorm's statistics seam (the steps of :mod:`normlab.core.stats`, with
+    a caller's combine between them; a ``ValueError`` for other plans), giving its fused path's results
+    with one place and the identity combine; callers find it with :func:`normlab.core.stats.seam_of`
+    (SyncBatchNorm's combine is its process group):
 
-    * ``partial_moments(x, plan) -> Tensor``: this place's per-channel (n, s, d, M2), (1, 4, C) float64
-      on ``x``'s device, as :func:`normlab.core.stats.partial_moments` packs them (n = 0 for an empty ``x``);
-    * ``apply_moments(x, weight, bias, merged, plan, eps) -> Statistics``: :meth:`forward`'s results with
-      the statistics given, ``merged = (N, K, D, σ²)`` from :func:`normlab.core.stats.merge_moments`;
-    * ``partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan) -> Tensor``: this place's
-      (Σ ∂L/∂y, Σ ∂L/∂y · x̂) per channel, (2, C) float64 (∂L/∂β and ∂L/∂γ; not multiplied by γ);
-    * ``apply_grad(dy, x, weight, shift, mean_shifted, rstd, totals, count, plan) -> Tensor``: ∂L/∂x from
-      those sums over the whole batch (``totals``) of ``count`` values per channel.
+    * ``partial_moments(x, plan)``: this place's ``(n, s, d, M2)`` per channel, (1, 4, C) float64 on
+      ``x``'s device, as :func:`normlab.core.stats.partial_moments` packs them (n = 0 for an empty ``x``);
+    * ``apply_moments(x, weight, bias, merged, plan, eps, residual=None, relu=False, running=None)``:
+      :meth:`forward`'s results from ``merged`` = :func:`~normlab.core.stats.merge_moments`' (N, K, D, σ²),
+      ``running`` updated with them (count N);
+    * ``partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan, y=None)``: this place's
+      ``(Σ dy', Σ dy'·x̂)`` per channel, (2, C) float64 (∂L/∂β and ∂L/∂γ, not multiplied by γ; dy' masked
+      by ``y > 0`` after a fused ReLU);
+    * ``apply_grad(dy, x, weight, shift, mean_shifted, rstd, totals, count, plan, y=None, residual=False)``:
+      dx from the combined sums over ``count`` values per channel (with ``y``: ``(dx, dres)``).
     """
 
     name: str

@@ -6,8 +6,6 @@ They subclass the torch classes, so constructor arguments, attributes, parameter
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
@@ -15,78 +13,18 @@ from torch.autograd import forward_ad as _forward_ad
 from normlab import functional as F
 from normlab.core import checks
 from normlab.core.plan import batch_plan
+from normlab.nn.base import _GuardedStats, _NormBase  # noqa: F401  (_GuardedStats: its former home)
 from normlab.nn.conventions import CONVENTIONS, convention_args
 from normlab.nn.once import may_update
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MaskedBatchNorm1d"]
 
 
-class _GuardedStats:
-    """Guarded running statistics (:mod:`normlab.core.guard`) of a layer: its ``guard_stats`` setting and
-    ``num_batches_skipped``, warned about once.
-
-    ``num_batches_skipped`` (an ``int`` attribute, not a buffer, so that ``state_dict`` keys stay
-    torch.nn's and checkpoints load both ways with ``strict=True``) counts the training batches whose
-    statistics were not finite and so did not update the running statistics. ``state_dict()`` records it
-    in the state dict's metadata (``state_dict._metadata[prefix]["num_batches_skipped"]``, next to the
-    ``version`` torch keeps there), which ``torch.save``/``torch.load`` and ``load_state_dict`` carry;
-    a state dict without it (torch.nn's, or a copy made with a dict comprehension) loads as 0.
-    """
-
-    def __init__(self, *args, guard_stats: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if guard_stats is not None and not isinstance(guard_stats, bool):
-            raise TypeError(f"{type(self).__name__}: guard_stats must be True, False or None (follow "
-                            f"normlab.set_guard_stats), got {guard_stats!r}.")
-        self.guard_stats = guard_stats
-        self.num_batches_skipped = 0
-        self._warned_skip = False
-
-    def _skipped_batch(self, op: str) -> None:
-        """Count a batch whose statistics were not finite; warn the first time only."""
-        self.num_batches_skipped = getattr(self, "num_batches_skipped", 0) + 1
-        if not getattr(self, "_warned_skip", False):
-            self._warned_skip = True
-            warnings.warn(
-                f"{op}: a training batch's mean or variance is not finite (NaN or inf in the input, or values "
-                f"that overflowed in float16), so the running statistics and num_batches_tracked were left as "
-                f"they were; the output is what the math gives. Such batches are counted in "
-                f"num_batches_skipped; this warning is given once per layer. guard_stats=False (or "
-                f"normlab.set_guard_stats(False)) restores torch.nn's behaviour.",
-                RuntimeWarning, stacklevel=4,
-            )
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        skipped = getattr(self, "num_batches_skipped", 0)
-        metadata = getattr(destination, "_metadata", None)
-        if skipped and metadata is not None:
-            metadata.setdefault(prefix[:-1], {})["num_batches_skipped"] = skipped
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
-        self.num_batches_skipped = int(local_metadata.get("num_batches_skipped", 0))
+_RunningStatsMixin = _NormBase
+"""The former name of :class:`normlab.nn.base._NormBase`."""
 
 
-class _RunningStatsMixin(_GuardedStats):
-    """Shared by BatchNorm and InstanceNorm: eps and momentum are checked at construction and per call;
-    guarded running statistics (:class:`_GuardedStats`) updated exactly once (:mod:`normlab.nn.once`)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._check_config()
-
-    def _check_config(self) -> None:
-        name = type(self).__name__
-        checks.check_eps(self.eps, name)
-        checks.check_momentum(self.momentum, name, allow_none=True)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        self.num_batches_skipped = 0
-
-
-class _BatchNorm(_RunningStatsMixin):
+class _BatchNorm(_NormBase):
     _ranks: tuple[int, ...] = ()
     _layout = ""
 
@@ -191,13 +129,11 @@ class _BatchNorm(_RunningStatsMixin):
         skipped = state.get("num_batches_skipped", 0)  # a layer pickled before these attributes has none
         plan = batch_plan(input.shape)
         use_batch_stats = training or running_mean is None
-        if not validated:
-            F._check(name, input, plan, weight, bias, self.eps, running_mean, running_var, use_batch_stats,
-                     factor, checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION,
-                     residual, eps_positive=use_batch_stats)
-        y = F._execute(name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats,
-                       factor, epilogue.get("relu", False), residual, state.get("guard_stats"), self._skipped_batch,
-                       not CONVENTIONS[state.get("convention", "torch")].biased_running_var)
+        y = F.normalize_with_plan(
+            name, input, plan, weight, bias, state["eps"], running_mean, running_var, use_batch_stats, factor,
+            checks.BN_SUGGESTION if tracking else checks.BN_NO_RUNNING_SUGGESTION, epilogue.get("relu", False),
+            residual, state.get("guard_stats"), self._skipped_batch,
+            not CONVENTIONS[state.get("convention", "torch")].biased_running_var, use_batch_stats, validated)
         if not validated:
             state["_validated"], state["_validated_tensors"] = key, (weight, bias, mean_buf, var_buf)
         if not training and (not validated or aten != _versions(weight, mean_buf, var_buf)):

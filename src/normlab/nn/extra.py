@@ -19,7 +19,7 @@ from normlab.core import checks
 from normlab.core.engine import accumulation_dtype, centre, moments, normalize, update_running_stats
 from normlab.core.guard import guard_stats_enabled
 from normlab.core.plan import batch_plan
-from normlab.nn.batchnorm import _GuardedStats
+from normlab.nn.base import _GuardedStats
 from normlab.nn.once import may_update
 
 __all__ = ["CovariateShiftNoise", "LpBatchNorm1d", "LpBatchNorm2d"]

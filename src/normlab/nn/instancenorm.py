@@ -9,13 +9,13 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.core import checks
-from normlab.nn.batchnorm import _RunningStatsMixin
+from normlab.nn.base import _NormBase
 from normlab.nn.once import may_update
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(_RunningStatsMixin):
+class _InstanceNorm(_NormBase):
     _spatial = 1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,10 @@ def test_every_kernel_compiles_for_sm90_in_every_dtype_without_spills(tmp_path):
     assert report["failures"] == []
     compiled = report["compiled"]
     for dtype in ("float32", "float64", "float16", "bfloat16"):
-        assert {c["kernel"] for c in compiled if c["dtype"] == dtype} == set(launched_kernels()), dtype
+        # the seam's _pack_moments reads accumulation-dtype partials only: half precision input reuses the
+        # specialization compiled for float32 (listed once, under float32)
+        want = set(launched_kernels()) - ({"_pack_moments"} if dtype in ("float16", "bfloat16") else set())
+        assert {c["kernel"] for c in compiled if c["dtype"] == dtype} == want, dtype
     # Register pressure spills hundreds of bytes (see the next test). A few bytes are an artefact of the
     # register allocation level Triton asks ptxas for (--regAllocOptLevel=2): with it, LayerNorm(768)'s
     # dγ/dβ-only backward spills 4 bytes at 40 registers, without it none.

@@ -13,21 +13,22 @@ The kernels (and with them numba) are imported on the first call, not before.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from normlab.core.conventions import CHANNELS_LAST, accumulation_dtype, fill_empty_statistics, is_channels_last
 from normlab.core.plan import Plan
+from normlab.kernels.layout import (
+    CHANNEL_PLANES, CHANNEL_ROWS, ROW, ROW_CHANNELS_LAST, ChannelShape, classify, family as family_of,
+)
 from normlab.kernels.numba import buffers
-from normlab.kernels.layout import ChannelShape, RowShape, classify
 
 __all__ = ["NumbaBackend", "epilogue_code"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _CONVERTED_DTYPES = (torch.float16, torch.bfloat16)
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def epilogue_code(relu: bool, residual: torch.Tensor | None) -> int:
@@ -41,10 +42,10 @@ def _kernels() -> dict:
     from normlab.kernels.numba import columns, planar, rows
 
     return {
-        "bn_planar": (planar.bn_planar_forward, planar.bn_planar_backward),
-        "bn_rows": (columns.bn_rows_forward, columns.bn_rows_backward),
-        "group_cl": (columns.group_cl_forward, columns.group_cl_backward),
-        "row": (rows.row_forward, rows.row_backward),
+        CHANNEL_PLANES: (planar.bn_planar_forward, planar.bn_planar_backward),
+        CHANNEL_ROWS: (columns.bn_rows_forward, columns.bn_rows_backward),
+        ROW_CHANNELS_LAST: (columns.group_cl_forward, columns.group_cl_backward),
+        ROW: (rows.row_forward, rows.row_backward),
     }
 
 
@@ -108,11 +109,6 @@ def _flat(stat: torch.Tensor) -> np.ndarray:
     return a if a.ndim == 1 else a.reshape(-1)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    fmt = _CHANNELS_LAST.get(x.dim())
-    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
-
-
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 _NO_RUNNING = {dtype: np.empty(0, t) for dtype, t in _NUMPY.items()}
 """Stand-ins for the running statistics when a kernel is not to update any."""
@@ -128,35 +124,31 @@ class _Launch:
     def __init__(self, plan: Plan, channels_last: bool, dtype: torch.dtype):
         shape = classify(plan)
         self.shape = shape
-        if isinstance(shape, ChannelShape):
-            self.family = "bn_rows" if channels_last or shape.spatial == 1 else "bn_planar"
-            self.stat_count = self.param_count = shape.channels
-        elif isinstance(shape, RowShape):
-            # channels_last rows: statistics per (sample, group of adjacent channels), γ and β per channel
-            # (GroupNorm, InstanceNorm); not LayerNorm over the spatial axes, whose γ varies along them.
-            per_channel = shape.lead == 2 and shape.run == math.prod(plan.input_shape[2:])
-            self.family = "group_cl" if channels_last and per_channel else "row"
-            self.stat_count, self.param_count = shape.rows, shape.groups * shape.per_row
-        else:
+        if shape is None:
             raise ValueError(f"plan not handled by the numba kernels: {plan}")
-        self.channels_last = channels_last and self.family in ("bn_rows", "group_cl")
-        self.acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self.family = family_of(plan, channels_last)
+        if isinstance(shape, ChannelShape):
+            self.stat_count = self.param_count = shape.channels
+        else:
+            self.stat_count, self.param_count = shape.rows, shape.groups * shape.per_row
+        self.channels_last = channels_last and self.family in (CHANNEL_ROWS, ROW_CHANNELS_LAST)
+        self.acc = accumulation_dtype(dtype)
         self.np_dtype = np.dtype(_NUMPY[self.acc])
         ndim = len(plan.input_shape)
         # channels_last memory is (N, *spatial, C): a transpose of the NumPy view makes it C-contiguous.
         self.perm = (0, *range(2, ndim), 1) if self.channels_last else None
-        self.fmt = _CHANNELS_LAST.get(ndim) if self.channels_last else torch.contiguous_format
+        self.fmt = CHANNELS_LAST.get(ndim) if self.channels_last else torch.contiguous_format
         # A channels_last input that a family reads as contiguous rows still gets channels_last results.
-        self.out_fmt = _CHANNELS_LAST[ndim] if channels_last and not self.channels_last else None
+        self.out_fmt = CHANNELS_LAST[ndim] if channels_last and not self.channels_last else None
         # split_rows: the rows (runs, for bn_planar) a kernel cuts into one block of partial sums per thread;
         # group_cl keeps one block per sample.
-        if self.family == "bn_planar":
+        if self.family == CHANNEL_PLANES:
             self.array_shape = (shape.n, shape.channels, shape.spatial)
             self.split_rows = shape.n * shape.channels
-        elif self.family == "bn_rows":
+        elif self.family == CHANNEL_ROWS:
             self.array_shape = (-1, shape.channels)
             self.split_rows = shape.n * shape.spatial
-        elif self.family == "group_cl":
+        elif self.family == ROW_CHANNELS_LAST:
             self.array_shape = (plan.input_shape[0], -1, plan.input_shape[1])
             self.split_rows = plan.input_shape[0]
         else:
@@ -191,7 +183,7 @@ class _Launch:
 
 
 def _launch(x: torch.Tensor, plan: Plan) -> _Launch:
-    cl = _is_channels_last(x)
+    cl = is_channels_last(x)
     return plan.memo(("numba", cl, x.dtype), lambda: _Launch(plan, cl, x.dtype))
 
 
@@ -199,7 +191,7 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
     """The kernels' per-block float64 partial sums, (B, 2, P) for P parameters: one block of rows per
     thread (at most one per row), or one per sample for channels_last GroupNorm."""
     rows = launch.split_rows
-    blocks = rows if launch.family == "group_cl" else max(1, min(threads, rows))
+    blocks = rows if launch.family == ROW_CHANNELS_LAST else max(1, min(threads, rows))
     return np.empty((blocks, 2, launch.param_count))
 
 
@@ -248,7 +240,7 @@ class NumbaBackend:
                         running_var: torch.Tensor) -> bool:
         """Whether :meth:`forward` can update these running statistics itself, as it computes the batch's
         (BatchNorm plans, running statistics contiguous and in the accumulation dtype of ``x``)."""
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(x.dtype)
         return (
             isinstance(classify(plan), ChannelShape)
             and running_mean.dtype == acc and running_var.dtype == acc
@@ -286,8 +278,7 @@ class NumbaBackend:
             self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, plan.count)
         else:  # an empty batch: the torch engine's statistics of nothing
             if train:
-                stats[:2] = 0.0
-                stats[2] = 1.0
+                fill_empty_statistics(stats)
             stats[3] = 1.0 / np.sqrt(stats[2] + eps)
         shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind()
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
@@ -301,7 +292,7 @@ class NumbaBackend:
         xn, yn = launch.array(xa), launch.array(y)
         s = launch.shape
         family = launch.family
-        if family == "bn_planar" or family == "bn_rows":
+        if family == CHANNEL_PLANES or family == CHANNEL_ROWS:
             code = epilogue_code(relu, residual)
             rn = launch.array(launch.prepare(residual)) if code == 2 else xn
             if running is None:
@@ -321,7 +312,7 @@ class NumbaBackend:
                 increment_version((running[0], running[1]))
         elif relu:
             raise ValueError("the numba backend fuses ReLU into BatchNorm only")
-        elif family == "row":
+        elif family == ROW:
             kernel(xn, w, b, eps, train, s.groups, s.run, stats, yn, threads, _streams(y))
         else:
             kernel(xn, w, b, eps, train, s.groups, stats, yn, _streams(y))
@@ -364,7 +355,7 @@ class NumbaBackend:
         rs = _flat(rstd)
         s = launch.shape
         family = launch.family
-        if family == "bn_planar" or family == "bn_rows":
+        if family == CHANNEL_PLANES or family == CHANNEL_ROWS:
             code = 0 if y is None else 2 if dres is not None else 1
             yn = launch.array(launch.prepare(y)) if y is not None else xn
             dresn = launch.array(dres) if dres is not None else dxn
@@ -373,7 +364,7 @@ class NumbaBackend:
             kernel(*args, _parts(threads, launch), _streams(dx), **given)
             return
         parts = _parts(threads, launch)
-        if family == "row":
+        if family == ROW:
             kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, s.run, dxn, parts, _streams(dx))
         else:
             kernel(xn, dyn, w, sh, ms, rs, train, need_x, s.groups, dxn, parts, _streams(dx))
@@ -437,7 +428,7 @@ class NumbaBackend:
 
 def _seam_launch(x: torch.Tensor, plan: Plan) -> _Launch:
     launch = _launch(x, plan)
-    if launch.family not in ("bn_planar", "bn_rows"):
+    if launch.family not in (CHANNEL_PLANES, CHANNEL_ROWS):
         raise ValueError(f"the statistics seam takes BatchNorm plans (one statistic per channel), got {plan}")
     return launch
 
@@ -449,6 +440,6 @@ def _seam_kernels() -> dict:
 
     packs = (channel.pack_moments, channel.pack_grad_sums)
     return {
-        "bn_planar": (planar.planar_sums, planar.planar_grad_sums, *packs),
-        "bn_rows": (columns.rows_sums, columns.rows_grad_sums, *packs),
+        CHANNEL_PLANES: (planar.planar_sums, planar.planar_grad_sums, *packs),
+        CHANNEL_ROWS: (columns.rows_sums, columns.rows_grad_sums, *packs),
     }

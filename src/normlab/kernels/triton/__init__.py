@@ -5,6 +5,7 @@ Triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 - :mod:`.device`, :mod:`.device_backward` — the ``@jit`` device code (statistics and normalizing; backward);
 - :mod:`.launch` — tiles, splits and warps, and how a call's tensors are laid out for the kernels;
 - :mod:`.backend` — :class:`TritonBackend`, the host code that launches them;
+- :mod:`.seam` — its statistics seam (partial moments → the caller's combine → apply) on the same passes;
 - :mod:`.compile` — every kernel specialization compiled for a GPU architecture on a machine without one.
 
 Importing this package does not import triton.

@@ -44,8 +44,6 @@ Tile sizes, splits and warps: :mod:`.launch`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from normlab.core.conventions import accumulation_dtype, fill_empty_statistics
@@ -53,34 +51,19 @@ from normlab.core.plan import Plan
 from normlab.kernels.layout import CHANNEL_PLANES, ROW, ChannelShape, RowShape, classify
 from normlab.kernels.triton import launch
 from normlab.kernels.triton.launch import (
-    Launch, block2d, cdiv, eps_parts, options, origin_offsets, pow2, split_programs, whole_rows,
+    Launch, block2d, cdiv, eps_parts, flat_param, flat_stat, on_device, options, origin_offsets, pow2, split_programs,
+    whole_rows,
 )
 from normlab.kernels.triton.runtime import gpu_problem, installed, interpreter_problem, kernels
+from normlab.kernels.triton.seam import StatisticsSeam
 
 __all__ = ["TritonBackend"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _device(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _flat_param(p: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    return (dummy, False) if p is None else (p.detach().contiguous().reshape(-1), True)
-
-
-def _stat(t: torch.Tensor | None, acc: torch.dtype, count: int) -> torch.Tensor | None:
-    """A saved statistic as a flat ``count``-long tensor in ``acc`` (per-channel fixed statistics repeated
-    for every row where each sample has its own)."""
-    if t is None:
-        return None
-    t = t.detach().reshape(-1).to(acc).contiguous()
-    return t if t.numel() == count else t.repeat(count // t.numel())
-
-
-class TritonBackend:
-    """Engine backend on Triton kernels; see the module docstring."""
+class TritonBackend(StatisticsSeam):
+    """Engine backend on Triton kernels, with the statistics seam of :mod:`.seam`; see the module docstring."""
 
     name = "triton"
 
@@ -128,20 +111,20 @@ class TritonBackend:
             if train:
                 fill_empty_statistics(stats)
             else:
-                stats[0] = _stat(fixed_mean, acc, lay.units)
+                stats[0] = flat_stat(fixed_mean, acc, lay.units)
                 stats[1] = 0.0
-                stats[2] = _stat(fixed_var, acc, lay.units)
+                stats[2] = flat_stat(fixed_var, acc, lay.units)
             torch.rsqrt(stats[2] + eps, out=stats[3])
         else:
             k = kernels()
-            w, has_w = _flat_param(weight, xa)
-            b, has_b = _flat_param(bias, xa)
+            w, has_w = flat_param(weight, xa)
+            b, has_b = flat_param(bias, xa)
             fm = xa if train else fixed_mean.detach().contiguous().reshape(-1)
             fv = xa if train else fixed_var.detach().contiguous().reshape(-1)
             epi = 0 if not relu else 1 if residual is None else 2
             res = lay.prepare(residual) if epi == 2 else xa
             tl_acc = k["tl"].float64 if acc == torch.float64 else k["tl"].float32
-            with _device(x):
+            with on_device(x):
                 if lay.family == ROW:
                     self._rows_forward(k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, tl_acc)
                 else:
@@ -151,23 +134,28 @@ class TritonBackend:
         return lay.finish(y), shift, mean_shifted if train else None, var, rstd
 
     @staticmethod
-    def _finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc):
+    def _finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc, merged=False):
         bs = pow2(split) if train else 1
         bu = max(1, min(pow2(units), 4096 // bs))
         k["_finish_moments"][(cdiv(units, bu),)](
             part, fm, fv, stats, units, split, fm.numel() if not train else 1, *eps_parts(eps),
-            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, **options(bu * bs))
+            TRAIN=train, BU=bu, BS=bs, ACC=tl_acc, MERGED=merged, **options(bu * bs))
+
+    @staticmethod
+    def _planar_partials(k, xa, stats, units, p, q, s_unit, s_p, tl_acc):
+        """Welford partials ``(part, split)`` of ``units`` (p, q) blocks, split over programs; each block's
+        origin is written to ``stats[0]``."""
+        bp, bq = block2d(p, q, launch.BLOCK)
+        split = split_programs(units, cdiv(p, bp) * cdiv(q, bq), launch.target_programs(xa))
+        part = torch.empty(3, units, split, dtype=stats.dtype, device=xa.device)
+        k["_moments_planar"][(units, split)](xa, part, stats, units, p, q, s_unit, s_p, split,
+                                             *origin_offsets(p, q, s_p),
+                                             BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
+        return part, split
 
     def _planar_moments(self, k, xa, stats, fm, fv, units, p, q, s_unit, s_p, train, eps, tl_acc):
         """Statistics of ``units`` (p, q) blocks (split reduction, or the fixed statistics)."""
-        bp, bq = block2d(p, q, launch.BLOCK)
-        split = split_programs(units, cdiv(p, bp) * cdiv(q, bq), launch.target_programs(xa)) if train else 1
-        part = stats
-        if train:
-            part = torch.empty(3, units, split, dtype=stats.dtype, device=xa.device)
-            k["_moments_planar"][(units, split)](xa, part, stats, units, p, q, s_unit, s_p, split,
-                                                 *origin_offsets(p, q, s_p),
-                                                 BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
+        part, split = self._planar_partials(k, xa, stats, units, p, q, s_unit, s_p, tl_acc) if train else (stats, 1)
         self._finish_moments(k, part, fm, fv, stats, units, split, train, eps, tl_acc)
 
     def _apply_planar(self, k, xa, res, y, stats, w, has_w, b, has_b, units, p, q, s_unit, s_p, groups, per_row,
@@ -179,31 +167,45 @@ class TritonBackend:
             PARAM_P=param_p, HAS_W=has_w, HAS_B=has_b, EPI=epi, BP=bp, BQ=bq, ACC=tl_acc,
             **options(bp * bq))
 
-    def _bn_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, res, epi, tl_acc):
+    @staticmethod
+    def _cols_tiles(m: int, c: int) -> tuple[int, int, int]:
+        """``(BM, BC, column blocks)`` of the (M, C) BatchNorm kernels."""
+        bc = min(pow2(c), launch.COLUMNS)
+        bm = max(1, min(pow2(m), launch.BLOCK // bc))
+        return bm, bc, cdiv(c, bc)
+
+    def _bn_partials(self, k, lay, xa, stats, tl_acc):
+        """BatchNorm's Welford partials ``(part, split)`` per channel, the origins in ``stats[0]``."""
         s: ChannelShape = lay.shape
         c = s.channels
         if lay.family == CHANNEL_PLANES:
-            self._planar_moments(k, xa, stats, fm, fv, c, s.n, s.spatial, s.spatial, c * s.spatial, train, eps,
-                                 tl_acc)
+            return self._planar_partials(k, xa, stats, c, s.n, s.spatial, s.spatial, c * s.spatial, tl_acc)
+        m = xa.numel() // c
+        bm, bc, col_blocks = self._cols_tiles(m, c)
+        split = split_programs(col_blocks, cdiv(m, bm), launch.target_programs(xa))
+        part = torch.empty(3, c, split, dtype=stats.dtype, device=xa.device)
+        k["_moments_cols"][(col_blocks, split)](xa, part, stats, m, c, split, *origin_offsets(m, 1, c),
+                                                BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+        return part, split
+
+    def _bn_apply(self, k, lay, xa, res, y, stats, w, has_w, b, has_b, epi, tl_acc):
+        """BatchNorm's normalizing pass (and epilogue) with the statistics in ``stats``."""
+        s: ChannelShape = lay.shape
+        c = s.channels
+        if lay.family == CHANNEL_PLANES:
             self._apply_planar(k, xa, res, y, stats, w, has_w, b, has_b, c, s.n, s.spatial, s.spatial,
                                c * s.spatial, c, 1, False, epi, tl_acc)
             return
         m = xa.numel() // c
-        bc = min(pow2(c), launch.COLUMNS)
-        bm = max(1, min(pow2(m), launch.BLOCK // bc))
-        col_blocks = cdiv(c, bc)
-        split = 1
-        part = stats
-        if train:
-            split = split_programs(col_blocks, cdiv(m, bm), launch.target_programs(xa))
-            part = torch.empty(3, c, split, dtype=stats.dtype, device=xa.device)
-            k["_moments_cols"][(col_blocks, split)](xa, part, stats, m, c, split, *origin_offsets(m, 1, c),
-                                                    BM=bm, BC=bc, ACC=tl_acc,
-                                                    **options(bm * bc))
-        self._finish_moments(k, part, fm, fv, stats, c, split, train, eps, tl_acc)
+        bm, bc, col_blocks = self._cols_tiles(m, c)
         k["_apply_cols"][(cdiv(m, bm) * col_blocks,)](
             xa, res, y, stats[0], stats[1], stats[3], w, b, m, c,
             HAS_W=has_w, HAS_B=has_b, EPI=epi, BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+
+    def _bn_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, res, epi, tl_acc):
+        part, split = self._bn_partials(k, lay, xa, stats, tl_acc) if train else (stats, 1)
+        self._finish_moments(k, part, fm, fv, stats, lay.units, split, train, eps, tl_acc)
+        self._bn_apply(k, lay, xa, res, y, stats, w, has_w, b, has_b, epi, tl_acc)
 
     def _rows_forward(self, k, lay, xa, y, stats, w, has_w, b, has_b, fm, fv, train, eps, tl_acc):
         s: RowShape = lay.shape
@@ -242,13 +244,13 @@ class TritonBackend:
             tl_acc = k["tl"].float64 if acc == torch.float64 else k["tl"].float32
             dya = lay.prepare(dy)
             ya = lay.prepare(y) if y is not None else xa
-            w, has_w = _flat_param(weight, xa)
-            sh = _stat(shift, acc, lay.units)
-            ms = _stat(mean_shifted, acc, lay.units) if batch_stats else sh
-            rs = _stat(rstd, acc, lay.units)
+            w, has_w = flat_param(weight, xa)
+            sh = flat_stat(shift, acc, lay.units)
+            ms = flat_stat(mean_shifted, acc, lay.units) if batch_stats else sh
+            rs = flat_stat(rstd, acc, lay.units)
             args = (k, lay, xa, dya, ya, y is not None, dx, dres, dw, db, w, has_w, sh, ms, rs, batch_stats, need,
                     tl_acc)
-            with _device(x):
+            with on_device(x):
                 if lay.family == ROW:
                     self._rows_backward(*args)
                 else:
@@ -267,51 +269,60 @@ class TritonBackend:
             part, half, s_unit, s_part, width, units, w, rstd, out1, out2, consts, count,
             MODE=mode, TRAIN=train, HAS_W=has_w, BU=bu, BW=bw, ACC=tl_acc, **options(bu * bw))
 
-    def _bn_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
-                     tl_acc):
+    def _bn_grad_partials(self, k, lay, xa, dya, ya, mask, w, has_w, sh, ms, rs, train, tl_acc):
+        """BatchNorm's partial sums ``(part, split)`` per channel: Σdy' and Σdy'·x̂, split over programs."""
         s: ChannelShape = lay.shape
         c = s.channels
-        count = xa.numel() // c
-        sums = train or need[1] or need[2]
-        consts = torch.empty(3, c, dtype=dw.dtype, device=xa.device)
         target = launch.target_programs(xa)
-        part, split = consts, 0
         if lay.family == CHANNEL_PLANES:
             n, sp = s.n, s.spatial
             bp, bq = block2d(n, sp, launch.BLOCK)
-            tiles = cdiv(n, bp) * cdiv(sp, bq)
-            if sums:
-                split = split_programs(c, tiles, target)
-                part = torch.empty(2, c, split, dtype=dw.dtype, device=xa.device)
-                k["_planar_sums"][(c, split)](
-                    xa, dya, ya, w, sh, ms, rs, part, c, n, sp, 0, sp, c, c * sp, c, 1, split,
-                    STAT_P=False, WEIGHT=False, SCALE=True, TRAIN=train, MASK=mask, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
-            self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
-                              count, 1, train, tl_acc)
-            if dx is not None:
-                split = split_programs(c, tiles, target)
-                k["_dx_planar"][(c, split)](
-                    xa, dya, ya, dx, dres if dres is not None else dx, w, sh, ms, consts, c, n, sp, sp, c * sp, c, 1,
-                    split, WEIGHT=False, TRAIN=train, MASK=mask, DRES=dres is not None, HAS_W=has_w,
-                    BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
+            split = split_programs(c, cdiv(n, bp) * cdiv(sp, bq), target)
+            part = torch.empty(2, c, split, dtype=rs.dtype, device=xa.device)
+            k["_planar_sums"][(c, split)](
+                xa, dya, ya, w, sh, ms, rs, part, c, n, sp, 0, sp, c, c * sp, c, 1, split,
+                STAT_P=False, WEIGHT=False, SCALE=True, TRAIN=train, MASK=mask, HAS_W=has_w,
+                BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
+            return part, split
+        m = xa.numel() // c
+        bm, bc, col_blocks = self._cols_tiles(m, c)
+        split = split_programs(col_blocks, cdiv(m, bm), target)
+        part = torch.empty(2, c, split, dtype=rs.dtype, device=xa.device)
+        k["_cols_sums"][(col_blocks, split)](
+            xa, dya, ya, sh, ms, rs, part, m, c, split, 1, 1,
+            STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+        return part, split
+
+    def _bn_dx(self, k, lay, xa, dya, ya, mask, dx, dres, w, has_w, sh, ms, consts, train, tl_acc):
+        """BatchNorm's dx pass from the per-channel constants ``consts`` (and the residual's gradient)."""
+        s: ChannelShape = lay.shape
+        c = s.channels
+        if lay.family == CHANNEL_PLANES:
+            n, sp = s.n, s.spatial
+            bp, bq = block2d(n, sp, launch.BLOCK)
+            split = split_programs(c, cdiv(n, bp) * cdiv(sp, bq), launch.target_programs(xa))
+            k["_dx_planar"][(c, split)](
+                xa, dya, ya, dx, dres if dres is not None else dx, w, sh, ms, consts, c, n, sp, sp, c * sp, c, 1,
+                split, WEIGHT=False, TRAIN=train, MASK=mask, DRES=dres is not None, HAS_W=has_w,
+                BP=bp, BQ=bq, ACC=tl_acc, **options(bp * bq))
             return
-        m = count
-        bc = min(pow2(c), launch.COLUMNS)
-        bm = max(1, min(pow2(m), launch.BLOCK // bc))
-        col_blocks = cdiv(c, bc)
-        if sums:
-            split = split_programs(col_blocks, cdiv(m, bm), target)
-            part = torch.empty(2, c, split, dtype=dw.dtype, device=xa.device)
-            k["_cols_sums"][(col_blocks, split)](
-                xa, dya, ya, sh, ms, rs, part, m, c, split, 1, 1,
-                STAT_ROW=False, TRAIN=train, MASK=mask, BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+        m = xa.numel() // c
+        bm, bc, col_blocks = self._cols_tiles(m, c)
+        k["_dx_cols"][(cdiv(m, bm) * col_blocks,)](
+            xa, dya, ya, dx, dres if dres is not None else dx, sh, ms, consts, m, c,
+            TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+
+    def _bn_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
+                     tl_acc):
+        c = lay.units
+        consts = torch.empty(3, c, dtype=dw.dtype, device=xa.device)
+        part, split = consts, 0
+        if train or need[1] or need[2]:
+            part, split = self._bn_grad_partials(k, lay, xa, dya, ya, mask, w, has_w, sh, ms, rs, train, tl_acc)
         self._finish_sums(k, part, c * max(split, 1), max(split, 1), 1, split, c, w, has_w, rs, db, dw, consts,
-                          count, 1, train, tl_acc)
+                          xa.numel() // c, 1, train, tl_acc)
         if dx is not None:
-            k["_dx_cols"][(cdiv(m, bm) * col_blocks,)](
-                xa, dya, ya, dx, dres if dres is not None else dx, sh, ms, consts, m, c,
-                TRAIN=train, MASK=mask, DRES=dres is not None, BM=bm, BC=bc, ACC=tl_acc, **options(bm * bc))
+            self._bn_dx(k, lay, xa, dya, ya, mask, dx, dres, w, has_w, sh, ms, consts, train, tl_acc)
 
     def _rows_backward(self, k, lay, xa, dya, ya, mask, dx, dres, dw, db, w, has_w, sh, ms, rs, train, need,
                        tl_acc):

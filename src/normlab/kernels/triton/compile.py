@@ -45,8 +45,10 @@ import torch
 
 from normlab.core.conventions import CHANNELS_LAST
 from normlab.core.plan import Plan, batch_plan, group_plan, instance_plan, layer_plan
+from normlab.kernels.layout import ChannelShape, classify
 from normlab.kernels.triton import launch, runtime
 from normlab.kernels.triton import backend as host
+from normlab.kernels.triton import seam
 from normlab.kernels.triton.backend import TritonBackend
 
 __all__ = ["Case", "Compiled", "Failure", "cases", "compile_cases", "launched_kernels", "summarize", "main"]
@@ -109,8 +111,9 @@ class Failure:
 
 def launched_kernels() -> tuple[str, ...]:
     """The kernels :class:`~normlab.kernels.triton.backend.TritonBackend` launches (``k["name"][grid]``),
-    read from its source so that a new kernel is compiled here without being listed twice."""
-    source = inspect.getsource(host)
+    its statistics seam included, read from their source so that a new kernel is compiled here without
+    being listed twice."""
+    source = inspect.getsource(host) + inspect.getsource(seam)
     return tuple(sorted(set(re.findall(r'k\["(\w+)"\]\[', source))))
 
 
@@ -192,6 +195,15 @@ def _exercise(backend: TritonBackend, case: Case, dtype: torch.dtype) -> None:
     for need in _NEEDS if case.affine else _NEEDS[:1]:
         backend.backward(dy, x, w, shift, mean_shifted, rstd, case.plan, not case.fixed, need,
                          y=y if case.relu else None, residual=case.residual)
+    if not case.fixed and isinstance(classify(case.plan), ChannelShape):  # BatchNorm training: its seam too
+        c = case.shape[1]
+        backend.partial_moments(x, case.plan)
+        merged = torch.ones(4, c, dtype=torch.float64)
+        backend.apply_moments(x, w, b, merged, case.plan, 1e-5, residual=residual, relu=case.relu)
+        mask = y if case.relu else None
+        totals = backend.partial_grad_sums(dy, x, shift, mean_shifted, rstd, case.plan, y=mask)
+        backend.apply_grad(dy, x, w, shift, mean_shifted, rstd, totals, float(case.plan.count), case.plan, y=mask,
+                           residual=case.residual)
 
 
 class _TargetOnly:

@@ -231,23 +231,37 @@ def _moments_cols(x, part, origin, M, C, split, mid, last, BM: tl.constexpr, BC:
 
 
 @jit
+def _split_moments(part, i, live, units, split, BS: tl.constexpr):
+    """(count, mean, M2) of units ``i`` from their ``split`` Welford partials in ``part`` ((3, units,
+    split)), merged (:func:`_merge_moments`)."""
+    j = tl.arange(0, BS)
+    valid = live[:, None] & (j < split)[None, :]
+    idx = i[:, None] * split + j[None, :]
+    total = units * split
+    n = tl.load(part + idx, mask=valid, other=0.0)
+    mu = tl.load(part + total + idx, mask=valid, other=0.0)
+    m2 = tl.load(part + 2 * total + idx, mask=valid, other=0.0)
+    return _merge_moments(n, mu, m2, 1)
+
+
+@jit
 def _finish_moments(part, fixed_mean, fixed_var, stats, units, split, period, eps_hi, eps_lo,
-                    TRAIN: tl.constexpr, BU: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr):
+                    TRAIN: tl.constexpr, BU: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr,
+                    MERGED: tl.constexpr = False):
     """Statistics ``stats`` ((4, units): shift, mean_shifted, var, rstd) of units [pid·BU, (pid+1)·BU):
     in training from the merged Welford partials of the values shifted by the origin the moments kernel
-    wrote to ``stats[0]``, the shift saved being their mean, rounded (:func:`_recentre`); otherwise from
-    the fixed statistics of entry ``u mod period``."""
+    wrote to ``stats[0]``, the shift saved being their mean, rounded (:func:`_recentre`); with MERGED
+    from ``part`` holding the whole batch's merged moments ((4, units) float64: N, K, D, σ² as
+    :func:`normlab.core.stats.merge_moments` gives them), the shift saved being K + D, rounded; otherwise
+    from the fixed statistics of entry ``u mod period``."""
     i = tl.program_id(0) * BU + tl.arange(0, BU)
     live = i < units
-    if TRAIN:
-        j = tl.arange(0, BS)
-        valid = live[:, None] & (j < split)[None, :]
-        idx = i[:, None] * split + j[None, :]
-        total = units * split
-        n = tl.load(part + idx, mask=valid, other=0.0)
-        mu = tl.load(part + total + idx, mask=valid, other=0.0)
-        m2 = tl.load(part + 2 * total + idx, mask=valid, other=0.0)
-        n, d, m2 = _merge_moments(n, mu, m2, 1)
+    if MERGED:
+        k = tl.load(part + units + i, mask=live, other=0.0).to(ACC)
+        var = tl.load(part + 3 * units + i, mask=live, other=1.0).to(ACC)
+        shift, d = _recentre(k, tl.load(part + 2 * units + i, mask=live, other=0.0).to(ACC))
+    elif TRAIN:
+        n, d, m2 = _split_moments(part, i, live, units, split, BS)
         var = _div(m2, tl.maximum(n, 1.0), ACC)
         shift, d = _recentre(tl.load(stats + i, mask=live, other=0.0), d)
     else:
@@ -258,6 +272,19 @@ def _finish_moments(part, fixed_mean, fixed_var, stats, units, split, period, ep
     tl.store(stats + units + i, d, mask=live)
     tl.store(stats + 2 * units + i, var, mask=live)
     tl.store(stats + 3 * units + i, _rsqrt(var + eps_hi + eps_lo, ACC), mask=live)
+
+
+@jit
+def _pack_moments(part, origin, packed, units, split, BU: tl.constexpr, BS: tl.constexpr):
+    """The statistics seam's partial moments of units [pid·BU, (pid+1)·BU): ``packed`` ((4, units)
+    float64) gets s = the origin the moments kernel wrote to ``origin`` and the merged partials' mean
+    d and M2 about it, as :func:`_finish_moments` merges them (the count, row 0, is the caller's)."""
+    i = tl.program_id(0) * BU + tl.arange(0, BU)
+    live = i < units
+    _, d, m2 = _split_moments(part, i, live, units, split, BS)
+    tl.store(packed + units + i, tl.load(origin + i, mask=live, other=0.0).to(tl.float64), mask=live)
+    tl.store(packed + 2 * units + i, d.to(tl.float64), mask=live)
+    tl.store(packed + 3 * units + i, m2.to(tl.float64), mask=live)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ have not been tuned on a GPU; see benchmarks/README.md ("Triton: tiles and regis
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 
@@ -17,7 +18,10 @@ from normlab.core.conventions import CHANNELS_LAST, is_channels_last
 from normlab.core.plan import Plan
 from normlab.kernels.layout import CHANNEL_ROWS, ROW, ROW_CHANNELS_LAST, ChannelShape, classify, family
 
-__all__ = ["BLOCK", "COLUMNS", "ROW_TILE", "MAX_SPLIT", "PROGRAMS_PER_SM", "INTERPRETER_PROGRAMS", "Launch"]
+__all__ = [
+    "BLOCK", "COLUMNS", "ROW_TILE", "MAX_SPLIT", "PROGRAMS_PER_SM", "INTERPRETER_PROGRAMS", "Launch", "on_device",
+    "flat_param", "flat_stat",
+]
 
 BLOCK = 2048
 """Values per tile in the streaming kernels (a power of two)."""
@@ -103,6 +107,25 @@ def eps_parts(eps: float) -> tuple[float, float]:
     hi = struct.unpack("f", struct.pack("f", eps))[0]
     return hi, eps - hi
 
+
+
+def on_device(x: torch.Tensor):
+    """The context in which to launch kernels on ``x``: its CUDA device (nothing for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def flat_param(p: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """γ or β flat and contiguous, and whether there is one (``dummy`` stands in for none)."""
+    return (dummy, False) if p is None else (p.detach().contiguous().reshape(-1), True)
+
+
+def flat_stat(t: torch.Tensor | None, acc: torch.dtype, count: int) -> torch.Tensor | None:
+    """A saved statistic as a flat ``count``-long tensor in ``acc`` (per-channel fixed statistics repeated
+    for every row where each sample has its own)."""
+    if t is None:
+        return None
+    t = t.detach().reshape(-1).to(acc).contiguous()
+    return t if t.numel() == count else t.repeat(count // t.numel())
 
 
 class Launch:

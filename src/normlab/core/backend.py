@@ -14,13 +14,14 @@ another backend than its forward (the torch engine's, when a graph is requested)
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from normlab.core.plan import Plan
 
-__all__ = ["Backend", "Statistics"]
+__all__ = ["Backend", "Statistics", "seam_takes"]
 
 Statistics = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor]
 """``(y, shift, mean_shifted, var, rstd)``: the output and the statistics a forward saves."""
@@ -36,7 +37,16 @@ class Backend(Protocol):
       ``running=(running_mean, running_var, momentum)``, updates them itself in the pass that computes
       the batch's statistics (else the engine updates them afterwards);
     * ``empty_like(t) -> Tensor``: an uninitialized dense tensor like ``t`` in the backend's recycled
-      memory, for callers that assemble one output from several results (ghost and masked batch norm).
+      memory, for callers that assemble one output from several results (ghost and masked batch norm);
+    * the statistics seam of BatchNorm plans (:mod:`normlab.core.stats`, whose torch operations are its
+      reference): ``partial_moments(x, plan)`` → the caller's combine and merge →
+      ``apply_moments(x, γ, β, merged, plan, eps, residual=None, relu=False, running=None)``, and
+      ``partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan, y=None)`` → combine →
+      ``apply_grad(dy, x, γ, shift, mean_shifted, rstd, totals, count, plan, y=None, residual=False)``.
+      Two optional keywords of all four, asked for with :func:`seam_takes`: ``mask=`` (a bool tensor, one
+      entry per position of a channel: statistics over the True ones, outputs and gradients 0 at the
+      others; masked BatchNorm) and ``group_size=`` (samples: every step per group of that many
+      consecutive samples, results with a leading group axis, ``count`` one per group; ghost BatchNorm).
     """
 
     name: str
@@ -62,3 +72,11 @@ class Backend(Protocol):
         """``(dx, dγ, dβ)`` (``None`` where ``need`` says so): dx in ``x``'s shape, dtype and memory
         format, dγ and dβ flat in the accumulation dtype. ``y`` (the output of a fused ReLU, whose mask
         the gradient takes) adds a fourth result, the residual's gradient (``residual``: one was added)."""
+
+
+def seam_takes(backend, keyword: str) -> bool:
+    """Whether ``backend`` (``None``: the torch engine, which has no seam methods) has the statistics seam
+    and its ``partial_moments`` takes ``keyword`` (``"mask"``, ``"group_size"``): the optional capabilities
+    listed in :class:`Backend`."""
+    method = getattr(backend, "partial_moments", None)
+    return method is not None and keyword in inspect.signature(method).parameters

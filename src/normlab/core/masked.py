@@ -34,11 +34,10 @@ position held (zeros, garbage, the previous sequence's values) cannot leak into 
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from normlab.core import stats
+from normlab.core.backend import seam_takes
 from normlab.core.conventions import channels_last_format, is_channels_last
 from normlab.core.engine import _param, accumulation_dtype
 from normlab.core.guard import commit
@@ -109,8 +108,7 @@ def seam_takes_masks(backend, x: torch.Tensor, channels: int) -> bool:
     """Whether ``backend`` computes the masked statistics of ``x``'s rows (:func:`rows_of`, ``channels``
     wide) through its statistics seam: ``partial_moments`` … ``apply_grad`` taking ``mask=`` (an optional
     capability of :class:`~normlab.core.backend.Backend`), on a case it runs."""
-    method = getattr(backend, "partial_moments", None)
-    if method is None or "mask" not in inspect.signature(method).parameters:
+    if not seam_takes(backend, "mask"):
         return False
     return backend.unsupported(x, batch_plan((max(2, x.numel() // max(1, channels)), channels))) is None
 

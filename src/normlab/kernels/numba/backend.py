@@ -394,14 +394,20 @@ class NumbaBackend:
     # ``mask`` (bool, one entry per position: the plan's (N, *S) values of one channel; True = the
     # position counts): statistics over the positions it marks, outputs and gradients 0 at the others,
     # whose values are never read. The kernels take it on channels-last rows (2D input, channels_last
-    # storage: one row of C values per position).
+    # storage: one row of C values per position). ``group_size`` (samples): every step per group of that
+    # many consecutive samples (the last one possibly smaller), G groups, results and statistics (G, …)
+    # with one row per group (:mod:`.groups`).
 
-    def partial_moments(self, x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def partial_moments(self, x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                        group_size: int | None = None) -> torch.Tensor:
         """This place's per-channel ``(n, s, d, M2)`` as a (1, 4, C) float64 tensor, in the layout of
         :func:`normlab.core.stats.partial_moments` (merged by :func:`normlab.core.stats.merge_moments`):
         the forward kernel's own first pass, its sums about each channel's first value (the first valid
-        one, with ``mask``; the torch reference is :func:`normlab.core.stats.masked_partial_moments`)."""
-        launch = _seam_launch(x, plan, mask)
+        one, with ``mask``; the torch reference is :func:`normlab.core.stats.masked_partial_moments`);
+        with ``group_size`` (G, 4, C), one row per group."""
+        launch = _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            return _group_moments(launch, x, plan, group_size)
         packed = torch.zeros(1, 4, launch.param_count, dtype=torch.float64)
         valid = _valid(mask)
         count = plan.count if valid is None else int(np.count_nonzero(valid))
@@ -418,12 +424,19 @@ class NumbaBackend:
         return packed
 
     def apply_moments(self, x, weight, bias, merged, plan: Plan, eps: float, residual: torch.Tensor | None = None,
-                      relu: bool = False, running=None, mask: torch.Tensor | None = None):
+                      relu: bool = False, running=None, mask: torch.Tensor | None = None,
+                      group_size: int | None = None):
         """:meth:`forward`'s results with the batch's statistics given: ``merged``, ``(N, K, D, σ²)`` per
         channel as :func:`normlab.core.stats.merge_moments` returns them. ``running`` is updated as in
         :meth:`forward`, the variance corrected with the whole batch's count N. ``mask``: ``y`` = 0 at the
-        positions it marks False."""
-        _seam_launch(x, plan, mask)
+        positions it marks False. ``group_size``: ``merged`` per group ((G, C) each), the statistics
+        returned (G, C)."""
+        _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            if relu or residual is not None or running is not None:
+                raise ValueError("the numba backend's statistics seam per group fuses no ReLU, residual or running "
+                                 "update (merge the groups' moments and update the running statistics with them)")
+            return _group_apply(_launch(x, plan), x, weight, bias, merged, plan, eps, group_size)
         if mask is not None and (relu or residual is not None):
             raise ValueError("the numba backend's statistics seam fuses no ReLU or residual with a mask")
         packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(-1).numpy() for t in merged])
@@ -431,11 +444,15 @@ class NumbaBackend:
                                  _valid(mask))
 
     def partial_grad_sums(self, dy, x, shift, mean_shifted, rstd, plan: Plan, y: torch.Tensor | None = None,
-                          mask: torch.Tensor | None = None):
+                          mask: torch.Tensor | None = None, group_size: int | None = None):
         """This place's per-channel ``(Σ dy', Σ dy' · x̂)`` as a (2, C) float64 tensor: its share of dβ
         and dγ, and (times γ) of the closed form's Σ g and Σ g · x̂ (:mod:`normlab.core.stats`); ``dy'``
-        is ``dy`` masked by ``y > 0`` after a fused ReLU. ``mask``: over the positions it marks True."""
-        launch = _seam_launch(x, plan, mask)
+        is ``dy`` masked by ``y > 0`` after a fused ReLU. ``mask``: over the positions it marks True.
+        ``group_size``: (G, 2, C), per group, with its statistics (G, C)."""
+        launch = _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            _no_fused_relu(y)
+            return _group_grad_sums(launch, dy, x, shift, mean_shifted, rstd, plan, group_size)
         sums = torch.zeros(2, launch.param_count, dtype=torch.float64)
         if x.numel():
             xa, dya = launch.prepare(x), launch.prepare(dy)
@@ -452,11 +469,17 @@ class NumbaBackend:
         return sums
 
     def apply_grad(self, dy, x, weight, shift, mean_shifted, rstd, totals: torch.Tensor, count: float, plan: Plan,
-                   y: torch.Tensor | None = None, residual: bool = False, mask: torch.Tensor | None = None):
+                   y: torch.Tensor | None = None, residual: bool = False, mask: torch.Tensor | None = None,
+                   group_size: int | None = None):
         """∂L/∂x from the whole batch's ``totals`` (the combined :meth:`partial_grad_sums`) over ``count``
         values per channel; with ``y`` (a fused ReLU's output) ``(dx, dres)``, the residual's gradient
-        after a fused add (``residual``) or ``None``. ``mask``: dx = 0 at the positions it marks False."""
-        _seam_launch(x, plan, mask)
+        after a fused add (``residual``) or ``None``. ``mask``: dx = 0 at the positions it marks False.
+        ``group_size``: ``totals`` (G, 2, C) and ``count`` (G,) per group."""
+        _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            _no_fused_relu(y)
+            return _group_grad(_launch(x, plan), dy, x, weight, shift, mean_shifted, rstd, totals, count, plan,
+                               group_size)
         grads = self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, True, (True, False, False), y,
                                    residual, totals.to(torch.float64).contiguous().numpy(), count, _valid(mask))
         return grads[0] if y is None else (grads[0], grads[3])
@@ -469,10 +492,15 @@ def _valid(mask: torch.Tensor | None) -> np.ndarray | None:
     return _numpy(mask.reshape(-1) if mask.is_contiguous() else mask.contiguous().reshape(-1))
 
 
-def _seam_launch(x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None) -> _Launch:
+def _seam_launch(x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                 group_size: int | None = None) -> _Launch:
     launch = _launch(x, plan)
     if launch.family not in ("bn_planar", "bn_rows"):
         raise ValueError(f"the statistics seam takes BatchNorm plans (one statistic per channel), got {plan}")
+    if group_size is not None and (mask is not None or int(group_size) < 1 or not x.numel()):
+        raise ValueError(f"the statistics seam per group takes a non-empty input, a group_size of at least 1 and "
+                         f"no mask, got group_size={group_size} on {tuple(x.shape)}"
+                         f"{' with a mask' if mask is not None else ''}")
     if mask is not None:
         if launch.family != "bn_rows":
             raise ValueError("the numba backend's statistics seam takes a mask on channels-last rows (2D input "
@@ -481,6 +509,81 @@ def _seam_launch(x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None) 
             raise ValueError(f"the seam's mask must be a CPU bool tensor with one entry per position ({plan.count}), "
                              f"got {mask.dtype} with {mask.numel()} entries on {mask.device}")
     return launch
+
+
+def _no_fused_relu(y: torch.Tensor | None) -> None:
+    if y is not None:
+        raise ValueError("the numba backend's statistics seam per group takes no fused ReLU")
+
+
+def _group_layout(launch: _Launch, plan: Plan, group_size: int) -> tuple[int, int, int, tuple]:
+    """``(G, size, per_entry, kernels)`` of a seam call per group (:mod:`.groups`): the groups, a group's
+    entries of the kernels' axis 0, one entry's values per channel, and the family's group kernels."""
+    from normlab.kernels.numba import groups
+
+    n = plan.input_shape[0]
+    count = -(-n // group_size)
+    if launch.family == "bn_planar":
+        kernels = (groups.planar_group_moments, groups.planar_group_apply, groups.planar_group_grad_sums,
+                   groups.planar_group_grad)
+        return count, group_size, launch.shape.spatial, kernels
+    kernels = (groups.rows_group_moments, groups.rows_group_apply, groups.rows_group_grad_sums,
+               groups.rows_group_grad)
+    return count, group_size * launch.shape.spatial, 1, kernels
+
+
+def _group_stats(launch: _Launch, groups: int, shift, mean_shifted, rstd) -> np.ndarray:
+    """Saved per-group statistics as the (G, 4, C) array the group kernels index (``var`` unset)."""
+    stats = np.empty((groups, 4, launch.param_count), launch.np_dtype)
+    for row, t in ((0, shift), (1, mean_shifted), (3, rstd)):
+        stats[:, row] = _numpy(t.to(launch.acc)).reshape(groups, launch.param_count)
+    return stats
+
+
+def _group_moments(launch: _Launch, x, plan: Plan, group_size: int) -> torch.Tensor:
+    groups, size, per_entry, kernels = _group_layout(launch, plan, int(group_size))
+    packed = torch.zeros(groups, 4, launch.param_count, dtype=torch.float64)
+    xa = launch.prepare(x)
+    shifts = np.empty((groups, launch.param_count), launch.np_dtype)
+    kernels[0](launch.array(xa), size, per_entry, shifts, _parts(_sync_threads(xa.numel()), launch), packed.numpy())
+    return packed
+
+
+def _group_apply(launch: _Launch, x, weight, bias, merged, plan: Plan, eps: float, group_size: int):
+    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
+    c = launch.param_count
+    packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(groups, c).numpy() for t in merged], axis=1)
+    xa = launch.prepare(x)
+    y = buffers.empty_like(xa)
+    stats = np.empty((groups, 4, c), launch.np_dtype)
+    w, b = _param(weight, c, launch.acc, 1.0), _param(bias, c, launch.acc, 0.0)
+    kernels[1](launch.array(xa), w, b, eps, stats, launch.array(y), np.ascontiguousarray(packed), size,
+               _parts(_sync_threads(xa.numel()), launch), _streams(y))
+    shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind(1)
+    return launch.finish(y, x), shift, mean_shifted, var, rstd
+
+
+def _group_grad_sums(launch: _Launch, dy, x, shift, mean_shifted, rstd, plan: Plan, group_size: int):
+    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
+    sums = torch.zeros(groups, 2, launch.param_count, dtype=torch.float64)
+    xa, dya = launch.prepare(x), launch.prepare(dy)
+    stats = _group_stats(launch, groups, shift, mean_shifted, rstd)
+    kernels[2](launch.array(xa), launch.array(dya), stats, size, _parts(_sync_threads(xa.numel()), launch),
+               sums.numpy())
+    return sums
+
+
+def _group_grad(launch: _Launch, dy, x, weight, shift, mean_shifted, rstd, totals, count, plan: Plan,
+                group_size: int):
+    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
+    xa, dya = launch.prepare(x), launch.prepare(dy)
+    dx = buffers.empty_like(xa)
+    stats = _group_stats(launch, groups, shift, mean_shifted, rstd)
+    counts = torch.as_tensor(count, dtype=torch.float64).expand(groups).contiguous().numpy()
+    kernels[3](launch.array(xa), launch.array(dya), _param(weight, launch.param_count, launch.acc, 1.0), stats,
+               totals.to(torch.float64).contiguous().numpy(), counts, size, launch.array(dx),
+               _parts(_sync_threads(xa.numel()), launch), _streams(dx))
+    return launch.finish(dx, x)
 
 
 @functools.cache

@@ -43,7 +43,7 @@ import torch
 
 from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize
 from normlab.core.guard import commit
-from normlab.core.plan import Plan
+from normlab.core.plan import Plan, batch_plan
 
 __all__ = [
     "PACKED_DTYPE",
@@ -69,14 +69,26 @@ def identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def partial_moments(xv: torch.Tensor, plan: Plan) -> torch.Tensor:
+def partial_moments(xv: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                    group_size: int | None = None) -> torch.Tensor:
     """This place's per-channel ``(n, s, d, M2)`` packed as a ``(1, 4, C)`` float64 tensor (see the module
     docstring); an empty batch gives ``n = 0`` and zeros, which the merge ignores.
 
     ``plan`` is a BatchNorm plan (one statistic per channel, axis 1); the shift and the centred moments
-    are :func:`~normlab.core.engine.moments`'.
+    are :func:`~normlab.core.engine.moments`'. The reference of the backends' seam, with its two optional
+    keywords (:class:`~normlab.core.backend.Backend`): ``mask`` (bool, one entry per position of a channel)
+    takes the positions it marks True only (:func:`masked_partial_moments`); ``group_size`` gives a
+    ``(G, 4, C)`` tensor, one row per group of that many consecutive samples (the last one possibly smaller).
     """
+    if group_size is not None:
+        chunks = xv.split(int(group_size))
+        masks = [None] * len(chunks) if mask is None else mask.split(int(group_size))
+        return torch.cat([partial_moments(chunk, batch_plan(tuple(chunk.shape)), m) for chunk, m in zip(chunks, masks)])
     c = plan.view_shape[1]
+    if mask is not None:
+        flat = mask.reshape(-1)
+        rows = xv.movedim(1, -1).reshape(-1, c).to(accumulation_dtype(xv.dtype))
+        return masked_partial_moments(rows, flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))[0]
     packed = torch.zeros(1, 4, c, dtype=PACKED_DTYPE, device=xv.device)
     if xv.numel() == 0:
         return packed

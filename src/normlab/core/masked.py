@@ -19,14 +19,13 @@ constant 0). A double backward recomputes the same steps with differentiable ope
 statistics (eval mode) every position is normalized and the padded ones are set to 0.
 
 The result equals BatchNorm of the valid positions gathered into rows and placed back into zeros
-(outputs, gradients, running statistics), which is how the tests check it, and that is the other way
-it is computed: where a kernel backend (numba on CPU, Triton on CUDA) runs BatchNorm, the valid
-positions are gathered (:func:`gather_valid`, one indexed read), normalized by its fused BatchNorm
-kernels as M rows, and placed back (:func:`scatter_valid`, each value written once). The kernels take no
-mask, and their fused passes beat the seam's torch operations there (the seam took 1.1–1.4x their time,
-one thread, 2 cores); on the torch engine the seam is 2–4x faster than gathering
-(``benchmarks/masked_seam.py``). Kernels that compute masked partial moments would bring those backends
-onto the seam as well.
+(outputs, gradients, running statistics), which is how the tests check it. A kernel backend whose seam
+takes a mask (:func:`~normlab.core.backend.seam_takes`: the numba kernels) runs the same steps with its
+own kernels: partial moments and gradient sums over the runs of valid rows, an applying pass that writes
+0 at the padded rows, the padded rows' values never read. A kernel backend without it gathers the valid
+positions (:func:`gather_valid`, one indexed read), normalizes them with its fused BatchNorm kernels as M
+rows, and places them back (:func:`scatter_valid`, each value written once). On the torch engine the
+seam is 2–4x faster than gathering (``benchmarks/masked_seam.py``).
 
 Padded outputs are 0 rather than "normalized with the batch's statistics" so that whatever a padded
 position held (zeros, garbage, the previous sequence's values) cannot leak into the next layer.

@@ -407,7 +407,7 @@ class NumbaBackend:
         with ``group_size`` (G, 4, C), one row per group."""
         launch = _seam_launch(x, plan, mask, group_size)
         if group_size is not None:
-            return _group_moments(launch, x, plan, group_size)
+            return _grouped().moments(launch, x, plan, group_size)
         packed = torch.zeros(1, 4, launch.param_count, dtype=torch.float64)
         valid = _valid(mask)
         count = plan.count if valid is None else int(np.count_nonzero(valid))
@@ -436,7 +436,7 @@ class NumbaBackend:
             if relu or residual is not None or running is not None:
                 raise ValueError("the numba backend's statistics seam per group fuses no ReLU, residual or running "
                                  "update (merge the groups' moments and update the running statistics with them)")
-            return _group_apply(_launch(x, plan), x, weight, bias, merged, plan, eps, group_size)
+            return _grouped().apply(_launch(x, plan), x, weight, bias, merged, plan, eps, group_size)
         if mask is not None and (relu or residual is not None):
             raise ValueError("the numba backend's statistics seam fuses no ReLU or residual with a mask")
         packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(-1).numpy() for t in merged])
@@ -451,8 +451,7 @@ class NumbaBackend:
         ``group_size``: (G, 2, C), per group, with its statistics (G, C)."""
         launch = _seam_launch(x, plan, mask, group_size)
         if group_size is not None:
-            _no_fused_relu(y)
-            return _group_grad_sums(launch, dy, x, shift, mean_shifted, rstd, plan, group_size)
+            return _grouped().grad_sums(launch, dy, x, shift, mean_shifted, rstd, plan, group_size, y)
         sums = torch.zeros(2, launch.param_count, dtype=torch.float64)
         if x.numel():
             xa, dya = launch.prepare(x), launch.prepare(dy)
@@ -477,9 +476,8 @@ class NumbaBackend:
         ``group_size``: ``totals`` (G, 2, C) and ``count`` (G,) per group."""
         _seam_launch(x, plan, mask, group_size)
         if group_size is not None:
-            _no_fused_relu(y)
-            return _group_grad(_launch(x, plan), dy, x, weight, shift, mean_shifted, rstd, totals, count, plan,
-                               group_size)
+            return _grouped().grad(_launch(x, plan), dy, x, weight, shift, mean_shifted, rstd, totals, count, plan,
+                                   group_size, y)
         grads = self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, True, (True, False, False), y,
                                    residual, totals.to(torch.float64).contiguous().numpy(), count, _valid(mask))
         return grads[0] if y is None else (grads[0], grads[3])
@@ -511,79 +509,11 @@ def _seam_launch(x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
     return launch
 
 
-def _no_fused_relu(y: torch.Tensor | None) -> None:
-    if y is not None:
-        raise ValueError("the numba backend's statistics seam per group takes no fused ReLU")
+def _grouped():
+    """The seam's steps per group of samples (:mod:`.grouped`, which imports this module)."""
+    from normlab.kernels.numba import grouped
 
-
-def _group_layout(launch: _Launch, plan: Plan, group_size: int) -> tuple[int, int, int, tuple]:
-    """``(G, size, per_entry, kernels)`` of a seam call per group (:mod:`.groups`): the groups, a group's
-    entries of the kernels' axis 0, one entry's values per channel, and the family's group kernels."""
-    from normlab.kernels.numba import groups
-
-    n = plan.input_shape[0]
-    count = -(-n // group_size)
-    if launch.family == "bn_planar":
-        kernels = (groups.planar_group_moments, groups.planar_group_apply, groups.planar_group_grad_sums,
-                   groups.planar_group_grad)
-        return count, group_size, launch.shape.spatial, kernels
-    kernels = (groups.rows_group_moments, groups.rows_group_apply, groups.rows_group_grad_sums,
-               groups.rows_group_grad)
-    return count, group_size * launch.shape.spatial, 1, kernels
-
-
-def _group_stats(launch: _Launch, groups: int, shift, mean_shifted, rstd) -> np.ndarray:
-    """Saved per-group statistics as the (G, 4, C) array the group kernels index (``var`` unset)."""
-    stats = np.empty((groups, 4, launch.param_count), launch.np_dtype)
-    for row, t in ((0, shift), (1, mean_shifted), (3, rstd)):
-        stats[:, row] = _numpy(t.to(launch.acc)).reshape(groups, launch.param_count)
-    return stats
-
-
-def _group_moments(launch: _Launch, x, plan: Plan, group_size: int) -> torch.Tensor:
-    groups, size, per_entry, kernels = _group_layout(launch, plan, int(group_size))
-    packed = torch.zeros(groups, 4, launch.param_count, dtype=torch.float64)
-    xa = launch.prepare(x)
-    shifts = np.empty((groups, launch.param_count), launch.np_dtype)
-    kernels[0](launch.array(xa), size, per_entry, shifts, _parts(_sync_threads(xa.numel()), launch), packed.numpy())
-    return packed
-
-
-def _group_apply(launch: _Launch, x, weight, bias, merged, plan: Plan, eps: float, group_size: int):
-    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
-    c = launch.param_count
-    packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(groups, c).numpy() for t in merged], axis=1)
-    xa = launch.prepare(x)
-    y = buffers.empty_like(xa)
-    stats = np.empty((groups, 4, c), launch.np_dtype)
-    w, b = _param(weight, c, launch.acc, 1.0), _param(bias, c, launch.acc, 0.0)
-    kernels[1](launch.array(xa), w, b, eps, stats, launch.array(y), np.ascontiguousarray(packed), size,
-               _parts(_sync_threads(xa.numel()), launch), _streams(y))
-    shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind(1)
-    return launch.finish(y, x), shift, mean_shifted, var, rstd
-
-
-def _group_grad_sums(launch: _Launch, dy, x, shift, mean_shifted, rstd, plan: Plan, group_size: int):
-    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
-    sums = torch.zeros(groups, 2, launch.param_count, dtype=torch.float64)
-    xa, dya = launch.prepare(x), launch.prepare(dy)
-    stats = _group_stats(launch, groups, shift, mean_shifted, rstd)
-    kernels[2](launch.array(xa), launch.array(dya), stats, size, _parts(_sync_threads(xa.numel()), launch),
-               sums.numpy())
-    return sums
-
-
-def _group_grad(launch: _Launch, dy, x, weight, shift, mean_shifted, rstd, totals, count, plan: Plan,
-                group_size: int):
-    groups, size, _, kernels = _group_layout(launch, plan, int(group_size))
-    xa, dya = launch.prepare(x), launch.prepare(dy)
-    dx = buffers.empty_like(xa)
-    stats = _group_stats(launch, groups, shift, mean_shifted, rstd)
-    counts = torch.as_tensor(count, dtype=torch.float64).expand(groups).contiguous().numpy()
-    kernels[3](launch.array(xa), launch.array(dya), _param(weight, launch.param_count, launch.acc, 1.0), stats,
-               totals.to(torch.float64).contiguous().numpy(), counts, size, launch.array(dx),
-               _parts(_sync_threads(xa.numel()), launch), _streams(dx))
-    return launch.finish(dx, x)
+    return grouped
 
 
 @functools.cache

@@ -157,13 +157,14 @@ class MaskedNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        rows, weight, bias, valid, padded, shift, mean_shifted, rstd = ctx.saved_tensors[:8]
+        saved = ctx.saved_tensors  # read once: a checkpointed segment unpacks each saved tensor only once
+        rows, weight, bias, valid, padded, shift, mean_shifted, rstd = saved[:8]
         plan: Plan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: differentiate the steps themselves
-            return _double_backward(ctx, dy) + (None,) * 6
+            return _double_backward(ctx, saved, dy) + (None,) * 6
         if ctx.backend is not None:
-            return _backward_seam(ctx, dy) + (None,) * 6
+            return _backward_seam(ctx, saved, dy) + (None,) * 6
         acc = accumulation_dtype(rows.dtype)
         dym, padded_sum = _valid_grad(dy.to(acc), padded, ctx.empty_like)
         xhat = ctx.empty_like(torch.empty(rows.shape, dtype=acc, device=rows.device))
@@ -185,10 +186,10 @@ class MaskedNormalize(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-def _backward_seam(ctx, dy):
+def _backward_seam(ctx, saved, dy):
     """:meth:`MaskedNormalize.backward` on the backend's kernels: the gradient sums over the valid rows
     (∂L/∂β, ∂L/∂γ), then ∂L/∂x from them (0 at the padded rows); ∂L/∂y at the padded rows is never read."""
-    rows, weight, bias, _, _, shift, mean_shifted, rstd, mask = ctx.saved_tensors
+    rows, weight, bias, _, _, shift, mean_shifted, rstd, mask = saved
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     backend, plan = ctx.backend, ctx.plan
     sums = backend.partial_grad_sums(dy, rows, shift, mean_shifted, rstd, plan, mask=mask)
@@ -214,9 +215,9 @@ def _valid_grad(dy: torch.Tensor, padded: torch.Tensor, empty_like) -> tuple[tor
                                                                                                    0.0), None
 
 
-def _double_backward(ctx, dy):
+def _double_backward(ctx, saved, dy):
     """The first derivatives as a differentiable function of the inputs (``create_graph=True``)."""
-    rows, weight, bias, valid, padded = ctx.saved_tensors[:5]
+    rows, weight, bias, valid, padded = saved[:5]
     inputs = [t for t, need in zip((rows, weight, bias), ctx.needs_input_grad[:3]) if need]
     y = _forward(rows, weight, bias, valid, padded, ctx.eps, ctx.plan)[0].to(rows.dtype)
     grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))

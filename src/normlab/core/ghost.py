@@ -24,9 +24,13 @@ of every step. (The alternative, the average of the per-chunk updates, weights e
 variance and leaves out the spread between the chunks' means; for i.i.d. chunks both estimate the same
 population variance, the merge with less noise.)
 
-The statistics themselves are computed by the backends' kernels (one instance-style pass for all the
-equal virtual batches), not by the seam's :func:`~normlab.core.stats.partial_moments`, which runs the torch
-engine on one BatchNorm plan; only the merge is the seam's.
+On a backend whose statistics seam takes groups of samples (``group_size=``,
+:func:`~normlab.core.backend.seam_takes`: the numba kernels) the whole step is the seam's
+(:class:`GhostSeamNormalize`): every virtual batch's partial moments in one pass over ``x`` where it lies,
+each virtual batch normalized with its own (the merge of its one partial) in one more pass, the backward
+likewise per virtual batch; no transposed copy. Elsewhere the parts above are computed by the backend's
+(or the torch engine's) kernels, one instance-style pass for all the equal virtual batches, and only the
+merge is the seam's.
 """
 
 from __future__ import annotations

@@ -129,3 +129,15 @@ def test_the_combined_update_is_the_guarded_one():
     assert not running.skipped
     torch.testing.assert_close(rm, 0.5 * whole.mean(0), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(rv, 0.5 + 0.5 * whole.var(0, unbiased=False), rtol=1e-14, atol=1e-15)
+
+
+def test_unmerged_is_the_merge_of_each_partial_alone():
+    """stats.unmerged: every partial's own (N, K, D, σ²), as merge_moments gives them for it alone; an empty
+    partial the statistics of nothing (σ² = 1)."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [stats.partial_moments(5 + torch.randn(n, 3, 4, generator=gen, dtype=torch.float64),
+                                  batch_plan((n, 3, 4))) for n in (3, 1, 0, 7)]
+    got = stats.unmerged(torch.cat(parts))
+    for i, part in enumerate(parts):
+        for g, ref in zip(got, stats.merge_moments(part)):
+            torch.testing.assert_close(g[i], ref, rtol=1e-15, atol=0)

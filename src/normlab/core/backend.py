@@ -14,6 +14,7 @@ another backend than its forward (the torch engine's, when a graph is requested)
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Protocol, runtime_checkable
 
@@ -79,4 +80,10 @@ def seam_takes(backend, keyword: str) -> bool:
     and its ``partial_moments`` takes ``keyword`` (``"mask"``, ``"group_size"``): the optional capabilities
     listed in :class:`Backend`."""
     method = getattr(backend, "partial_moments", None)
-    return method is not None and keyword in inspect.signature(method).parameters
+    return method is not None and keyword in _keywords(method)
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords(method) -> frozenset[str]:
+    """The parameter names of a bound method (cached: asked at every layer call)."""
+    return frozenset(inspect.signature(method).parameters)

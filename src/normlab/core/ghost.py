@@ -51,7 +51,7 @@ from normlab.core.engine import (
 )
 from normlab.core.guard import commit
 from normlab.core.plan import Plan, batch_plan, instance_plan
-from normlab.core.stats import PACKED_DTYPE, merge_moments
+from normlab.core.stats import PACKED_DTYPE, merge_moments, unmerged
 
 __all__ = ["GhostNormalize", "ghost_normalize", "virtual_batches"]
 
@@ -217,13 +217,12 @@ def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor 
 
 def _forward_seam(backend, x, weight, bias, virtual_batch_size: int, eps: float, running):
     """``(y, (shift, mean_shifted, rstd, counts))`` through ``backend``'s statistics seam per group of
-    samples: every virtual batch's partial moments in one pass, each virtual batch's statistics alone (the
-    merge of its one partial), one applying pass; the running update from the merge of them all."""
+    samples: every virtual batch's partial moments in one pass, each virtual batch's statistics its own
+    (:func:`~normlab.core.stats.unmerged`), one applying pass; the running update from the merge of them all."""
     plan = batch_plan(tuple(x.shape))
     packed = backend.partial_moments(x, plan, group_size=virtual_batch_size)  # (G, 4, C)
-    groups, _, c = packed.shape
-    alone = merge_moments(packed.transpose(0, 1).reshape(1, 4, groups * c))  # P = 1 per (virtual batch, channel)
-    y, shift, mean_shifted, _, rstd = backend.apply_moments(x, weight, bias, alone, plan, eps,
+    c = packed.shape[2]
+    y, shift, mean_shifted, _, rstd = backend.apply_moments(x, weight, bias, unmerged(packed), plan, eps,
                                                             group_size=virtual_batch_size)
     if running is not None:
         _, common, mean, var = merge_moments(packed)

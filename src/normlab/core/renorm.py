@@ -38,7 +38,7 @@ from normlab.core.engine import (
 )
 from normlab.core.guard import commit
 from normlab.core.plan import Plan
-from normlab.core.stats import merge_moments
+from normlab.core.stats import unmerged
 
 __all__ = ["Renormalize", "renorm_factors", "renormalize"]
 
@@ -132,7 +132,7 @@ def _forward_seam(x, weight, bias, running_mean, running_var, plan: Plan, eps, r
     y = γ (x̂_B r + d) + β with r and d folded in), updating ``running`` as BatchNorm does."""
     acc = accumulation_dtype(x.dtype)
     c = plan.channels
-    merged = merge_moments(backend.partial_moments(x, plan))
+    merged = tuple(t.reshape(c) for t in unmerged(backend.partial_moments(x, plan)))  # one place
     _, common, about, var = merged
     rstd_b = torch.rsqrt(var + eps).to(acc)
     r, d = renorm_factors((common + about).to(acc), rstd_b, running_mean, running_var, eps, r_max, d_max)

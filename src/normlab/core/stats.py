@@ -51,6 +51,7 @@ __all__ = [
     "partial_moments",
     "masked_partial_moments",
     "merge_moments",
+    "unmerged",
     "partial_grad_sums",
     "apply_backward",
     "CombinedNormalize",
@@ -165,6 +166,16 @@ def merge_moments(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     var = (m2.sum(dim=0) + spread.sum(dim=0)) / total.clamp(min=1)
     var = torch.where(total > 0, var, torch.ones_like(var))
     return total, common.squeeze(0), mean, var
+
+
+def unmerged(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each partial of ``stacked`` ``(P, 4, C)`` as the statistics of its own batch, ``(N, K, D, σ²)`` of shape
+    ``(P, C)`` as :func:`merge_moments` gives them for one partial (N = n, K = s, D = d, σ² = M2 / n; an
+    empty partial σ² = 1), in four operations rather than the merge's: the step of a caller whose places
+    are normalized separately (ghost batch norm's virtual batches) or that has one place."""
+    n, s, d, m2 = stacked.unbind(dim=1)
+    var = torch.where(n > 0, m2 / n.clamp(min=1), 1.0)
+    return n, s, d, var
 
 
 def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor | None, plan: Plan) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""Masked BatchNorm: the statistics seam (masked partial moments → merge → apply, the torch engine's path)
+"""Masked BatchNorm: the statistics seam (masked partial moments → merge → apply, the path normlab takes)
 against the gathered rows (valid positions gathered, BatchNorm on them, placed back), each interleaved in
-one process (A, B, A, B, ...; the ratio of medians is printed), training forward and forward+backward:
+one process (A, B, A, B, ...; the ratio of medians is printed), training forward and forward+backward, on
+each backend (``NORMLAB_BACKEND`` the same for both; the gather path is called directly):
 
-* seam vs gathered rows on the torch engine (``NORMLAB_BACKEND=torch`` for both; the gather path is called
-  directly), the choice normlab makes there;
-* seam vs gathered rows on the numba kernels (the path normlab takes where they are installed).
+* on the torch engine: the seam's torch operations vs the engine's BatchNorm on the gathered rows;
+* on the numba kernels: their masked seam vs their fused BatchNorm on the gathered rows.
 
     PYTHONPATH=src python3 benchmarks/masked_seam.py --threads 1 --repeats 15
 """
@@ -65,7 +65,7 @@ def main() -> None:
                     if mode == "forward":
                         return torch.no_grad()(lambda: impl(x, mask, channel_dim, w, b, rm, rv))
                     return lambda: impl(xg, mask, channel_dim, w, b, rm, rv).backward(dy)
-                seam = (run(_seam), "torch")
+                seam = (run(_seam), peer_backend)
                 gathered = (run(_gathered), peer_backend)
                 for fn, backend in (seam, gathered):  # warm-up (numba compiles on first use)
                     _time(fn, backend)
@@ -75,8 +75,8 @@ def main() -> None:
                     for key, (fn, backend) in (order if i % 2 == 0 else order[::-1]):
                         times[key].append(_time(fn, backend))
                 s, g = statistics.median(times["seam"]), statistics.median(times["gathered"])
-                print(f"{name:26} {mode:16} seam (torch) {s * 1e3:8.2f} ms   gathered ({peer_backend:5}) "
-                      f"{g * 1e3:8.2f} ms   seam/gathered {s / g:.2f}", flush=True)
+                print(f"{name:26} {peer_backend:5} {mode:16} seam {s * 1e3:8.2f} ms   gathered {g * 1e3:8.2f} ms   "
+                      f"seam/gathered {s / g:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -114,3 +115,35 @@ def gloo_spawn():
         return time.monotonic() - start
 
     return spawn
+
+
+@pytest.fixture
+def numba_seam_calls(monkeypatch):
+    """NORMLAB_BACKEND=numba with the numba backend's fused ``forward`` and ``backward`` refused, so that a layer
+    which falls back to them fails instead of running the statistics seam; returns the list of the keyword
+    arguments of every ``partial_moments`` and ``partial_grad_sums`` call, tagged with the method's name."""
+    if not available("numba"):
+        pytest.skip("numba is not installed")
+    from normlab.kernels.numba.backend import NumbaBackend
+
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    calls = []
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("the fused kernels ran where the statistics seam should have")
+
+    def recorded(name):
+        method = getattr(NumbaBackend, name)
+
+        @functools.wraps(method)  # the same signature: callers ask it which keywords the seam takes
+        def record(self, *args, **kwargs):
+            calls.append((name, kwargs))
+            return method(self, *args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(NumbaBackend, "forward", refused)
+    monkeypatch.setattr(NumbaBackend, "backward", refused)
+    for name in ("partial_moments", "partial_grad_sums"):
+        monkeypatch.setattr(NumbaBackend, name, recorded(name))
+    return calls

@@ -205,11 +205,11 @@ def _masked_batch_norm(op, input, mask, channel_dim, running_mean, running_var, 
     backend = select_backend(input, batch_plan((max(count, 2), c)), True)
     # the output and the input's gradient are written into the backend's recycled memory where it has it
     empty_like = getattr(backend, "empty_like", torch.empty_like)
-    if backend is None:  # the torch engine: the statistics seam over the valid positions
-        y = masked.normalize_masked(input, index, channel_dim, weight, bias, float(eps), running, empty_like)
+    if backend is None or masked.seam_takes_masks(backend, input, c):  # the statistics seam over the valid positions
+        y = masked.normalize_masked(input, index, channel_dim, weight, bias, float(eps), running, empty_like, backend)
         _report_skip(running, op, guard.get("on_skip"))
         return y
-    # a kernel backend: its fused BatchNorm on the valid positions gathered as rows (see normlab.core.masked)
+    # a kernel backend without masks in its seam: its fused BatchNorm on the valid positions gathered as rows
     rows = masked.gather_valid(input, index, channel_dim, empty_like)
     y = _batch_norm(op, rows, running_mean, running_var, weight, bias, True, momentum, eps, **guard)
     return masked.scatter_valid(y, index, input, channel_dim, empty_like)

@@ -29,3 +29,17 @@ def test_virtual_batches():
     assert virtual_batches(14, 4) == (3, 2)
     assert virtual_batches(12, 4) == (3, 0)
     assert virtual_batches(3, 4) == (0, 3)
+
+
+def test_numba_runs_ghost_batch_norm_through_the_seam_per_group(numba_seam_calls):
+    """On the numba backend the virtual batches are groups of the statistics seam (group_size=), not instance
+    plans of the fused kernels; the result is BatchNorm per virtual batch (ragged last one included)."""
+    import normlab.functional as F
+
+    x = torch.randn(10, 3, 4, 4, requires_grad=True)
+    y = F.ghost_batch_norm(x, 4, training=True)
+    y.backward(torch.ones_like(y))
+    assert [name for name, _ in numba_seam_calls] == ["partial_moments", "partial_grad_sums"]
+    assert all(kwargs.get("group_size") == 4 for _, kwargs in numba_seam_calls)
+    expected = torch.cat([torch.nn.functional.batch_norm(c, None, None, training=True) for c in x.detach().split(4)])
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

@@ -195,3 +195,18 @@ def test_masked_partial_moments_merge_to_the_gathered_rows_moments():
     torch.testing.assert_close(var, rows.var(0, unbiased=False), rtol=1e-13, atol=0)
     whole = stats.merge_moments(stats.partial_moments(rows, batch_plan(tuple(rows.shape))))
     torch.testing.assert_close(var, whole[3], rtol=1e-13, atol=0)
+
+
+def test_numba_runs_masked_statistics_through_the_seam(numba_seam_calls):
+    """On the numba backend the masked statistics are the seam's over the mask (mask=), nothing gathered for
+    the fused kernels; the result is BatchNorm of the valid positions."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 3, generator=gen, requires_grad=True)
+    mask = _mask(4, 7, gen, min_len=2)
+    y = nn.MaskedBatchNorm1d(3)(x, mask=mask)
+    y.backward(torch.ones_like(y))
+    assert [name for name, _ in numba_seam_calls] == ["partial_moments", "partial_grad_sums"]
+    assert all(kwargs["mask"].sum() == mask.sum() for _, kwargs in numba_seam_calls)
+    rows = torch.nn.functional.batch_norm(x.detach()[mask], None, None, training=True)
+    torch.testing.assert_close(y[mask], rows, atol=1e-5, rtol=1e-5)
+    assert (y[~mask] == 0).all()

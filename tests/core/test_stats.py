@@ -194,3 +194,15 @@ def test_parts_merge_to_the_whole_on_a_backend_seam(sizes, channels_last):
     ours = (torch.cat(ys), torch.cat(dxs), sum(dws), sum(dbs), rm, rv)
     for got, want in zip(ours, (y, xi.grad, wi.grad, bi.grad, rm_ref, rv_ref)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_unmerged_is_the_merge_of_each_partial_alone():
+    """stats.unmerged: every partial's own (N, K, D, σ²), as merge_moments gives them for it alone; an empty
+    partial the statistics of nothing (σ² = 1)."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [stats.partial_moments(5 + torch.randn(n, 3, 4, generator=gen, dtype=torch.float64),
+                                  batch_plan((n, 3, 4))) for n in (3, 1, 0, 7)]
+    got = stats.unmerged(torch.cat(parts))
+    for i, part in enumerate(parts):
+        for g, ref in zip(got, stats.merge_moments(part)):
+            torch.testing.assert_close(g[i], ref, rtol=1e-15, atol=0)

@@ -228,3 +228,18 @@ def test_half_precision_and_no_grad(backend):
         y32 = layer(x)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, atol=3e-2, rtol=1e-2)
+
+
+def test_numba_runs_renorm_through_the_seam(numba_seam_calls):
+    """On the numba backend batch renormalization is the seam's moments and one applying pass with r and d
+    folded into γ and β (the fused forward refused here), against the paper's formula."""
+    gen = torch.Generator().manual_seed(3)
+    layer = nn.BatchRenorm2d(4, **NOW)
+    _state(layer, gen)
+    rm, rv = layer.running_mean.clone().double(), layer.running_var.clone().double()
+    x = 2 + 3 * torch.randn(5, 4, 3, 3, generator=gen)
+    with torch.no_grad():
+        y = layer(x)
+    assert [name for name, _ in numba_seam_calls] == ["partial_moments"]
+    expected = reference(x.double(), rm, rv, layer.weight.double(), layer.bias.double(), layer.eps, 3.0, 5.0)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)

@@ -14,13 +14,15 @@ another backend than its forward (the torch engine's, when a graph is requested)
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from normlab.core.plan import Plan
 
-__all__ = ["Backend", "Statistics"]
+__all__ = ["Backend", "Statistics", "seam_takes"]
 
 Statistics = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor]
 """``(y, shift, mean_shifted, var, rstd)``: the output and the statistics a forward saves."""
@@ -53,6 +55,11 @@ class Backend(Protocol):
       by ``y > 0`` after a fused ReLU);
     * ``apply_grad(dy, x, weight, shift, mean_shifted, rstd, totals, count, plan, y=None, residual=False)``:
       dx from the combined sums over ``count`` values per channel (with ``y``: ``(dx, dres)``).
+
+    Two optional keywords of all four, asked for with :func:`seam_takes`: ``mask=`` (a bool tensor, one
+    entry per position of a channel: statistics over the True ones, outputs and gradients 0 at the others;
+    masked BatchNorm) and ``group_size=`` (samples: every step per group of that many consecutive samples,
+    results with a leading group axis, ``count`` one per group; ghost BatchNorm).
     """
 
     name: str
@@ -78,3 +85,17 @@ class Backend(Protocol):
         """``(dx, dγ, dβ)`` (``None`` where ``need`` says so): dx in ``x``'s shape, dtype and memory
         format, dγ and dβ flat in the accumulation dtype. ``y`` (the output of a fused ReLU, whose mask
         the gradient takes) adds a fourth result, the residual's gradient (``residual``: one was added)."""
+
+
+def seam_takes(backend, keyword: str) -> bool:
+    """Whether ``backend`` (``None``: the torch engine, which has no seam methods) has the statistics seam
+    and its ``partial_moments`` takes ``keyword`` (``"mask"``, ``"group_size"``): the optional capabilities
+    listed in :class:`Backend`."""
+    method = getattr(backend, "partial_moments", None)
+    return method is not None and keyword in _keywords(method)
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords(method) -> frozenset[str]:
+    """The parameter names of a bound method (cached: asked at every layer call)."""
+    return frozenset(inspect.signature(method).parameters)

@@ -24,9 +24,13 @@ of every step. (The alternative, the average of the per-chunk updates, weights e
 variance and leaves out the spread between the chunks' means; for i.i.d. chunks both estimate the same
 population variance, the merge with less noise.)
 
-The statistics themselves are computed by the backends' kernels (one instance-style pass for all the
-equal virtual batches), not by the seam's :func:`~normlab.core.stats.partial_moments`, which runs the torch
-engine on one BatchNorm plan; only the merge is the seam's.
+On a backend whose statistics seam takes groups of samples (``group_size=``,
+:func:`~normlab.core.backend.seam_takes`: the numba kernels) the whole step is the seam's
+(:class:`GhostSeamNormalize`): every virtual batch's partial moments in one pass over ``x`` where it lies,
+each virtual batch normalized with its own (the merge of its one partial) in one more pass, the backward
+likewise per virtual batch; no transposed copy. Elsewhere the parts above are computed by the backend's
+(or the torch engine's) kernels, one instance-style pass for all the equal virtual batches, and only the
+merge is the seam's.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ import math
 
 import torch
 
+from normlab.core.backend import seam_takes
 from normlab.core.conventions import CHANNELS_LAST, is_channels_last
 from normlab.core.engine import (
     _like_input,
+    accumulation_dtype,
     backward_torch,
     finish_param_grads,
     forward_torch,
@@ -45,7 +51,7 @@ from normlab.core.engine import (
 )
 from normlab.core.guard import commit
 from normlab.core.plan import Plan, batch_plan, instance_plan
-from normlab.core.stats import PACKED_DTYPE, merge_moments
+from normlab.core.stats import PACKED_DTYPE, merge_moments, unmerged
 
 __all__ = ["GhostNormalize", "ghost_normalize", "virtual_batches"]
 
@@ -209,10 +215,68 @@ def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor 
     return part if total is None else total + part
 
 
+def _forward_seam(backend, x, weight, bias, virtual_batch_size: int, eps: float, running):
+    """``(y, (shift, mean_shifted, rstd, counts))`` through ``backend``'s statistics seam per group of
+    samples: every virtual batch's partial moments in one pass, each virtual batch's statistics its own
+    (:func:`~normlab.core.stats.unmerged`), one applying pass; the running update from the merge of them all."""
+    plan = batch_plan(tuple(x.shape))
+    packed = backend.partial_moments(x, plan, group_size=virtual_batch_size)  # (G, 4, C)
+    c = packed.shape[2]
+    y, shift, mean_shifted, _, rstd = backend.apply_moments(x, weight, bias, unmerged(packed), plan, eps,
+                                                            group_size=virtual_batch_size)
+    if running is not None:
+        _, common, mean, var = merge_moments(packed)
+        commit(running, common + mean, var, x.numel() // c)
+    return y, (shift, mean_shifted, rstd, packed[:, 0, 0].contiguous())
+
+
+class GhostSeamNormalize(torch.autograd.Function):
+    """:class:`GhostNormalize` on a backend whose statistics seam takes ``group_size``
+    (:func:`~normlab.core.backend.seam_takes`): ``y = GhostSeamNormalize.apply(x, γ, β, virtual_batch_size,
+    eps, running, backend)``. The backward is the seam's too: each virtual batch's gradient sums in one
+    pass (their sum over the virtual batches is dγ, dβ), then ∂L/∂x per virtual batch from its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, virtual_batch_size: int, eps: float, running, backend):
+        y, saved = _forward_seam(backend, x, weight, bias, virtual_batch_size, eps, running)
+        ctx.save_for_backward(x, weight, bias, *saved)
+        ctx.virtual_batch_size, ctx.eps, ctx.backend = virtual_batch_size, eps, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, shift, mean_shifted, rstd, counts = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        if not any(need):
+            return (None,) * 7
+        v = ctx.virtual_batch_size
+        if torch.is_grad_enabled():  # a graph of the gradients: differentiate the torch engine's steps
+            inputs = [t for t, n in zip((x, weight, bias), need) if n]
+            y = _forward(None, x, weight, bias, v, ctx.eps, None)[0]
+            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+            return tuple(next(grads) if n else None for n in need) + (None,) * 4
+        plan, backend = batch_plan(tuple(x.shape)), ctx.backend
+        sums = backend.partial_grad_sums(dy, x, shift, mean_shifted, rstd, plan, group_size=v)  # (G, 2, C)
+        dx = None
+        if need[0]:
+            dx = backend.apply_grad(dy, x, weight, shift, mean_shifted, rstd, sums, counts, plan, group_size=v)
+        total = sums.sum(dim=0)
+        acc = accumulation_dtype(x.dtype)
+        dw, db = (total[1].to(acc) if need[1] else None), (total[0].to(acc) if need[2] else None)
+        dw, db = finish_param_grads(dw, db, weight, plan, ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None
+
+
 def ghost_normalize(backend, x, weight, bias, virtual_batch_size: int, eps: float, running=None) -> torch.Tensor:
     """Ghost batch normalization of ``x`` (N, C, *S) with batch statistics per virtual batch, on ``backend``
     (``None``: the torch engine); without an autograd node where nothing would be recorded. ``running`` as
-    for :class:`GhostNormalize`."""
+    for :class:`GhostNormalize`. A backend whose statistics seam takes groups of samples runs it there
+    (:class:`GhostSeamNormalize`)."""
+    if seam_takes(backend, "group_size") and backend.unsupported(x, batch_plan(tuple(x.shape))) is None:
+        if records_grad(x, weight, bias):
+            return GhostSeamNormalize.apply(x, weight, bias, virtual_batch_size, eps, running, backend)
+        return _forward_seam(backend, x, weight, bias, virtual_batch_size, eps, running)[0]
     if records_grad(x, weight, bias):
         return GhostNormalize.apply(x, weight, bias, virtual_batch_size, eps, running, backend)
     return _forward(backend, x, weight, bias, virtual_batch_size, eps, running)[0]

@@ -19,14 +19,13 @@ constant 0). A double backward recomputes the same steps with differentiable ope
 statistics (eval mode) every position is normalized and the padded ones are set to 0.
 
 The result equals BatchNorm of the valid positions gathered into rows and placed back into zeros
-(outputs, gradients, running statistics), which is how the tests check it, and that is the other way
-it is computed: where a kernel backend (numba on CPU, Triton on CUDA) runs BatchNorm, the valid
-positions are gathered (:func:`gather_valid`, one indexed read), normalized by its fused BatchNorm
-kernels as M rows, and placed back (:func:`scatter_valid`, each value written once). The kernels take no
-mask, and their fused passes beat the seam's torch operations there (the seam took 1.1–1.4x their time,
-one thread, 2 cores); on the torch engine the seam is 2–4x faster than gathering
-(``benchmarks/masked_seam.py``). Kernels that compute masked partial moments would bring those backends
-onto the seam as well.
+(outputs, gradients, running statistics), which is how the tests check it. A kernel backend whose seam
+takes a mask (:func:`~normlab.core.backend.seam_takes`: the numba kernels) runs the same steps with its
+own kernels: partial moments and gradient sums over the runs of valid rows, an applying pass that writes
+0 at the padded rows, the padded rows' values never read. A kernel backend without it gathers the valid
+positions (:func:`gather_valid`, one indexed read), normalizes them with its fused BatchNorm kernels as M
+rows, and places them back (:func:`scatter_valid`, each value written once). On the torch engine the
+seam is 2–4x faster than gathering (``benchmarks/masked_seam.py``).
 
 Padded outputs are 0 rather than "normalized with the batch's statistics" so that whatever a padded
 position held (zeros, garbage, the previous sequence's values) cannot leak into the next layer.
@@ -37,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from normlab.core import stats
+from normlab.core.backend import seam_takes
 from normlab.core.conventions import channels_last_format, is_channels_last
 from normlab.core.engine import _param, accumulation_dtype
 from normlab.core.guard import commit
@@ -103,31 +103,68 @@ def _forward(rows, weight, bias, valid, padded, eps: float, plan: Plan, out=None
     return y, shift, mean_shifted, var, rstd, float(total.max().item())
 
 
+def seam_takes_masks(backend, x: torch.Tensor, channels: int) -> bool:
+    """Whether ``backend`` computes the masked statistics of ``x``'s rows (:func:`rows_of`, ``channels``
+    wide) through its statistics seam: ``partial_moments`` … ``apply_grad`` taking ``mask=`` (an optional
+    capability of :class:`~normlab.core.backend.Backend`), on a case it runs."""
+    if not seam_takes(backend, "mask"):
+        return False
+    return backend.unsupported(x, batch_plan((max(2, x.numel() // max(1, channels)), channels))) is None
+
+
+def _forward_seam(backend, rows, weight, bias, mask, eps: float, plan: Plan, running):
+    """The seam's steps on ``backend``'s kernels: ``(y, shift, mean_shifted, rstd, total)``, ``running``
+    updated (in the applying pass where the backend can) when some row is valid."""
+    merged = stats.merge_moments(stats.identity(backend.partial_moments(rows, plan, mask=mask)))
+    total = float(merged[0].max().item())
+    if total <= 0:
+        running = None
+    folded = running is not None and getattr(backend, "updates_running", None) is not None and (
+        backend.updates_running(rows, plan, running[0], running[1]))
+    y, shift, mean_shifted, var, rstd = backend.apply_moments(rows, weight, bias, merged, plan, eps,
+                                                              running=running if folded else None, mask=mask)
+    if running is not None and not folded:
+        commit(running, shift + mean_shifted, var, int(total))
+    return y, shift, mean_shifted, rstd, total
+
+
 class MaskedNormalize(torch.autograd.Function):
-    """``y = MaskedNormalize.apply(rows, γ, β, valid, padded, eps, running, empty_like)``: BatchNorm's training
-    step on the rows (R, C) listed in ``valid``; the rows in ``padded`` give 0. ``running`` (a
+    """``y = MaskedNormalize.apply(rows, γ, β, valid, padded, eps, running, empty_like, backend)``: BatchNorm's
+    training step on the rows (R, C) listed in ``valid``; the rows in ``padded`` give 0. ``running`` (a
     :class:`~normlab.core.guard.RunningUpdate`, or ``None``) is updated with the statistics of the valid
     rows when there is one. ``empty_like`` gives the memory of the output and of the input's gradient (a
-    backend's recycled memory, or ``torch.empty_like``). See the module docstring."""
+    backend's recycled memory, or ``torch.empty_like``). ``backend``: one whose seam takes masks
+    (:func:`seam_takes_masks`), whose kernels then run the steps, or ``None`` for the torch operations.
+    See the module docstring."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, valid, padded, eps: float, running, empty_like):
+    def forward(ctx, rows, weight, bias, valid, padded, eps: float, running, empty_like, backend=None):
         plan = batch_plan(tuple(rows.shape))
+        ctx.plan, ctx.eps, ctx.empty_like, ctx.backend = plan, eps, empty_like, backend
+        if backend is not None:
+            mask = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device).index_fill_(0, valid, True)
+            y, shift, mean_shifted, rstd, total = _forward_seam(backend, rows, weight, bias, mask, eps, plan, running)
+            ctx.save_for_backward(rows, weight, bias, valid, padded, shift, mean_shifted, rstd, mask)
+            ctx.total = total
+            return y
         out = empty_like(torch.empty(rows.shape, dtype=accumulation_dtype(rows.dtype), device=rows.device))
         y, shift, mean_shifted, var, rstd, total = _forward(rows, weight, bias, valid, padded, eps, plan, out)
         if running is not None and total > 0:
             commit(running, shift + mean_shifted, var, int(total))
         ctx.save_for_backward(rows, weight, bias, valid, padded, shift, mean_shifted, rstd)
-        ctx.plan, ctx.eps, ctx.total, ctx.empty_like = plan, eps, total, empty_like
+        ctx.total = total
         return y.to(rows.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        rows, weight, bias, valid, padded, shift, mean_shifted, rstd = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once: a checkpointed segment unpacks each saved tensor only once
+        rows, weight, bias, valid, padded, shift, mean_shifted, rstd = saved[:8]
         plan: Plan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: differentiate the steps themselves
-            return _double_backward(ctx, dy) + (None,) * 5
+            return _double_backward(ctx, saved, dy) + (None,) * 6
+        if ctx.backend is not None:
+            return _backward_seam(ctx, saved, dy) + (None,) * 6
         acc = accumulation_dtype(rows.dtype)
         dym, padded_sum = _valid_grad(dy.to(acc), padded, ctx.empty_like)
         xhat = ctx.empty_like(torch.empty(rows.shape, dtype=acc, device=rows.device))
@@ -146,7 +183,25 @@ class MaskedNormalize(torch.autograd.Function):
             dw = sums[1].to(weight.dtype)
         if need_b:
             db = sums[0].to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _backward_seam(ctx, saved, dy):
+    """:meth:`MaskedNormalize.backward` on the backend's kernels: the gradient sums over the valid rows
+    (∂L/∂β, ∂L/∂γ), then ∂L/∂x from them (0 at the padded rows); ∂L/∂y at the padded rows is never read."""
+    rows, weight, bias, _, _, shift, mean_shifted, rstd, mask = saved
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    backend, plan = ctx.backend, ctx.plan
+    sums = backend.partial_grad_sums(dy, rows, shift, mean_shifted, rstd, plan, mask=mask)
+    dx = dw = db = None
+    if need_x:
+        dx = backend.apply_grad(dy, rows, weight, shift, mean_shifted, rstd, stats.identity(sums),
+                                max(ctx.total, 1.0), plan, mask=mask)
+    if need_w:
+        dw = sums[1].to(weight.dtype)
+    if need_b:
+        db = sums[0].to(bias.dtype)
+    return dx, dw, db
 
 
 def _valid_grad(dy: torch.Tensor, padded: torch.Tensor, empty_like) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,9 +215,9 @@ def _valid_grad(dy: torch.Tensor, padded: torch.Tensor, empty_like) -> tuple[tor
                                                                                                    0.0), None
 
 
-def _double_backward(ctx, dy):
+def _double_backward(ctx, saved, dy):
     """The first derivatives as a differentiable function of the inputs (``create_graph=True``)."""
-    rows, weight, bias, valid, padded = ctx.saved_tensors[:5]
+    rows, weight, bias, valid, padded = saved[:5]
     inputs = [t for t, need in zip((rows, weight, bias), ctx.needs_input_grad[:3]) if need]
     y = _forward(rows, weight, bias, valid, padded, ctx.eps, ctx.plan)[0].to(rows.dtype)
     grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
@@ -170,14 +225,15 @@ def _double_backward(ctx, dy):
 
 
 def normalize_masked(x: torch.Tensor, index, channel_dim: int, weight, bias, eps: float, running=None,
-                     empty_like=torch.empty_like):
+                     empty_like=torch.empty_like, backend=None):
     """BatchNorm training forward of ``x`` over the positions ``index`` (from :func:`positions`) marks valid,
     channels on ``channel_dim``: an output of ``x``'s shape and memory format, 0 at the padded positions;
     ``running`` (or ``None``) updated with the valid positions' statistics. Differentiable in ``x``, γ, β;
-    the output and the input's gradient are written into ``empty_like`` memory."""
+    the output and the input's gradient are written into ``empty_like`` memory. ``backend``: one whose
+    seam takes masks (:func:`seam_takes_masks`), or ``None``: the torch operations."""
     valid, padded, _ = index
     rows = rows_of(x, channel_dim)
-    y = MaskedNormalize.apply(rows, weight, bias, valid, padded, float(eps), running, empty_like)
+    y = MaskedNormalize.apply(rows, weight, bias, valid, padded, float(eps), running, empty_like, backend)
     return _dense_like(y.reshape(x.movedim(channel_dim, -1).shape).movedim(-1, channel_dim), x)
 
 

@@ -36,7 +36,9 @@ from normlab.core.engine import (
     finish_param_grads,
     records_grad,
 )
+from normlab.core.guard import commit
 from normlab.core.plan import Plan
+from normlab.core.stats import unmerged
 
 __all__ = ["Renormalize", "renorm_factors", "renormalize"]
 
@@ -95,8 +97,12 @@ class Renormalize(torch.autograd.Function):
 
 
 def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, running, r_max, d_max, backend):
-    """``(y, (shift, mean_shifted, rstd, r, d))``: BatchNorm's x̂_B from the backend (which also makes the
-    ``running`` update, if any), then one pass for ``x̂_B · γr + (γd + β)``."""
+    """``(y, (shift, mean_shifted, rstd, r, d))``: on a backend with the statistics seam
+    (:func:`_forward_seam`), BatchNorm's two passes with r and d folded into the affine map; else BatchNorm's
+    x̂_B from the backend (which also makes the ``running`` update, if any), then one pass for
+    ``x̂_B · γr + (γd + β)``."""
+    if seam_ready(backend, x, plan):
+        return _forward_seam(x, weight, bias, running_mean, running_var, plan, eps, running, r_max, d_max, backend)
     acc = accumulation_dtype(x.dtype)
     c = plan.channels
     old_mean, old_var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
@@ -111,6 +117,37 @@ def _forward(x, weight, bias, running_mean, running_var, plan: Plan, eps, runnin
     # x̂_B is the engine's fresh output, in the accumulation dtype (the backends' recycled memory): in place
     y = torch.addcmul(offset.reshape(plan.param_view), xhat, scale.reshape(plan.param_view), out=xhat)
     return _like_input(y, x), (shift, mean_shifted, rstd, r, d)
+
+
+def seam_ready(backend, x: torch.Tensor, plan: Plan) -> bool:
+    """Whether ``backend`` runs ``plan`` on ``x`` through the statistics seam (``partial_moments`` and
+    ``apply_moments``: the optional capability of :class:`~normlab.core.backend.Backend`)."""
+    return (backend is not None and getattr(backend, "apply_moments", None) is not None
+            and backend.unsupported(x, plan) is None and x.numel() > 0)
+
+
+def _forward_seam(x, weight, bias, running_mean, running_var, plan: Plan, eps, running, r_max, d_max, backend):
+    """:func:`_forward` through the seam: the batch's moments (one pass), r and d from them and the old
+    running statistics, then one pass that normalizes with γ' = γr and β' = γd + β (the affine map
+    y = γ (x̂_B r + d) + β with r and d folded in), updating ``running`` as BatchNorm does."""
+    acc = accumulation_dtype(x.dtype)
+    c = plan.channels
+    merged = tuple(t.reshape(c) for t in unmerged(backend.partial_moments(x, plan)))  # one place
+    _, common, about, var = merged
+    rstd_b = torch.rsqrt(var + eps).to(acc)
+    r, d = renorm_factors((common + about).to(acc), rstd_b, running_mean, running_var, eps, r_max, d_max)
+    w = None if weight is None else weight.detach().to(acc).reshape(c)
+    scale = r if w is None else w * r
+    offset = d if w is None else w * d
+    if bias is not None:
+        offset = offset + bias.detach().to(acc).reshape(c)
+    folded = running is not None and getattr(backend, "updates_running", None) is not None and (
+        backend.updates_running(x, plan, running[0], running[1]))
+    y, shift, mean_shifted, var_b, rstd = backend.apply_moments(x, scale, offset, merged, plan, eps,
+                                                                 running=running if folded else None)
+    if running is not None and not folded:
+        commit(running, shift + mean_shifted, var_b, plan.count)
+    return y, (shift, mean_shifted, rstd, r, d)
 
 
 def renormalize(backend, x, weight, bias, running_mean, running_var, plan: Plan, eps: float, running,

@@ -49,7 +49,7 @@ import torch
 
 from normlab.core.engine import _as_view, _like_input, _param, accumulation_dtype, centre, moments, normalize, owned
 from normlab.core.guard import commit
-from normlab.core.plan import Plan
+from normlab.core.plan import Plan, batch_plan
 
 __all__ = [
     "PACKED_DTYPE",
@@ -57,6 +57,7 @@ __all__ = [
     "partial_moments",
     "masked_partial_moments",
     "merge_moments",
+    "unmerged",
     "partial_grad_sums",
     "apply_backward",
     "SEAM_METHODS",
@@ -88,14 +89,26 @@ def identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def partial_moments(xv: torch.Tensor, plan: Plan) -> torch.Tensor:
+def partial_moments(xv: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                    group_size: int | None = None) -> torch.Tensor:
     """This place's per-channel ``(n, s, d, M2)`` packed as a ``(1, 4, C)`` float64 tensor (see the module
     docstring); an empty batch gives ``n = 0`` and zeros, which the merge ignores.
 
     ``plan`` is a BatchNorm plan (one statistic per channel, axis 1); the shift and the centred moments
-    are :func:`~normlab.core.engine.moments`'.
+    are :func:`~normlab.core.engine.moments`'. The reference of the backends' seam, with its two optional
+    keywords (:class:`~normlab.core.backend.Backend`): ``mask`` (bool, one entry per position of a channel)
+    takes the positions it marks True only (:func:`masked_partial_moments`); ``group_size`` gives a
+    ``(G, 4, C)`` tensor, one row per group of that many consecutive samples (the last one possibly smaller).
     """
+    if group_size is not None:
+        chunks = xv.split(int(group_size))
+        masks = [None] * len(chunks) if mask is None else mask.split(int(group_size))
+        return torch.cat([partial_moments(chunk, batch_plan(tuple(chunk.shape)), m) for chunk, m in zip(chunks, masks)])
     c = plan.view_shape[1]
+    if mask is not None:
+        flat = mask.reshape(-1)
+        rows = xv.movedim(1, -1).reshape(-1, c).to(accumulation_dtype(xv.dtype))
+        return masked_partial_moments(rows, flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))[0]
     packed = torch.zeros(1, 4, c, dtype=PACKED_DTYPE, device=xv.device)
     if xv.numel() == 0:
         return packed
@@ -172,6 +185,16 @@ def merge_moments(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     var = (m2.sum(dim=0) + spread.sum(dim=0)) / total.clamp(min=1)
     var = torch.where(total > 0, var, torch.ones_like(var))
     return total, common.squeeze(0), mean, var
+
+
+def unmerged(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each partial of ``stacked`` ``(P, 4, C)`` as the statistics of its own batch, ``(N, K, D, σ²)`` of shape
+    ``(P, C)`` as :func:`merge_moments` gives them for one partial (N = n, K = s, D = d, σ² = M2 / n; an
+    empty partial σ² = 1), in four operations rather than the merge's: the step of a caller whose places
+    are normalized separately (ghost batch norm's virtual batches) or that has one place."""
+    n, s, d, m2 = stacked.unbind(dim=1)
+    var = torch.where(n > 0, m2 / n.clamp(min=1), 1.0)
+    return n, s, d, var
 
 
 def partial_grad_sums(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor | None, plan: Plan) -> torch.Tensor:

@@ -132,8 +132,9 @@ def test_the_streaming_kernels_store_non_temporally():
     forward = njit(**fresh)(columns.rows_affine.py_func)
     backward = njit(**fresh)(columns.rows_grad_affine.py_func)
     a, k = np.ones(c, np.float32), np.zeros(c, np.float32)
-    forward(x, y, x, stats[0], a, k, 0, 2, True)
-    backward(x, dy, y, dx, dx, stats[0], k, k, a, k, 0, 2, True)
+    every_row = np.empty(0, np.bool_)  # no mask: every row valid
+    forward(x, y, x, stats[0], a, k, 0, 2, True, every_row)
+    backward(x, dy, y, dx, dx, stats[0], k, k, a, k, 0, 2, True, every_row)
     # LayerNorm's row kernels
     row_forward = njit(**fresh)(rows.row_forward.py_func)
     row_backward = njit(**fresh)(rows.row_backward.py_func)

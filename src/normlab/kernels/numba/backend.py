@@ -260,8 +260,10 @@ class NumbaBackend:
         """
         return self._run_forward(x, weight, bias, fixed_mean, fixed_var, plan, eps, residual, relu, running)
 
-    def _run_forward(self, x, weight, bias, fixed_mean, fixed_var, plan, eps, residual, relu, running, merged=None):
-        """:meth:`forward`, or with ``merged`` ((4, C) float64: N, K, D, σ²) the batch's statistics given."""
+    def _run_forward(self, x, weight, bias, fixed_mean, fixed_var, plan, eps, residual, relu, running, merged=None,
+                     valid=None):
+        """:meth:`forward`, or with ``merged`` ((4, C) float64: N, K, D, σ²) the batch's statistics given (and
+        ``valid``, a bool array over the rows, the rows they are of: the others give 0)."""
         launch = _launch(x, plan)
         train = fixed_mean is None
         xa = launch.prepare(x)
@@ -273,7 +275,7 @@ class NumbaBackend:
             stats[1] = 0.0
         if merged is not None:  # the count for the running variance's correction is the whole batch's
             self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running,
-                          float(merged[0].max()), merged)
+                          float(merged[0].max()), merged, valid)
         elif x.numel():
             self._forward(launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, plan.count)
         else:  # an empty batch: the torch engine's statistics of nothing
@@ -283,7 +285,8 @@ class NumbaBackend:
         shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind()
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
-    def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count, merged=None):
+    def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count, merged=None,
+                 valid=None):
         kernel = _kernels()[launch.family][0]
         threads = _sync_threads(xa.numel())
         acc = launch.acc
@@ -304,6 +307,8 @@ class NumbaBackend:
                 unbias = count / (count - 1) if getattr(running, "unbiased", True) else 1.0
             guarded = running is not None and getattr(running, "guarded", False)
             given = {} if merged is None else {"merged": merged}
+            if valid is not None:
+                given["valid"] = valid
             skipped = kernel(xn, w, b, eps, train, stats, yn, rn, code, rm, rv, momentum, unbias,
                              _parts(threads, launch), _streams(y), guarded=guarded, **given)
             if skipped:  # a guarded update of non-finite statistics, not made (normlab.core.guard)
@@ -327,9 +332,10 @@ class NumbaBackend:
         return self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, batch_stats, need, y, residual)
 
     def _run_backward(self, dy, x, weight, shift, mean_shifted, rstd, plan, batch_stats, need, y, residual,
-                      totals=None, count=0.0):
+                      totals=None, count=0.0, valid=None):
         """:meth:`backward`, or with ``totals`` ((2, C) float64: Σ dy' and Σ dy' · x̂ over a batch of
-        ``count`` values per channel) the batch's sums given; dγ and dβ are then zeros."""
+        ``count`` values per channel) the batch's sums given; dγ and dβ are then zeros. ``valid`` (a bool
+        array over the rows, with ``totals``): the other rows get dx = 0."""
         launch = _launch(x, plan)
         xa = launch.prepare(x)
         dya = launch.prepare(dy)
@@ -338,14 +344,14 @@ class NumbaBackend:
         sums = np.zeros((2, launch.param_count), launch.np_dtype)  # dγ, dβ
         if x.numel():
             self._backward(launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, batch_stats,
-                           need[0], y, totals, count)
+                           need[0], y, totals, count, valid)
         dx = launch.finish(dx, x)
         dw, db = torch.from_numpy(sums).unbind()
         grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
         return grads if y is None else (*grads, dres)
 
     def _backward(self, launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, train, need_x, y,
-                  totals=None, count=0.0):
+                  totals=None, count=0.0, valid=None):
         kernel = _kernels()[launch.family][1]
         threads = _sync_threads(xa.numel())
         w = _param(weight, launch.param_count, launch.acc, 1.0)
@@ -361,6 +367,8 @@ class NumbaBackend:
             dresn = launch.array(dres) if dres is not None else dxn
             args = (xn, dyn, yn, w, sh, ms, rs, train, need_x, code, dxn, dresn, sums[0], sums[1])
             given = {} if totals is None else {"totals": totals, "count": float(count)}
+            if valid is not None:
+                given["valid"] = valid
             kernel(*args, _parts(threads, launch), _streams(dx), **given)
             return
         parts = _parts(threads, launch)
@@ -374,72 +382,140 @@ class NumbaBackend:
 
     # The statistics seam (BatchNorm plans): partial statistics → combine (the caller's) → apply. With
     # one place and the identity combine it computes what forward and backward compute in one call.
+    # ``mask`` (bool, one entry per position: the plan's (N, *S) values of one channel; True = the
+    # position counts): statistics over the positions it marks, outputs and gradients 0 at the others,
+    # whose values are never read. The kernels take it on channels-last rows (2D input, channels_last
+    # storage: one row of C values per position). ``group_size`` (samples): every step per group of that
+    # many consecutive samples (the last one possibly smaller), G groups, results and statistics (G, …)
+    # with one row per group (:mod:`.groups`).
 
-    def partial_moments(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def partial_moments(self, x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                        group_size: int | None = None) -> torch.Tensor:
         """This place's per-channel ``(n, s, d, M2)`` as a (1, 4, C) float64 tensor, in the layout of
         :func:`normlab.core.stats.partial_moments` (merged by :func:`normlab.core.stats.merge_moments`):
-        the forward kernel's own first pass, its sums about each channel's first value."""
-        launch = _seam_launch(x, plan)
+        the forward kernel's own first pass, its sums about each channel's first value (the first valid
+        one, with ``mask``; the torch reference is :func:`normlab.core.stats.masked_partial_moments`);
+        with ``group_size`` (G, 4, C), one row per group."""
+        launch = _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            return _grouped().moments(launch, x, plan, group_size)
         packed = torch.zeros(1, 4, launch.param_count, dtype=torch.float64)
-        if x.numel():
+        valid = _valid(mask)
+        count = plan.count if valid is None else int(np.count_nonzero(valid))
+        if x.numel() and count:
             xa = launch.prepare(x)
             parts = _parts(_sync_threads(xa.numel()), launch)
             shift = np.empty(launch.param_count, launch.np_dtype)
-            first_pass, _, pack_moments, _ = _seam_kernels()[launch.family]
-            first_pass(launch.array(xa), shift, parts)
-            pack_moments(parts, shift, float(plan.count), packed[0].numpy())
+            kernels = _seam_kernels()[launch.family]
+            if valid is None:
+                kernels[0](launch.array(xa), shift, parts)
+            else:
+                kernels[4](launch.array(xa), valid, shift, parts)
+            kernels[2](parts, shift, float(count), packed[0].numpy())
         return packed
 
     def apply_moments(self, x, weight, bias, merged, plan: Plan, eps: float, residual: torch.Tensor | None = None,
-                      relu: bool = False, running=None):
+                      relu: bool = False, running=None, mask: torch.Tensor | None = None,
+                      group_size: int | None = None):
         """:meth:`forward`'s results with the batch's statistics given: ``merged``, ``(N, K, D, σ²)`` per
         channel as :func:`normlab.core.stats.merge_moments` returns them. ``running`` is updated as in
-        :meth:`forward`, the variance corrected with the whole batch's count N."""
-        _seam_launch(x, plan)
+        :meth:`forward`, the variance corrected with the whole batch's count N. ``mask``: ``y`` = 0 at the
+        positions it marks False. ``group_size``: ``merged`` per group ((G, C) each), the statistics
+        returned (G, C)."""
+        _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            if relu or residual is not None or running is not None:
+                raise ValueError("the numba backend's statistics seam per group fuses no ReLU, residual or running "
+                                 "update (merge the groups' moments and update the running statistics with them)")
+            return _grouped().apply(_launch(x, plan), x, weight, bias, merged, plan, eps, group_size)
+        if mask is not None and (relu or residual is not None):
+            raise ValueError("the numba backend's statistics seam fuses no ReLU or residual with a mask")
         packed = np.stack([torch.as_tensor(t).to(torch.float64).reshape(-1).numpy() for t in merged])
-        return self._run_forward(x, weight, bias, None, None, plan, eps, residual, relu, running, packed)
+        return self._run_forward(x, weight, bias, None, None, plan, eps, residual, relu, running, packed,
+                                 _valid(mask))
 
-    def partial_grad_sums(self, dy, x, shift, mean_shifted, rstd, plan: Plan, y: torch.Tensor | None = None):
+    def partial_grad_sums(self, dy, x, shift, mean_shifted, rstd, plan: Plan, y: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None, group_size: int | None = None):
         """This place's per-channel ``(Σ dy', Σ dy' · x̂)`` as a (2, C) float64 tensor: its share of dβ
         and dγ, and (times γ) of the closed form's Σ g and Σ g · x̂ (:mod:`normlab.core.stats`); ``dy'``
-        is ``dy`` masked by ``y > 0`` after a fused ReLU."""
-        launch = _seam_launch(x, plan)
+        is ``dy`` masked by ``y > 0`` after a fused ReLU. ``mask``: over the positions it marks True.
+        ``group_size``: (G, 2, C), per group, with its statistics (G, C)."""
+        launch = _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            return _grouped().grad_sums(launch, dy, x, shift, mean_shifted, rstd, plan, group_size, y)
         sums = torch.zeros(2, launch.param_count, dtype=torch.float64)
         if x.numel():
             xa, dya = launch.prepare(x), launch.prepare(dy)
             xn = launch.array(xa)
             yn = launch.array(launch.prepare(y)) if y is not None else xn
             parts = _parts(_sync_threads(xa.numel()), launch)
-            _, first_pass, _, pack_grad_sums = _seam_kernels()[launch.family]
-            first_pass(xn, launch.array(dya), yn, _flat(shift), 0 if y is None else 1, parts)
-            pack_grad_sums(parts, _flat(mean_shifted), _flat(rstd), sums.numpy())
+            kernels = _seam_kernels()[launch.family]
+            valid = _valid(mask)
+            if valid is None:
+                kernels[1](xn, launch.array(dya), yn, _flat(shift), 0 if y is None else 1, parts)
+            else:
+                kernels[5](xn, launch.array(dya), yn, valid, _flat(shift), 0 if y is None else 1, parts)
+            kernels[3](parts, _flat(mean_shifted), _flat(rstd), sums.numpy())
         return sums
 
     def apply_grad(self, dy, x, weight, shift, mean_shifted, rstd, totals: torch.Tensor, count: float, plan: Plan,
-                   y: torch.Tensor | None = None, residual: bool = False):
+                   y: torch.Tensor | None = None, residual: bool = False, mask: torch.Tensor | None = None,
+                   group_size: int | None = None):
         """∂L/∂x from the whole batch's ``totals`` (the combined :meth:`partial_grad_sums`) over ``count``
         values per channel; with ``y`` (a fused ReLU's output) ``(dx, dres)``, the residual's gradient
-        after a fused add (``residual``) or ``None``."""
-        _seam_launch(x, plan)
+        after a fused add (``residual``) or ``None``. ``mask``: dx = 0 at the positions it marks False.
+        ``group_size``: ``totals`` (G, 2, C) and ``count`` (G,) per group."""
+        _seam_launch(x, plan, mask, group_size)
+        if group_size is not None:
+            return _grouped().grad(_launch(x, plan), dy, x, weight, shift, mean_shifted, rstd, totals, count, plan,
+                                   group_size, y)
         grads = self._run_backward(dy, x, weight, shift, mean_shifted, rstd, plan, True, (True, False, False), y,
-                                   residual, totals.to(torch.float64).contiguous().numpy(), count)
+                                   residual, totals.to(torch.float64).contiguous().numpy(), count, _valid(mask))
         return grads[0] if y is None else (grads[0], grads[3])
 
 
-def _seam_launch(x: torch.Tensor, plan: Plan) -> _Launch:
+def _valid(mask: torch.Tensor | None) -> np.ndarray | None:
+    """A seam call's mask as the kernels read it: a flat bool array, one entry per row."""
+    if mask is None:
+        return None
+    return _numpy(mask.reshape(-1) if mask.is_contiguous() else mask.contiguous().reshape(-1))
+
+
+def _seam_launch(x: torch.Tensor, plan: Plan, mask: torch.Tensor | None = None,
+                 group_size: int | None = None) -> _Launch:
     launch = _launch(x, plan)
     if launch.family not in (CHANNEL_PLANES, CHANNEL_ROWS):
         raise ValueError(f"the statistics seam takes BatchNorm plans (one statistic per channel), got {plan}")
+    if group_size is not None and (mask is not None or int(group_size) < 1 or not x.numel()):
+        raise ValueError(f"the statistics seam per group takes a non-empty input, a group_size of at least 1 and "
+                         f"no mask, got group_size={group_size} on {tuple(x.shape)}"
+                         f"{' with a mask' if mask is not None else ''}")
+    if mask is not None:
+        if launch.family != CHANNEL_ROWS:
+            raise ValueError("the numba backend's statistics seam takes a mask on channels-last rows (2D input "
+                             "or channels_last storage); give the input as (positions, C) rows")
+        if mask.dtype != torch.bool or mask.numel() != plan.count or mask.device.type != "cpu":
+            raise ValueError(f"the seam's mask must be a CPU bool tensor with one entry per position ({plan.count}), "
+                             f"got {mask.dtype} with {mask.numel()} entries on {mask.device}")
     return launch
+
+
+def _grouped():
+    """The seam's steps per group of samples (:mod:`.grouped`, which imports this module)."""
+    from normlab.kernels.numba import grouped
+
+    return grouped
 
 
 @functools.cache
 def _seam_kernels() -> dict:
-    """Per BatchNorm family: the forward's and the backward's first pass, and their packing steps."""
+    """Per BatchNorm family: the forward's and the backward's first pass, their packing steps, and the
+    first passes over the valid rows of a mask (channels-last rows only)."""
     from normlab.kernels.numba import channel, columns, planar
 
     packs = (channel.pack_moments, channel.pack_grad_sums)
     return {
-        CHANNEL_PLANES: (planar.planar_sums, planar.planar_grad_sums, *packs),
-        CHANNEL_ROWS: (columns.rows_sums, columns.rows_grad_sums, *packs),
+        CHANNEL_PLANES: (planar.planar_sums, planar.planar_grad_sums, *packs, None, None),
+        CHANNEL_ROWS: (columns.rows_sums, columns.rows_grad_sums, *packs, columns.rows_valid_sums,
+                       columns.rows_valid_grad_sums),
     }

@@ -12,7 +12,8 @@ row by row with per-column factors.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from normlab.kernels.numba import stream
 from normlab.kernels.numba.channel import channel_factors, channel_grad_factors, given
@@ -228,32 +229,115 @@ def rows_sums(x, shift, parts):
         _column_sums(x, lo, hi, shift, p1, p2)
 
 
+def valid_rows(valid):
+    """``valid`` (a bool array, True = a row that counts), or an empty one for ``None``: every row counts."""
+    raise NotImplementedError("numba only")
+
+
+@overload(valid_rows, inline="always")
+def _valid_rows_overload(valid):
+    if valid is None or isinstance(valid, (types.NoneType, types.Omitted)):
+        return lambda valid: np.empty(0, np.bool_)
+    return lambda valid: valid
+
+
+@njit(inline="always", **FLAGS)
+def _padded(valid, i):
+    """Whether row ``i`` is a padded one: ``valid`` is not empty and says False there."""
+    return valid.shape[0] > 0 and not valid[i]
+
+
+@njit(inline="always", **FLAGS)
+def _zero_row(row):
+    for ch in range(row.shape[0]):
+        row[ch] = 0.0
+
+
+@njit(**FLAGS)
+def _valid_runs_sums(x, dy, y, valid, lo, hi, sh, p1, p2, epilogue):
+    """Add the sums of :func:`_column_sums` (``dy`` empty) or of :func:`_column_grad_sums` over the rows of
+    [lo, hi) that ``valid`` marks True into ``p1`` and ``p2``: each run of consecutive valid rows summed
+    on its own (into zeroed accumulators, then added), the other rows never read."""
+    c = x.shape[1]
+    t1 = np.empty(c)
+    t2 = np.empty(c)
+    i = lo
+    while i < hi:
+        if not valid[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < hi and valid[j]:
+            j += 1
+        t1[:] = 0.0
+        t2[:] = 0.0
+        if dy.shape[0] == 0:
+            _column_sums(x, i, j, sh, t1, t2)
+        else:
+            _column_grad_sums(x, dy, y, i, j, sh, t1, t2, epilogue)
+        for ch in range(c):
+            p1[ch] += t1[ch]
+            p2[ch] += t2[ch]
+        i = j
+
+
 @njit(**PARALLEL)
-def rows_affine(x, y, residual, shift, a, b, epilogue, blocks, streaming):
+def rows_valid_sums(x, valid, shift, parts):
+    """:func:`rows_sums` over the rows that ``valid`` ((M,) bool) marks True, ``shift`` set to the first of
+    them (left alone if there is none)."""
+    m = x.shape[0]
+    for i in range(m):
+        if valid[i]:
+            shift[:] = x[i]
+            break
+    for k in prange(parts.shape[0]):
+        p1, p2, lo, hi = block_parts(parts, k, m)
+        _valid_runs_sums(x, x[:0], x, valid, lo, hi, shift, p1, p2, NONE)
+
+
+@njit(**PARALLEL)
+def rows_valid_grad_sums(x, dy, y, valid, shift, epilogue, parts):
+    """:func:`rows_grad_sums` over the rows that ``valid`` ((M,) bool) marks True."""
+    m = x.shape[0]
+    for k in prange(parts.shape[0]):
+        p1, p2, lo, hi = block_parts(parts, k, m)
+        _valid_runs_sums(x, dy, y, valid, lo, hi, shift, p1, p2, epilogue)
+
+
+@njit(**PARALLEL)
+def rows_affine(x, y, residual, shift, a, b, epilogue, blocks, streaming, valid):
     """The forward's writing pass: y = (x − shift) · a + b per column, then the epilogue, parallel over
-    rows; with streaming stores in ``blocks`` blocks of rows where ``streaming`` is set."""
+    rows; with streaming stores in ``blocks`` blocks of rows where ``streaming`` is set. Rows that
+    ``valid`` (not empty) marks False get y = 0, their ``x`` unread."""
     m = x.shape[0]
     if streaming:
         for k in prange(blocks):
             lo, hi = block_range(k, m, blocks)
             for i in range(lo, hi):
-                stream_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
+                if _padded(valid, i):
+                    _zero_row(y[i])
+                else:
+                    stream_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
             stream.fence()
         return
     for i in prange(m):
-        run_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
+        if _padded(valid, i):
+            _zero_row(y[i])
+        else:
+            run_affine(x[i], y[i], residual[i], shift, a, b, epilogue)
 
 
 @njit(**FLAGS)
 def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, running_mean, running_var, momentum,
-                    unbias, parts, streaming, guarded=False, merged=None):
+                    unbias, parts, streaming, guarded=False, merged=None, valid=None):
     """BatchNorm forward on ``x`` of shape (M, C) with C contiguous: :func:`rows_sums` (training), the
     per-channel step (:func:`~.channel.channel_constants`), :func:`rows_affine`.
 
     Memory passes: training reads ``x`` once into per-block partial sums, combines them per channel, then
     reads ``x`` again and writes ``y``; evaluation reads once and writes once. The second read comes
     from cache only when the tensor fits in it: no value can be normalized before the statistics, which
-    need every row, are complete. The arguments as in :func:`~.planar.bn_planar_forward`.
+    need every row, are complete. The arguments as in :func:`~.planar.bn_planar_forward`; ``valid`` ((M,)
+    bool, with ``merged``: the statistics of the rows it marks True) sets the other rows of ``y`` to 0.
     """
     m, c = x.shape
     shift = stats[0]
@@ -262,7 +346,7 @@ def bn_rows_forward(x, weight, bias, eps, train, stats, y, residual, epilogue, r
         rows_sums(x, shift, parts)
     skipped, a, b = channel_factors(parts, merged, weight, bias, eps, train, m, stats, running_mean, running_var,
                                     momentum, unbias, guarded)
-    rows_affine(x, y, residual, shift, a, b, epilogue, parts.shape[0], streaming)
+    rows_affine(x, y, residual, shift, a, b, epilogue, parts.shape[0], streaming, valid_rows(valid))
     return skipped
 
 
@@ -277,15 +361,28 @@ def rows_grad_sums(x, dy, y, shift, epilogue, parts):
 
 
 @njit(**PARALLEL)
-def rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, blocks, streaming):
+def rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, blocks, streaming, valid):
     """The backward's writing pass: dx = (dy' − c) · k1 + ((x − shift) − d) · k2 per column (and
     dres = dy' after a fused add), in ``blocks`` blocks of rows, with streaming stores where
-    ``streaming`` is set."""
+    ``streaming`` is set. Rows that ``valid`` (not empty) marks False get dx = 0 (and dres = 0), their
+    ``x`` and ``dy`` unread."""
     m = x.shape[0]
     unit = np.empty(0, x.dtype)
     for k in prange(blocks):
         lo, hi = block_range(k, m, blocks)
-        if streaming:
+        if valid.shape[0]:
+            for i in range(lo, hi):
+                if not valid[i]:
+                    _zero_row(dx[i])
+                    if epilogue == ADD_RELU:
+                        _zero_row(dres[i])
+                elif streaming:
+                    stream_grad(x[i], dy[i], y[i], dx[i], dres[i], shift, d, cm, k1, k2, epilogue)
+                else:
+                    _column_grad_affine(x, dy, y, dx, dres, i, i + 1, shift, d, unit, cm, k1, k2, epilogue)
+            if streaming:
+                stream.fence()
+        elif streaming:
             for i in range(lo, hi):
                 stream_grad(x[i], dy[i], y[i], dx[i], dres[i], shift, d, cm, k1, k2, epilogue)
             stream.fence()
@@ -295,13 +392,14 @@ def rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, blocks,
 
 @njit(**FLAGS)
 def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x, epilogue, dx, dres, dw, db,
-                     parts, streaming, totals=None, count=0.0):
+                     parts, streaming, totals=None, count=0.0, valid=None):
     """BatchNorm backward on (M, C) rows: :func:`rows_grad_sums`, the per-channel step
     (:func:`~.channel.grad_constants`), :func:`rows_grad_affine`.
 
     Memory passes: one read of ``x`` and ``dy`` (and ``y`` after a fused ReLU) into per-block partial
     sums, combined into dβ and dγ; then a second read of the same and one write of ``dx`` (and
-    ``dres``). ``totals`` and ``count`` as in :func:`~.planar.bn_planar_backward`.
+    ``dres``). ``totals`` and ``count`` as in :func:`~.planar.bn_planar_backward`; ``valid`` ((M,) bool,
+    with ``totals`` over the rows it marks True) sets ``dx`` of the other rows to 0.
     """
     m, c = x.shape
     totals = given(totals, c)
@@ -310,7 +408,8 @@ def bn_rows_backward(x, dy, y, weight, shift, mean_shifted, rstd, train, need_x,
     total = count if totals.shape[0] else np.float64(m)
     d, cm, k1, k2 = channel_grad_factors(parts, totals, weight, mean_shifted, rstd, train, total, dw, db)
     if need_x:
-        rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, parts.shape[0], streaming)
+        rows_grad_affine(x, dy, y, dx, dres, shift, d, cm, k1, k2, epilogue, parts.shape[0], streaming,
+                         valid_rows(valid))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -198,9 +198,16 @@ def _parts(threads: int, launch: _Launch) -> np.ndarray:
 def _streams(out: torch.Tensor) -> bool:
     """Whether a kernel writes ``out`` with streaming stores: from
     :func:`normlab.kernels.numba.stream.threshold` bytes on (half the last-level cache)."""
+    return out.numel() * out.element_size() >= _threshold()()
+
+
+@functools.cache
+def _threshold():
+    """:func:`normlab.kernels.numba.stream.threshold`, imported once (an import statement at every call
+    costs as much as the rest of :func:`_streams`)."""
     from normlab.kernels.numba import stream
 
-    return out.numel() * out.element_size() >= stream.threshold()
+    return stream.threshold
 
 
 def _per_row(fixed: torch.Tensor, launch: _Launch) -> np.ndarray:
@@ -219,7 +226,7 @@ class NumbaBackend:
 
     def unsupported(self, x: torch.Tensor, plan: Plan) -> str | None:
         """Why this backend cannot run ``x`` with ``plan``, or ``None`` if it can."""
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return f"the numba backend runs on CPU tensors only, got a tensor on {x.device}"
         if x.dtype not in _FAST_DTYPES and x.dtype not in _CONVERTED_DTYPES:
             return f"the numba backend does not handle dtype {x.dtype}"
@@ -242,10 +249,10 @@ class NumbaBackend:
         (BatchNorm plans, running statistics contiguous and in the accumulation dtype of ``x``)."""
         acc = accumulation_dtype(x.dtype)
         return (
-            isinstance(classify(plan), ChannelShape)
-            and running_mean.dtype == acc and running_var.dtype == acc
+            running_mean.dtype == acc and running_var.dtype == acc
+            and running_mean.is_cpu and running_var.is_cpu
             and running_mean.is_contiguous() and running_var.is_contiguous()
-            and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
+            and isinstance(classify(plan), ChannelShape)
         )
 
     def forward(self, x, weight, bias, fixed_mean, fixed_var, plan: Plan, eps: float,
@@ -268,7 +275,8 @@ class NumbaBackend:
         train = fixed_mean is None
         xa = launch.prepare(x)
         y = buffers.empty_like(xa)
-        stats = np.empty((4, launch.stat_count), launch.np_dtype)  # shift, mean_shifted, var, rstd
+        stats_t = torch.empty((4, launch.stat_count), dtype=launch.acc)  # shift, mean_shifted, var, rstd
+        stats = stats_t.numpy()
         if not train:
             stats[0] = _per_row(fixed_mean, launch)
             stats[2] = _per_row(fixed_var, launch)
@@ -282,7 +290,7 @@ class NumbaBackend:
             if train:
                 fill_empty_statistics(stats)
             stats[3] = 1.0 / np.sqrt(stats[2] + eps)
-        shift, mean_shifted, var, rstd = torch.from_numpy(stats).unbind()
+        shift, mean_shifted, var, rstd = stats_t.unbind()
         return launch.finish(y, x), shift, mean_shifted if train else None, var, rstd
 
     def _forward(self, launch, xa, y, weight, bias, eps, train, stats, residual, relu, running, count, merged=None,
@@ -341,12 +349,13 @@ class NumbaBackend:
         dya = launch.prepare(dy)
         dx = buffers.empty_like(xa)
         dres = buffers.empty_like(xa) if residual else None
-        sums = np.zeros((2, launch.param_count), launch.np_dtype)  # dγ, dβ
+        sums_t = torch.zeros((2, launch.param_count), dtype=launch.acc)  # dγ, dβ
+        sums = sums_t.numpy()
         if x.numel():
             self._backward(launch, xa, dya, dx, dres, sums, weight, shift, mean_shifted, rstd, batch_stats,
                            need[0], y, totals, count, valid)
         dx = launch.finish(dx, x)
-        dw, db = torch.from_numpy(sums).unbind()
+        dw, db = sums_t.unbind()
         grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
         return grads if y is None else (*grads, dres)
 

@@ -373,9 +373,7 @@ def _instance_norm(op, input, running_mean, running_var, weight, bias, use_input
     checks.check_min_ndim(input, op, 3, "of shape (N, C, *spatial) with at least one spatial axis")
     return normalize_with_plan(
         op, input, instance_plan(input.shape), weight, bias, eps, running_mean, running_var,
-        use_input_stats, momentum,
-        "InstanceNorm needs more than one spatial position per channel; for 1x1 maps use BatchNorm "
-        "or GroupNorm instead.", **guard,
+        use_input_stats, momentum, checks.IN_SUGGESTION, **guard,
     )
 
 

@@ -1,8 +1,13 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from normlab.core.plan import batch_plan
 from normlab.kernels import available, dispatch
+
+sys.path.insert(0, str(Path(__file__).parent))  # kernel_cases.py: the cases every backend's tests share
 
 
 def run_kernel_case(case, backend, monkeypatch, dtype=torch.float64, need=(True, True, True)):

@@ -197,6 +197,12 @@ BN_NO_RUNNING_SUGGESTION = (
 )
 
 
+IN_SUGGESTION = (
+    "InstanceNorm needs more than one spatial position per channel; for 1x1 maps use BatchNorm or GroupNorm "
+    "instead."
+)
+
+
 GN_SUGGESTION = (
     "A single sample whose groups hold one channel and no spatial positions, which torch.nn refuses too: "
     "use fewer groups, or a batch of more than one sample."

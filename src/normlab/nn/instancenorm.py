@@ -9,6 +9,7 @@ from torch import nn
 
 from normlab import functional as F
 from normlab.core import checks
+from normlab.core.plan import instance_plan
 from normlab.nn.base import _NormBase
 from normlab.nn.once import may_update
 
@@ -41,9 +42,11 @@ class _InstanceNorm(_NormBase):
         # checkpointed segment's recomputation, nor after the first call inside update_once.
         batch_stats = self.training or not self.track_running_stats
         running = not batch_stats or not self.track_running_stats or may_update(self)
-        y = F._instance_norm(
-            "instance_norm", x, self.running_mean if running else None, self.running_var if running else None,
-            self.weight, self.bias, batch_stats, 0.0 if self.momentum is None else self.momentum, self.eps,
+        # The input is checked above (floating, its rank): the one entry checks the rest, once.
+        y = F.normalize_with_plan(
+            "instance_norm", x, instance_plan(x.shape), self.weight, self.bias, self.eps,
+            self.running_mean if running else None, self.running_var if running else None, batch_stats,
+            0.0 if self.momentum is None else self.momentum, checks.IN_SUGGESTION,
             guard=getattr(self, "guard_stats", None), on_skip=self._skipped_batch,
         )
         return y.squeeze(0) if unbatched else y

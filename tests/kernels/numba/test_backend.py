@@ -9,6 +9,7 @@ import torch
 
 import normlab.functional as F
 from normlab.kernels import available
+from kernel_cases import SHARED_CASES
 
 pytestmark = pytest.mark.skipif(not available("numba"), reason="numba is not installed")
 
@@ -41,15 +42,9 @@ CASES = {
     "gn": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 7, 9), 6, None),
     "gn channels_last": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 7, 9), 6, CL),
     "instance channels_last": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (3, 4, 5, 6), 4, CL),
-    "instance eval": (
-        lambda x, w, b: F.instance_norm(x, torch.zeros(4, dtype=x.dtype), torch.full((4,), 2.0, dtype=x.dtype), w, b,
-                                        use_input_stats=False), (3, 4, 5, 6), 4, None),
-    "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
-           (9, 5, 12), 6, None),
     "ln blocks of rows": (lambda x, w, b: F.layer_norm(x, (66,), w, b), (517, 66), 66, None),
     "gn on (N, C)": (lambda x, w, b: F.group_norm(x, 3, w, b), (37, 6), 6, None),
-    "ln over (H, W) channels_last": (lambda x, w, b: F.layer_norm(x, (5, 6), w.reshape(5, 6), b.reshape(5, 6)),
-                                     (3, 4, 5, 6), 30, CL),
+    **SHARED_CASES,
 }
 
 

@@ -34,6 +34,7 @@ import normlab.nn as nl  # noqa: E402
 from normlab.core.plan import batch_plan, layer_plan  # noqa: E402
 from normlab.kernels import BackendError, dispatch, select  # noqa: E402
 from normlab.kernels.triton import TritonBackend, launch, runtime  # noqa: E402
+from kernel_cases import SHARED_CASES  # noqa: E402
 
 CL = torch.channels_last
 SMALL_TILES = dict(BLOCK=16, ROW_TILE=8, COLUMNS=4, INTERPRETER_PROGRAMS=64)
@@ -74,13 +75,7 @@ CASES = {
     "gn channels_last": (lambda x, w, b: F.group_norm(x, 3, w, b), (4, 6, 5, 3), 6, CL),
     "gn 2d": (lambda x, w, b: F.group_norm(x, 2, w, b), (5, 24), 24, None),
     "instance": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b), (3, 4, 5, 6), 4, None),
-    "instance eval": (
-        lambda x, w, b: F.instance_norm(x, torch.zeros(4, dtype=x.dtype), torch.full((4,), 2.0, dtype=x.dtype), w, b,
-                                        use_input_stats=False), (3, 4, 5, 6), 4, None),
-    "ln": (lambda x, w, b: F.layer_norm(x, (5, 12), w.repeat(10)[:60].reshape(5, 12), b.repeat(10)[:60].reshape(5, 12)),
-           (9, 5, 12), 6, None),
-    "ln over (H, W) channels_last": (lambda x, w, b: F.layer_norm(x, (5, 6), w.reshape(5, 6), b.reshape(5, 6)),
-                                     (3, 4, 5, 6), 30, CL),
+    **SHARED_CASES,
 }
 
 

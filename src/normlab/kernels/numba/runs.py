@@ -79,10 +79,8 @@ def grad_values(xr, dyr, yr, dxr, dresr, sh, d, c, k1, k2, epilogue, lo, hi):
     add), the factors scalars or arrays over the run."""
     zero = dxr.dtype.type(0.0)
     for j in range(lo, hi):
-        g = dyr[j] if epilogue == NONE or yr[j] > 0.0 else zero
-        # Spelled out rather than through dx_value: inlined here, the head and tail of the streamed
-        # runs rounded differently from the kernels before the split (the fused multiply-adds chosen).
-        dxr[j] = (g - at(c, j)) * at(k1, j) + ((xr[j] - at(sh, j)) - at(d, j)) * at(k2, j)
+        g = dyr[j] if epilogue == NONE else masked(dyr[j], yr[j], zero)
+        dxr[j] = dx_value(g, xr[j], at(sh, j), at(d, j), at(c, j), at(k1, j), at(k2, j))
         if epilogue == ADD_RELU:
             dresr[j] = g
 

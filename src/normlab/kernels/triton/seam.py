@@ -17,7 +17,7 @@ from normlab.core.conventions import accumulation_dtype
 from normlab.core.guard import commit
 from normlab.core.plan import Plan
 from normlab.kernels.layout import ChannelShape
-from normlab.kernels.triton.launch import Launch, cdiv, flat_param, flat_stat, on_device, pow2
+from normlab.kernels.triton.launch import Launch, cdiv, flat_param, flat_stat, on_device, options, pow2
 from normlab.kernels.triton.runtime import kernels
 
 __all__ = ["StatisticsSeam"]
@@ -58,7 +58,8 @@ class StatisticsSeam:
                 part, split = self._bn_partials(k, lay, xa, origin, _tl_acc(k, acc))
                 bs = pow2(split)
                 bu = max(1, min(pow2(c), 4096 // bs))
-                k["_pack_moments"][(cdiv(c, bu),)](part, origin, packed, c, split, BU=bu, BS=bs)
+                k["_pack_moments"][(cdiv(c, bu),)](part, origin, packed, c, split, BU=bu, BS=bs,
+                                                    **options(bu * bs))
             packed[0, 0] = xa.numel() // c
         return packed
 

@@ -16,18 +16,9 @@ import textwrap
 import pytest
 import torch
 
-if "triton" not in sys.modules:
-    # Triton builds its own library functions for the interpreter only if TRITON_INTERPRET=1 is set when it
-    # is imported (where something imported it before, the tests skip: see the `interpreter` fixture).
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
+from triton_interpreter import import_triton_interpreted  # tests/kernels, put on the path by its conftest
+
+import_triton_interpreted()
 
 import normlab.functional as F  # noqa: E402
 import normlab.nn as nl  # noqa: E402

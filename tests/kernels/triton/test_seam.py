@@ -3,22 +3,12 @@ that every statistic's moments and gradient sums are split over several programs
 split partials itself (_pack_moments): still the fused path's results bit for bit, under Triton's
 interpreter. The seam's contract on every backend is tests/kernels/test_seam.py."""
 
-import os
-import sys
-
 import pytest
 import torch
 
-if "triton" not in sys.modules:  # the interpreter's library is built only if TRITON_INTERPRET=1 at import
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
+from triton_interpreter import import_triton_interpreted  # tests/kernels, put on the path by its conftest
+
+import_triton_interpreted()
 
 from normlab.core import stats  # noqa: E402
 from normlab.core.plan import batch_plan  # noqa: E402

@@ -25,7 +25,7 @@ import normlab.nn as nl  # noqa: E402
 from normlab.core.plan import batch_plan, layer_plan  # noqa: E402
 from normlab.kernels import BackendError, dispatch, select  # noqa: E402
 from normlab.kernels.triton import TritonBackend, launch, runtime  # noqa: E402
-from kernel_cases import SHARED_CASES  # noqa: E402
+from kernel_cases import SHARED_CASES, float32_error_against_float64  # noqa: E402
 
 CL = torch.channels_last
 SMALL_TILES = dict(BLOCK=16, ROW_TILE=8, COLUMNS=4, INTERPRETER_PROGRAMS=64)
@@ -263,15 +263,7 @@ def test_large_mean_tiny_spread(norm, fmt, outlier, tiles):
     if outlier:
         x64[0, 0, 0, 0] += 0.5
         x64[0, 2, 0, 0] += 0.5
-    x64 = x64.float().double()
-    x32 = x64.float() if fmt is None else x64.float().contiguous(memory_format=fmt)
-    dims = {"batch": (0, 2, 3), "group": (2, 3, 4), "layer": (1, 2, 3)}[norm]
-    xv = x64.reshape(6, 2, 2, 5, 6) if norm == "group" else x64
-    truth = ((xv - xv.mean(dims, keepdim=True)) / xv.std(dims, unbiased=False, keepdim=True)).reshape(x64.shape)
-    y = {"batch": lambda: F.batch_norm(x32, None, None, training=True, eps=1e-12),
-         "group": lambda: F.group_norm(x32, 2, eps=1e-12),
-         "layer": lambda: F.layer_norm(x32, (4, 5, 6), eps=1e-12)}[norm]()
-    assert (y.double() - truth).abs().max().item() < 1e-3
+    assert float32_error_against_float64(x64, fmt, norm) < 1e-3
 
 
 @pytest.mark.parametrize("layout", ["(N, C) rows", "channels_last", "planar", "layer rows"])

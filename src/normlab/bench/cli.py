@@ -94,12 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if args.models:
         return _run_models(args)
     cases = select(quick_cases() if args.quick else default_cases(), args.filter)
-    if not cases:
-        print(f"normlab bench: no case matches {args.filter}", file=sys.stderr)
-        return 1
-    if args.list:
-        print("\n".join(c.key for c in cases))
-        return 0
+    done = _empty_or_listed(cases, args, "case")
+    if done is not None:
+        return done
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"normlab bench: --device cuda, but torch {torch.__version__} sees no CUDA device here "
               f"(torch.cuda.is_available() is False). Run it on a machine with a GPU and a CUDA build of "
@@ -120,17 +117,26 @@ def run(args: argparse.Namespace) -> int:
     return _exit_status(records, "case(s)", f"their answers differ from {IMPLEMENTATIONS[1].name}")
 
 
+def _empty_or_listed(cases, args: argparse.Namespace, what: str) -> int | None:
+    """The exit status where the selected ``cases`` end the command (none matched ``--filter``: 1; ``--list``
+    printed their keys: 0), else None."""
+    if not cases:
+        print(f"normlab bench: no {what} matches {args.filter}", file=sys.stderr)
+        return 1
+    if args.list:
+        print("\n".join(c.key for c in cases))
+        return 0
+    return None
+
+
 def _run_variants(args: argparse.Namespace) -> int:
     """``normlab bench --variants`` (see :mod:`normlab.bench.variants`); 1 on a MISMATCH or no case selected."""
     from normlab.bench import variants
 
     cases = select(variants.quick_cases() if args.quick else variants.default_cases(), args.filter)
-    if not cases:
-        print(f"normlab bench: no variant case matches {args.filter}", file=sys.stderr)
-        return 1
-    if args.list:
-        print("\n".join(c.key for c in cases))
-        return 0
+    done = _empty_or_listed(cases, args, "variant case")
+    if done is not None:
+        return done
     repeats, warmup = _repeats_warmup(args)
     records = run_cases(cases, repeats=repeats, warmup=warmup, implementations=variants.IMPLEMENTATIONS,
                         threads=args.threads, device=args.device, progress=True)
@@ -146,13 +152,10 @@ def _run_models(args: argparse.Namespace) -> int:
     """``normlab bench --models`` (see :mod:`normlab.bench.models`); 1 on a MISMATCH or no row selected."""
     threads = (args.threads,) if args.threads else (1,) if args.quick else (1, 2)
     cases = quick_model_cases(threads) if args.quick else default_model_cases(threads)
-    cases = [c for c in cases if all(f.lower() in c.key.lower() for f in args.filter or ())]
-    if not cases:
-        print(f"normlab bench: no model row matches {args.filter}", file=sys.stderr)
-        return 1
-    if args.list:
-        print("\n".join(c.key for c in cases))
-        return 0
+    cases = select(cases, args.filter)
+    done = _empty_or_listed(cases, args, "model row")
+    if done is not None:
+        return done
     repeats, warmup = _repeats_warmup(args)
     start = time.perf_counter()
     records = run_models(cases, repeats=repeats, warmup=warmup, quick=args.quick, progress=True)
